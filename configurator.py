@@ -20,18 +20,23 @@ def fail(message):
 
 
 def parse_value(key, text, default):
+    """A command-line string as the type of the default."""
     if isinstance(default, str):
         return text  # strings are taken as typed: --start 123 is the prompt "123"
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = text  # not a literal: a plain string such as --device=cpu
+        value = text  # not a literal, e.g. --dtype=bfloat16 where the default is None
     if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
+    return check_type(key, value, default)
+
+
+def check_type(key, value, default):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # --learning_rate=1 means 1.0
     if default is not None and type(value) is not type(default):
-        fail(f"--{key} expects {type(default).__name__} (default {default!r}), got {text!r}")
+        fail(f"{key} expects {type(default).__name__} (default {default!r}), got {value!r}")
     return value
 
 
@@ -53,7 +58,7 @@ def configure(defaults, argv):
                     continue
                 if key not in config:
                     fail(f"unknown setting {key!r} in {arg}")
-                config[key] = parse_value(key, repr(value), config[key])
+                config[key] = check_type(key, value, config[key])
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in config:
