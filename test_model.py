@@ -1,0 +1,302 @@
+"""Tests for model.py: the sampler, the state, the adapter, causality, truncated backprop, sizes. CPU only."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import PRESETS, RecurrentConfig, RecurrentGPT, config_from_preset, sample_num_steps
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RecurrentGPT(config_from_preset("tiny", **overrides))
+
+
+def batch(model, B=2, T=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+
+
+# --- depth sampler -------------------------------------------------------------------------------------------
+
+
+def test_sampler_distribution():
+    r_bar, k = 32, 8
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_num_steps(r_bar, k, generator=g) for _ in range(200_000)]
+    r = torch.tensor([n + m for n, m in draws], dtype=torch.float64)
+    n_grad = torch.tensor([m for _, m in draws])
+    assert abs(r.mean().item() / (r_bar + 1) - 1) < 0.02  # E[r] = E[Poisson(exp tau)] + 1 = r_bar + 1
+    assert r.median().item() < r.mean().item()  # heavy right tail
+    assert r.min().item() == 1
+    assert torch.equal(n_grad, torch.clamp(r, max=k).long())  # n_grad = min(r, k) always
+
+
+def test_sampler_fixed_generator_repeats():
+    g1, g2, g3 = (torch.Generator().manual_seed(s) for s in (3, 3, 4))
+    seq1 = [sample_num_steps(8, 4, generator=g1) for _ in range(50)]
+    seq2 = [sample_num_steps(8, 4, generator=g2) for _ in range(50)]
+    seq3 = [sample_num_steps(8, 4, generator=g3) for _ in range(50)]
+    assert seq1 == seq2 and seq1 != seq3
+    assert len(set(seq1)) > 5  # and it is not constant
+
+
+# --- the noise-initialised state -----------------------------------------------------------------------------
+
+
+def test_initial_state_statistics():
+    model = tiny_model()
+    h = model.config.n_embd
+    e = torch.empty(8, 512, h)
+    state = model.initial_state(e, generator=torch.Generator().manual_seed(0))
+    formula_std = math.sqrt(2 / (5 * h)) * math.sqrt(h)  # sqrt(2/5) before the cut
+    assert abs(state.std().item() / formula_std - 1) < 0.03
+    assert state.abs().max().item() <= 3 * formula_std + 1e-6  # nothing beyond the +-3 std cut
+    assert not torch.equal(state, model.initial_state(e))  # fresh noise per call
+    assert torch.count_nonzero(model.initial_state(e, init_scale=0.0)) == 0
+    half = model.initial_state(e, init_scale=0.5, generator=torch.Generator().manual_seed(0))
+    assert abs(half.std().item() / (0.5 * formula_std) - 1) < 0.03
+
+
+# --- structure ------------------------------------------------------------------------------------------------
+
+
+def test_adapter_concat_order_is_state_then_embedding():
+    model = tiny_model().eval()
+    h = model.config.n_embd
+    seen = {}
+    model.adapter.register_forward_hook(lambda mod, inp, out: seen.update(out=out))
+    idx = batch(model)
+    rope = model.rope[: idx.size(1)]
+    e = model.embed(idx, rope)
+    state = torch.randn_like(e)
+    eye, zero = torch.eye(h), torch.zeros(h, h)
+    with torch.no_grad():
+        model.adapter.weight.copy_(torch.cat([eye, zero], dim=1))  # keep the first half only
+        model.core_step(state, e, rope)
+        torch.testing.assert_close(seen["out"], state)
+        model.adapter.weight.copy_(torch.cat([zero, eye], dim=1))  # keep the second half only
+        model.core_step(state, e, rope)
+        torch.testing.assert_close(seen["out"], e)
+
+
+def test_embedding_scale_and_ln_f_used_twice():
+    model = tiny_model().eval()
+    h = model.config.n_embd
+    inputs, ln_f_calls = {}, []
+    model.prelude[0].norm_1.register_forward_hook(lambda mod, inp, out: inputs.update(x=inp[0]))
+    model.ln_f.register_forward_hook(lambda mod, inp, out: ln_f_calls.append(inp[0]))
+    idx = batch(model)
+    with torch.no_grad():
+        model(idx, num_steps=2)
+    torch.testing.assert_close(inputs["x"], model.wte(idx) * math.sqrt(h))
+    assert len(ln_f_calls) == 2  # after the recurrence, and again after the coda
+
+
+def test_blocks_norm_the_residual_stream():
+    model = tiny_model().eval()
+    out = {}
+    model.core[-1].register_forward_hook(lambda mod, inp, o: out.update(x=o))
+    with torch.no_grad():
+        model.core[-1].norm_4.weight.fill_(1.0)
+        model(batch(model), num_steps=3)
+    rms = out["x"].pow(2).mean(-1).sqrt()  # the state leaving an iteration has unit RMS (sandwich norm_4)
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-4, rtol=0)
+
+
+def test_rope_rotates_interleaved_pairs_and_encodes_relative_position():
+    from model import apply_rope, precompute_rope
+
+    hd, T = 8, 12
+    rope = precompute_rope(hd, T, base=50_000.0)
+    x = torch.zeros(1, T, 1, hd)
+    x[..., 0] = 1.0  # a unit vector in the first pair (x[0], x[1])
+    y = apply_rope(x, rope)
+    angle = rope[:, 0, 0].acos()  # position * inv_freq[0] = position
+    torch.testing.assert_close(y[0, :, 0, 1], torch.sin(torch.arange(T, dtype=torch.float32)))
+    assert torch.count_nonzero(y[..., 2:]) == 0  # other pairs untouched: pairs are (2i, 2i+1), not (i, i+hd/2)
+    assert angle[1].item() == pytest.approx(1.0, abs=1e-5)
+    q, k = torch.randn(1, 1, 1, hd).expand(1, T, 1, hd), torch.randn(1, 1, 1, hd).expand(1, T, 1, hd)
+    qr, kr = apply_rope(q, rope), apply_rope(k, rope)
+    dots = (qr[0, :, 0] @ kr[0, :, 0].T)  # (T, T): depends only on the offset j - i
+    torch.testing.assert_close(dots[2, 5], dots[6, 9])
+    torch.testing.assert_close(dots[0, 0], dots[7, 7])
+
+
+@pytest.mark.parametrize("num_steps", [1, 4])
+def test_causality(num_steps):
+    model = tiny_model().eval()
+    idx = batch(model, T=20)
+    changed = idx.clone()
+    changed[:, 12:] = (changed[:, 12:] + 7) % model.config.vocab_size
+    with torch.no_grad():
+        a, _ = model(idx, num_steps=num_steps, init_scale=0.0)
+        b, _ = model(changed, num_steps=num_steps, init_scale=0.0)
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=0, rtol=0)  # earlier positions never see later tokens
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+# --- depth -----------------------------------------------------------------------------------------------------
+
+
+def test_depth_matters_and_zero_state_is_deterministic():
+    model = tiny_model().eval()
+    idx = batch(model)
+    with torch.no_grad():
+        r1, _ = model(idx, num_steps=1, init_scale=0.0)
+        r4, _ = model(idx, num_steps=4, init_scale=0.0)
+        r4_again, _ = model(idx, num_steps=4, init_scale=0.0)
+        noisy_a, _ = model(idx, num_steps=4)
+        noisy_b, _ = model(idx, num_steps=4)
+    assert (r1 - r4).abs().max().item() > 1e-3
+    assert torch.equal(r4, r4_again)
+    assert not torch.equal(noisy_a, noisy_b)  # fresh noise per call
+
+
+def test_eval_default_depth_is_mean_recurrence():
+    model = tiny_model().eval()
+    calls = []
+    model.adapter.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        model(batch(model))
+    assert len(calls) == model.config.mean_recurrence
+    with pytest.raises(ValueError, match="at least 1"):
+        model(batch(model), num_steps=0)
+
+
+def test_truncated_backprop_matches_detached_reference():
+    k = 2
+    model = tiny_model(backprop_depth=k).train()
+    idx, targets = batch(model), batch(model, seed=2)
+    rope = model.rope[: idx.size(1)]
+    state0 = model.initial_state(model.embed(idx, rope).detach(), generator=torch.Generator().manual_seed(5))
+
+    grad_enabled_calls = []
+    hook = model.adapter.register_forward_hook(lambda *a: grad_enabled_calls.append(torch.is_grad_enabled()))
+    _, loss = model(idx, targets, num_steps=k + 5, state=state0.clone())
+    hook.remove()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert grad_enabled_calls == [False] * 5 + [True] * k  # only the last k core passes are recorded
+
+    # reference: run all k + 5 iterations with autograd, but cut the state after the first 5
+    model.zero_grad()
+    e = model.embed(idx, rope)
+    state = state0.clone()
+    for i in range(k + 5):
+        state = model.core_step(state, e, rope)
+        if i == 4:
+            state = state.detach()
+    logits = model.predict(state, rope)
+    torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1)).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=f"gradient of {n} differs")
+    assert grads["prelude.0.attn.Wqkv.weight"].abs().sum() > 0  # the prelude learns through e
+
+
+def test_training_samples_depth_each_call():
+    model = tiny_model().train()
+    calls = []
+    model.adapter.register_forward_hook(lambda *a: calls.append(1))
+    counts = []
+    for _ in range(20):
+        calls.clear()
+        model(batch(model))
+        counts.append(len(calls))  # iterations run in this call
+    assert min(counts) >= 1 and len(set(counts)) > 2
+
+
+# --- sizes, optimiser, FLOPs -----------------------------------------------------------------------------------
+
+
+def test_huginn_0125_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        model = RecurrentGPT(config_from_preset("huginn-0125"))
+    assert model.get_num_params() == 3_564_976_800
+    cfg = model.config
+    assert (cfg.n_layers_prelude, cfg.n_layers_core, cfg.n_layers_coda) == (2, 4, 2)
+    assert (cfg.n_embd, cfg.n_head, cfg.intermediate_size, cfg.vocab_size) == (5280, 55, 17920, 65536)
+    assert (cfg.block_size, cfg.mean_recurrence, cfg.backprop_depth) == (4096, 32, 8)
+
+
+def test_small_preset_is_about_100m():
+    with torch.device("meta"):
+        model = RecurrentGPT(config_from_preset("small"))
+    assert 80e6 < model.get_num_params() < 120e6
+    with pytest.raises(ValueError, match="unknown preset"):
+        config_from_preset("huge")
+
+
+def test_init_follows_reference():
+    model = tiny_model()
+    cfg = model.config
+    std = math.sqrt(2 / (5 * cfg.n_embd))
+    out_std = std / math.sqrt(2 * (cfg.n_layers_prelude + cfg.n_layers_coda + cfg.n_layers_core * cfg.mean_recurrence))
+    fc = model.core[0].mlp.fc.weight
+    assert fc.abs().max() <= 3 * std and abs(fc.std().item() / std - 1) < 0.05
+    proj = model.core[0].attn.proj.weight
+    assert proj.abs().max() <= 3 * out_std and abs(proj.std().item() / out_std - 1) < 0.1
+    assert torch.count_nonzero(model.core[0].attn.qk_bias) == 0
+    assert torch.equal(model.ln_f.weight, torch.ones_like(model.ln_f.weight))
+    assert model.lm_head.weight is model.wte.weight  # tied embeddings
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_optimizer_groups():
+    model = tiny_model()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith(("qk_bias", "weight")) for p in no_decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"ln_f.weight", "core.0.attn.qk_bias", "core.0.norm_4.weight"}
+    assert "wte.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("num_steps", [(0, 1), (3, 2), (10, 2)])
+def test_flops_estimate_matches_counted_matmuls(num_steps):
+    model = tiny_model(block_size=32).train()
+    idx = batch(model, T=32)
+    r = sum(num_steps)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, loss = model(idx, idx, num_steps=num_steps)
+        loss.backward()
+    tokens = idx.numel()
+    matmul_only = model.estimate_flops_per_token(r, seq_len=0) * tokens  # the attention term vanishes at T=0
+    with_attention = model.estimate_flops_per_token(r, seq_len=32) * tokens
+    # torch's counter sees every matmul; whether it counts CPU attention kernels depends on the build
+    assert counter.get_total_flops() in (matmul_only, with_attention)
+    fwd = FlopCounterMode(display=False)
+    with torch.no_grad(), fwd:
+        model(idx, num_steps=r)
+    assert fwd.get_total_flops() in (model.estimate_flops_per_token(r, seq_len=0, training=False) * tokens,
+                                     model.estimate_flops_per_token(r, seq_len=32, training=False) * tokens)
+
+
+# --- it learns ------------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = tiny_model(seed=0).train()
+    idx = batch(model, B=4, T=32)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for step in range(300):
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.1:
+            break
+    assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step + 1} steps"
+
+
+def test_config_defaults_are_the_released_model():
+    assert PRESETS["huginn-0125"] == {}
+    cfg = RecurrentConfig()
+    assert (cfg.rope_base, cfg.norm_eps, cfg.qk_bias, cfg.tie_embeddings, cfg.sigma) == (50_000.0, 1e-6, True, True, 0.5)
