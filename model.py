@@ -14,7 +14,9 @@ Every detail (names, fused projections, RoPE layout, norms, init) follows the re
 its weights can be loaded into this file and give its logits.
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -328,6 +330,112 @@ class RecurrentGPT(nn.Module):
         iteration = cfg.n_layers_core * block + 2 * (2 * h * h)  # core blocks + adapter
         forward = once + r * iteration
         return forward + (2 * (once + k * iteration) if training else 0)
+
+    # --- loading the released Huginn-0125 (extras: pip install safetensors huggingface_hub) ---
+
+    # Our config fields -> the keys of the released config.json.
+    HF_CONFIG_KEYS = dict(vocab_size="vocab_size", block_size="block_size", n_embd="n_embd", n_head="n_heads",
+                          n_layers_prelude="n_layers_in_prelude", n_layers_core="n_layers_in_recurrent_block",
+                          n_layers_coda="n_layers_in_coda", intermediate_size="intermediate_size",
+                          mean_recurrence="mean_recurrence", backprop_depth="mean_backprop_depth",
+                          rope_base="rope_base", norm_eps="norm_eps", qk_bias="qk_bias",
+                          tie_embeddings="tie_embeddings")
+    # Our modules -> the released weight names. Only the prefixes differ: inside a block the names (norm_1,
+    # attn.Wqkv, attn.qk_bias, attn.proj, norm_2, norm_3, mlp.fc, mlp.proj, norm_4) and every tensor layout are
+    # the reference's, so loading is renaming; no transposes or permutations.
+    HF_NAMES = dict(wte="transformer.wte", prelude="transformer.prelude", adapter="transformer.adapter",
+                    core="transformer.core_block", coda="transformer.coda", ln_f="transformer.ln_f",
+                    lm_head="lm_head")
+
+    @classmethod
+    def hf_name(cls, name):
+        """Our parameter name -> the released one: core.3.mlp.fc.weight -> transformer.core_block.3.mlp.fc.weight"""
+        module, rest = name.split(".", 1)
+        return f"{cls.HF_NAMES[module]}.{rest}"
+
+    @staticmethod
+    def pretrained_folder(name_or_path):
+        """A local folder in the released layout; `huginn-0125` is downloaded (once, then cached) from the hub."""
+        if os.path.isdir(name_or_path):
+            return name_or_path
+        if name_or_path not in ("huginn-0125", "tomg-group-umd/huginn-0125"):
+            raise FileNotFoundError(f"{name_or_path}: no such folder; give a folder with config.json and "
+                                    "*.safetensors, or huginn-0125 to download the released model")
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ImportError("downloading huginn-0125 needs: pip install safetensors huggingface_hub") from None
+        # config.json, tokenizer.json, the safetensors shards and their index: ~16 GB (float32)
+        return snapshot_download("tomg-group-umd/huginn-0125", allow_patterns=["*.json", "*.safetensors"])
+
+    @classmethod
+    def pretrained_config(cls, folder):
+        """RecurrentConfig from a released config.json; keys it lacks keep our (= the released) defaults."""
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found; a pretrained folder holds config.json and *.safetensors")
+        with open(path) as f:
+            hf = json.load(f)
+        for key, value in dict(bias=False, injection_type="linear", state_init="like-init", test_time_noise=0).items():
+            if hf.get(key, value) != value:  # variants of the reference code that this file does not implement
+                raise ValueError(f"{path}: {key}={hf[key]!r} is not supported here (Huginn-0125 has {value!r})")
+        return RecurrentConfig(**{ours: hf[theirs] for ours, theirs in cls.HF_CONFIG_KEYS.items() if theirs in hf})
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32):
+        """Load Huginn-0125 (or any folder in its layout: config.json + one or more *.safetensors) into this model.
+
+        The model is built on the meta device (no memory, no random init); the checkpoint's tensors, renamed and
+        shape-checked, then become its parameters. Shards are read one at a time and cast to dtype on device."""
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError("loading pretrained weights needs: pip install safetensors huggingface_hub") from None
+        folder = cls.pretrained_folder(name_or_path)
+        config = cls.pretrained_config(folder)
+        with torch.device("meta"):
+            model = cls(config)
+        index = os.path.join(folder, "model.safetensors.index.json")  # present when the weights are sharded
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
+        state = {}
+        for shard in shards:
+            for name, tensor in load_file(os.path.join(folder, shard), device=str(device)).items():
+                state[name] = tensor if name == "freqs_cis" else tensor.to(dtype)
+        # The release also stores its RoPE table, freqs_cis (1, T, 1, hd/2, 2): the same numbers as ours (T, hd/2, 2),
+        # kept in float32 as the reference does. Comparing them checks block_size and rope_base for free.
+        rope = precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base).to(device)
+        stored_rope = state.pop("freqs_cis", None)
+        if stored_rope is not None and not (stored_rope.numel() == rope.numel()
+                                            and torch.allclose(stored_rope.float().view_as(rope), rope, atol=1e-5)):
+            raise ValueError(f"{folder}: the stored RoPE table freqs_cis differs from ours (block_size, rope_base?)")
+        if config.tie_embeddings:
+            state.pop("lm_head.weight", None)  # the release stores a second copy of the tied embedding
+        loaded = {}
+        for name, expected in model.state_dict().items():
+            if name == "lm_head.weight" and config.tie_embeddings:
+                continue
+            hf_name = cls.hf_name(name)
+            if hf_name not in state:
+                raise KeyError(f"{folder}: checkpoint has no {hf_name} (our {name})")
+            loaded[name] = state.pop(hf_name)
+            if loaded[name].shape != expected.shape:
+                raise ValueError(f"{folder}: {hf_name} has shape {tuple(loaded[name].shape)}, but config.json "
+                                 f"implies {tuple(expected.shape)}")
+        if state:
+            raise ValueError(f"{folder}: unexpected tensors in the checkpoint, e.g. {next(iter(state))}")
+        if config.tie_embeddings:
+            loaded["lm_head.weight"] = loaded["wte.weight"]
+        model.load_state_dict(loaded, assign=True)  # the loaded tensors become the parameters (no copies)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight  # assign=True gave lm_head its own Parameter object; share wte's
+        model.rope = rope  # the buffer was built on the meta device
+        return model.eval()
 
 
 def config_from_preset(name, **overrides):
