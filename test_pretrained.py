@@ -1,0 +1,162 @@
+"""RecurrentGPT.from_pretrained on small checkpoints written in the released Huginn-0125 layout.
+
+The reference's tensor names and shapes are written out here independently of model.py's name table
+(../shared/spec/huginn_reference.md, section 6), so a wrong entry in that table fails these tests."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from model import PRESETS, RecurrentConfig, RecurrentGPT
+
+torch.set_num_threads(1)
+
+# config.json of the release (the reference's keys); tiny() overrides the sizes
+RELEASED_CONFIG = dict(
+    architectures=["RavenForCausalLM"], model_type="huginn_raven", n_embd=5280, n_heads=55, n_layers=8,
+    block_size=4096, vocab_size=65536, padding_multiple=4096, tie_embeddings=True, intermediate_size=17920,
+    bias=False, architecture_class_name="RecurrentGPT", block_class_name="SandwichBlock",
+    norm_class_name="RMSNorm_llama", norm_eps=1e-6, mlp_class_name="GatedMLP", nonlin_name="SiLU",
+    init_strategy="takase", init_orthogonal=False, state_init="like-init", injection_type="linear",
+    n_layers_in_recurrent_block=4, mean_recurrence=32, sampling_scheme="poisson-lognormal-filling",
+    mean_backprop_depth=8, n_layers_in_prelude=2, n_layers_in_coda=2, qk_bias=True,
+    activation_checkpoint_impl="per-iteration", rope_base=50000, torch_dtype="bfloat16",
+)
+
+
+def tiny():
+    return {**RELEASED_CONFIG, "n_embd": 32, "n_heads": 2, "n_layers": 4, "block_size": 16, "vocab_size": 64,
+            "intermediate_size": 48, "n_layers_in_prelude": 1, "n_layers_in_recurrent_block": 2,
+            "n_layers_in_coda": 1, "mean_recurrence": 3, "mean_backprop_depth": 2}
+
+
+def reference_tensors(c, seed=0):
+    """Random tensors under the released names and shapes, incl. the duplicate lm_head and the RoPE buffer."""
+    g = torch.Generator().manual_seed(seed)
+    h, nh, inter, vocab = c["n_embd"], c["n_heads"], c["intermediate_size"], c["vocab_size"]
+    hd = h // nh
+    block = {"norm_1.weight": (h,), "attn.Wqkv.weight": (3 * h, h), "attn.qk_bias": (2, 1, nh, hd),
+             "attn.proj.weight": (h, h), "norm_2.weight": (h,), "mlp.fc.weight": (2 * inter, h),
+             "mlp.proj.weight": (h, inter), "norm_3.weight": (h,), "norm_4.weight": (h,)}
+    shapes = {"transformer.wte.weight": (vocab, h), "transformer.adapter.weight": (h, 2 * h),
+              "transformer.ln_f.weight": (h,)}
+    for group, key in (("prelude", "n_layers_in_prelude"), ("core_block", "n_layers_in_recurrent_block"),
+                       ("coda", "n_layers_in_coda")):
+        for i in range(c[key]):
+            shapes.update({f"transformer.{group}.{i}.{name}": shape for name, shape in block.items()})
+    tensors = {name: torch.randn(shape, generator=g) * 0.1 for name, shape in shapes.items()}
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()  # the release's second copy
+    inv_freq = c["rope_base"] ** -(torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angles = torch.outer(torch.arange(c["block_size"], dtype=torch.float32), inv_freq)
+    tensors["freqs_cis"] = torch.stack([angles.cos(), angles.sin()], dim=-1)[None, :, None]  # (1, T, 1, hd/2, 2)
+    return tensors
+
+
+def write_checkpoint(folder, config, tensors, shards=1):
+    """config.json + model.safetensors, or `shards` files with a model.safetensors.index.json."""
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="needs safetensors (pip install safetensors)")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    if shards == 1:
+        safetensors_torch.save_file(tensors, os.path.join(folder, "model.safetensors"))
+        return
+    names = sorted(tensors)
+    weight_map = {name: f"model-{i % shards + 1:05d}-of-{shards:05d}.safetensors" for i, name in enumerate(names)}
+    for file in set(weight_map.values()):
+        safetensors_torch.save_file({n: tensors[n] for n in names if weight_map[n] == file}, os.path.join(folder, file))
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_every_tensor_lands_where_it_should(tmp_path, shards):
+    config, tensors = tiny(), reference_tensors(tiny())
+    write_checkpoint(tmp_path, config, tensors, shards)
+    model = RecurrentGPT.from_pretrained(str(tmp_path))
+    # re-export under the released names: every released tensor (but the RoPE buffer) comes back unchanged
+    exported = {RecurrentGPT.hf_name(name): t for name, t in model.state_dict().items()}
+    assert set(exported) == set(tensors) - {"freqs_cis"}
+    for name, t in exported.items():
+        assert torch.equal(t, tensors[name]), name
+    # ...and (independently of the name table) each module got its own tensor, not a look-alike's
+    for ours, released in [(model.wte.weight, "transformer.wte.weight"),
+                           (model.prelude[0].norm_1.weight, "transformer.prelude.0.norm_1.weight"),
+                           (model.adapter.weight, "transformer.adapter.weight"),
+                           (model.core[1].attn.qk_bias, "transformer.core_block.1.attn.qk_bias"),
+                           (model.coda[0].mlp.fc.weight, "transformer.coda.0.mlp.fc.weight"),
+                           (model.ln_f.weight, "transformer.ln_f.weight")]:
+        assert torch.equal(ours, tensors[released]), released
+    assert model.lm_head.weight is model.wte.weight  # still tied, so the embedding is counted once
+    assert model.get_num_params() == sum(t.numel() for n, t in tensors.items() if n not in ("lm_head.weight",
+                                                                                           "freqs_cis"))
+    torch.testing.assert_close(model.rope, tensors["freqs_cis"].view_as(model.rope))
+    assert not model.training and model.config.mean_recurrence == 3 and model.config.n_head == 2
+
+
+def test_loaded_model_matches_a_model_built_and_loaded_by_hand(tmp_path):
+    """The meta-device build + assign path gives the same logits as a plain model with load_state_dict."""
+    config, tensors = tiny(), reference_tensors(tiny(), seed=1)
+    write_checkpoint(tmp_path, config, tensors)
+    model = RecurrentGPT.from_pretrained(str(tmp_path))
+    by_hand = RecurrentGPT(RecurrentGPT.pretrained_config(str(tmp_path))).eval()
+    by_hand.load_state_dict({name: tensors[RecurrentGPT.hf_name(name)] for name in by_hand.state_dict()})
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for r in (1, 3):
+            expected, _ = by_hand(idx, num_steps=r, init_scale=0.0)
+            logits, _ = model(idx, num_steps=r, init_scale=0.0)
+            assert torch.equal(logits, expected)
+            assert logits.std() > 0.1  # not a degenerate model
+
+
+def test_bfloat16_load_keeps_rope_in_float32(tmp_path):
+    write_checkpoint(tmp_path, tiny(), reference_tensors(tiny()))
+    model = RecurrentGPT.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.rope.dtype == torch.float32  # as the reference keeps freqs_cis
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    tensors = reference_tensors(tiny())
+    tensors["transformer.core_block.1.mlp.fc.weight"] = tensors["transformer.core_block.1.mlp.fc.weight"][:-2]
+    write_checkpoint(tmp_path, tiny(), tensors)
+    with pytest.raises(ValueError, match=r"transformer\.core_block\.1\.mlp\.fc\.weight has shape \(94, 32\)"):
+        RecurrentGPT.from_pretrained(str(tmp_path))
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    tensors = reference_tensors(tiny())
+    del tensors["transformer.adapter.weight"]
+    write_checkpoint(tmp_path / "missing", tiny(), tensors)
+    with pytest.raises(KeyError, match=r"transformer\.adapter\.weight"):
+        RecurrentGPT.from_pretrained(str(tmp_path / "missing"))
+    tensors = {**reference_tensors(tiny()), "transformer.h.0.weight": torch.zeros(3)}
+    write_checkpoint(tmp_path / "extra", tiny(), tensors)
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.weight"):
+        RecurrentGPT.from_pretrained(str(tmp_path / "extra"))
+
+
+def test_bad_folder_and_unsupported_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        RecurrentGPT.pretrained_folder(str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "add")
+    with open(tmp_path / "add" / "config.json", "w") as f:
+        json.dump({**tiny(), "injection_type": "add"}, f)
+    with pytest.raises(ValueError, match="injection_type='add' is not supported"):
+        RecurrentGPT.pretrained_config(str(tmp_path / "add"))
+
+
+def test_huginn_0125_has_3_564_976_800_parameters(tmp_path):
+    """The preset and the released config.json give the same config and the published size (built on meta)."""
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(RELEASED_CONFIG, f)
+    released = RecurrentGPT.pretrained_config(str(tmp_path))
+    assert released == RecurrentConfig(**PRESETS["huginn-0125"])
+    with torch.device("meta"):
+        for config in (RecurrentConfig(**PRESETS["huginn-0125"]), released):
+            assert RecurrentGPT(config).get_num_params() == 3_564_976_800
+    assert math.isclose(released.norm_eps, 1e-6) and released.rope_base == 50000
