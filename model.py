@@ -438,6 +438,164 @@ class RecurrentGPT(nn.Module):
         return model.eval()
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Inference: a depth-aware KV cache, early exit, warm start
+# (the reference's behaviour is summarised in ../shared/spec/huginn_reference.md, section 5)
+
+
+class RecurrentKVCache:
+    """Keys and values of every attention layer for the tokens seen so far, filled by the attention hook.
+
+    Prelude and coda layers run once per token: one entry each. The core runs r times and iteration i of a
+    new token attends to the earlier tokens' keys of the same iteration, so the core gets one entry per
+    (iteration, core layer), a "virtual layer" v = step * n_layers_core + layer (the reference's
+    HuginnDynamicCache). That grows with r; a cache budget N keeps only N core entries, v mod N, so later
+    iterations overwrite earlier ones (the reference's "compress-sN"; N = n_layers_core keeps the last
+    iteration only, the memory of a plain transformer of the same width)."""
+
+    def __init__(self, n_layers_core, max_len, cache_budget=None):
+        self.n_layers_core = n_layers_core
+        self.max_len = max_len            # the longest context an entry holds
+        self.cache_budget = cache_budget  # None: one entry per virtual core layer
+        self.keys, self.values = {}, {}   # entry name -> (B, nh, max_len, hd), preallocated
+        self.length = {}                  # entry name -> how many positions are written
+        self.pos = 0                      # position of the first new token; forward_cached advances it
+
+    def entry(self, layer_id):
+        """("prelude", i) and ("coda", i) name their own entry; ("core", step, i) -> ("core", v), v mod N."""
+        if layer_id[0] != "core":
+            return layer_id
+        _, step, layer = layer_id
+        v = step * self.n_layers_core + layer
+        return ("core", v if self.cache_budget is None else v % self.cache_budget)
+
+    def update(self, layer_id, k, v):
+        """Write the new tokens' k, v (B, nh, T, hd) at positions pos..pos+T; return the context's (B, nh, pos+T, hd).
+
+        Writing the same positions again overwrites them: the budget relies on it, and so does the exit test,
+        which runs the coda after every iteration (the last, final-state run is the one that stays)."""
+        name = self.entry(layer_id)
+        if name not in self.keys:
+            B, nh, _, hd = k.shape
+            self.keys[name] = k.new_zeros(B, nh, self.max_len, hd)
+            self.values[name] = v.new_zeros(B, nh, self.max_len, hd)
+            self.length[name] = 0
+        start, end, done = self.pos, self.pos + k.size(2), self.length[name]
+        if done < start:
+            # Earlier tokens that exited before this iteration have no entry here. They get the entry of the
+            # iteration below (same core layer), which this token has just completed; by induction that is
+            # their latest entry at or below this iteration (the reference's "latest-m4").
+            _, step, layer = layer_id
+            below = self.entry(("core", step - 1, layer))
+            self.keys[name][:, :, done:start] = self.keys[below][:, :, done:start]
+            self.values[name][:, :, done:start] = self.values[below][:, :, done:start]
+        self.keys[name][:, :, start:end] = k
+        self.values[name][:, :, start:end] = v
+        self.length[name] = end
+        return self.keys[name][:, :, :end], self.values[name][:, :, :end]
+
+    def num_core_entries(self):
+        return sum(name[0] == "core" for name in self.keys)
+
+
+EXIT_CRITERIA = ("none", "kl", "latent-diff")
+
+
+def forward_cached(model, idx, cache, num_steps, exit_criterion="none", exit_threshold=0.0, state=None,
+                   init_scale=1.0):
+    """Run new tokens idx (B, T) at positions cache.pos.. through the model, reading and filling the cache.
+
+    The same embed, core_step and predict as forward, so the logits equal forward's over the whole context.
+    With an exit criterion the recurrence stops once the change between iterations is below exit_threshold
+    for every row (zero-shot: the model was never trained to exit; the reference checks after each
+    iteration and waits for the whole batch). `state` replaces the noise start (warm start).
+    Returns the last position's logits (B, vocab), the final state (B, T, h) and the iterations run."""
+    T = idx.size(1)
+    rope = model.rope[cache.pos:cache.pos + T]
+    e = model.embed(idx, rope, cache)  # (B, T, h)
+    if state is None:
+        state = model.initial_state(e, init_scale)
+    log_probs = None
+    for step in range(num_steps):
+        prev_state, state = state, model.core_step(state, e, rope, cache, step)
+        if exit_criterion == "latent-diff":  # ||s_i - s_{i-1}|| / ||s_i||, per position
+            change = (state - prev_state).norm(dim=-1) / state.norm(dim=-1)
+        elif exit_criterion == "kl":  # KL(p_{i-1} || p_i) of the next-token distributions, p_0 uniform
+            prev_log_probs = log_probs
+            log_probs = F.log_softmax(model.predict(state, rope, cache), dim=-1)  # (B, T, vocab)
+            if prev_log_probs is None:
+                prev_log_probs = torch.full_like(log_probs, -math.log(log_probs.size(-1)))
+            change = (prev_log_probs.exp() * (prev_log_probs - log_probs)).sum(-1).clamp(min=0)  # rounding < 0
+        if exit_criterion != "none" and change.max() < exit_threshold:
+            break
+    logits = model.predict(state, rope, cache)
+    cache.pos += T
+    return logits[:, -1], state, step + 1
+
+
+def prefill(model, context, max_len, num_steps, cache_budget, init_scale):
+    """A new cache filled with context (B, T) at full depth (the reference never exits in the prefill), and
+    the final state of its last position (B, 1, h) for a warm start (None for an empty context)."""
+    cache = RecurrentKVCache(model.config.n_layers_core, max_len, cache_budget)
+    if context.size(1) == 0:
+        return cache, None
+    _, state, _ = forward_cached(model, context, cache, num_steps, init_scale=init_scale)
+    return cache, state[:, -1:]
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """One token id per row (B, 1) from next-token logits (B, vocab); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_criterion="none",
+             exit_threshold=0.0, cache_budget=None, warm_start=False, init_scale=1.0, use_cache=True):
+    """Continue the prompt idx (B, T) by max_new_tokens tokens. Returns (idx (B, T + max_new_tokens), the
+    iterations used to predict each new token (a list)).
+
+    Each new token is predicted by one cached forward of the token before it at num_steps iterations
+    (default r_bar), fewer if it exits early (exit_criterion "kl" or "latent-diff" below exit_threshold).
+    cache_budget=N keeps only N core entries. warm_start begins each token's state at the previous token's
+    final core output instead of noise (the reference's continuous_compute; its adaptive path also uses the
+    core output, its minimal path the ln_f-normed one). use_cache=False is the slow baseline: the whole
+    context is run again for every token, at fixed depth."""
+    cfg = model.config
+    num_steps = cfg.mean_recurrence if num_steps is None else num_steps
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if exit_criterion not in EXIT_CRITERIA:
+        raise ValueError(f"unknown exit_criterion {exit_criterion!r}; choose one of {EXIT_CRITERIA}")
+    if cache_budget is not None and cache_budget < 1:
+        raise ValueError(f"cache_budget must be at least 1 (or None for no budget), got {cache_budget}")
+    if idx.size(1) > cfg.block_size:
+        raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size {cfg.block_size}; crop it")
+    if not use_cache:
+        if exit_criterion != "none" or warm_start or cache_budget is not None:
+            raise ValueError("early exit, warm start and cache budget need use_cache=True")
+        for _ in range(max_new_tokens):
+            logits, _ = model(idx[:, -cfg.block_size:], num_steps=num_steps, init_scale=init_scale)
+            idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k)], dim=1)
+        return idx, [num_steps] * max_new_tokens
+    max_len = min(cfg.block_size, idx.size(1) + max_new_tokens)
+    cache, state = prefill(model, idx[:, :-1], max_len, num_steps, cache_budget, init_scale)
+    steps_used = []
+    for _ in range(max_new_tokens):
+        if cache.pos == max_len:  # the context is full: start again from its last half (nanoGPT crops too)
+            cache, state = prefill(model, idx[:, -(max_len // 2):-1], max_len, num_steps, cache_budget, init_scale)
+        logits, state, steps = forward_cached(model, idx[:, -1:], cache, num_steps, exit_criterion, exit_threshold,
+                                              state if warm_start else None, init_scale)
+        idx = torch.cat([idx, sample_next(logits, temperature, top_k)], dim=1)
+        steps_used.append(steps)
+    return idx, steps_used
+
+
 def config_from_preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
