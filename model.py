@@ -472,8 +472,8 @@ class RecurrentKVCache:
     def update(self, layer_id, k, v):
         """Write the new tokens' k, v (B, nh, T, hd) at positions pos..pos+T; return the context's (B, nh, pos+T, hd).
 
-        Writing the same positions again overwrites them: the budget relies on it, and so does the exit test,
-        which runs the coda after every iteration (the last, final-state run is the one that stays)."""
+        Writing the same positions again overwrites them: the budget relies on it, and so does the kl exit
+        check, which runs the coda after every iteration (the final state's run is the one that stays)."""
         name = self.entry(layer_id)
         if name not in self.keys:
             B, nh, _, hd = k.shape
@@ -525,7 +525,8 @@ def forward_cached(model, idx, cache, num_steps, exit_criterion="none", exit_thr
             log_probs = F.log_softmax(model.predict(state, rope, cache), dim=-1)  # (B, T, vocab)
             if prev_log_probs is None:
                 prev_log_probs = torch.full_like(log_probs, -math.log(log_probs.size(-1)))
-            change = (prev_log_probs.exp() * (prev_log_probs - log_probs)).sum(-1).clamp(min=0)  # rounding < 0
+            # KL >= 0; the clamp stops rounding from making it negative, so a threshold of 0 never exits
+            change = (prev_log_probs.exp() * (prev_log_probs - log_probs)).sum(-1).clamp(min=0)
         if exit_criterion != "none" and change.max() < exit_threshold:
             break
     logits = model.predict(state, rope, cache)

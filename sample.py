@@ -100,6 +100,8 @@ if dtype not in ("float32", "bfloat16", "float16"):
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
 device_type = "cuda" if "cuda" in device else "cpu"
+if device_type == "cuda" and not torch.cuda.is_available():
+    fail(f"--device={device} but CUDA is not available here; use --device=cpu")
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 
@@ -121,6 +123,9 @@ if len(start_ids) > model.config.block_size:
           f"keeping the last {model.config.block_size}", file=sys.stderr)
     start_ids = start_ids[-model.config.block_size:]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]  # (1, T)
+print(f"{init_from} {out_dir}: {model.get_num_params() / 1e6:.2f}M parameters, r_bar {model.config.mean_recurrence}; "
+      f"decoding at r = {num_steps}, temperature {temperature}, top_k {top_k}, exit {exit_criterion} "
+      f"(threshold {exit_threshold}), cache_budget {cache_budget}, warm_start {warm_start}, init_scale {init_scale}")
 
 for k in range(num_samples):
     t0 = time.time()
@@ -132,6 +137,6 @@ for k in range(num_samples):
         torch.cuda.synchronize()
     dt = time.time() - t0
     print(decode(y[0].tolist()))
-    mean_steps = sum(steps_used) / max(len(steps_used), 1)
+    mean_steps = sum(steps_used) / len(steps_used)
     print(f"--- sample {k + 1}: {max_new_tokens} tokens in {dt:.2f} s ({max_new_tokens / dt:.1f} tokens/s), "
           f"mean {mean_steps:.2f} iterations per token (r = {num_steps})")
