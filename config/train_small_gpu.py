@@ -1,0 +1,31 @@
+# The ~100M "small" recurrent model (2 prelude + 4 core + 2 coda blocks, 768 wide, r_bar 8) on tiny shakespeare
+# with GPT-2's BPE, on one GPU. No big download: python prepare_data.py shakespeare && python train.py config/train_small_gpu.py
+# 300k training tokens are few for 100M parameters: val loss bottoms out within a few hundred iterations and then
+# rises as the model memorises, so only improvements are saved (the best checkpoint survives).
+out_dir = "out-small-gpu"
+dataset = "shakespeare"
+eval_interval = 100
+eval_iters = 20
+log_interval = 10
+always_save_checkpoint = False
+
+batch_size = 16
+block_size = 512
+gradient_accumulation_steps = 1
+
+# the model: train.py's defaults, spelled out
+n_embd = 768
+n_head = 12
+n_layers_prelude = 2
+n_layers_core = 4
+n_layers_coda = 2
+intermediate_size = 2048
+mean_recurrence = 8
+backprop_depth = 4
+
+learning_rate = 6e-4
+max_iters = 2000
+warmup_iters = 100
+lr_decay_iters = 2000
+min_lr = 6e-5
+weight_decay = 0.1
