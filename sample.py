@@ -3,6 +3,7 @@ Sample from a trained recurrent-depth model:
 
     python sample.py --out_dir=out-shakespeare-char --r 32
     python sample.py --start "FILE:prompt.txt" --exit_criterion kl --exit_threshold 5e-4 --warm_start
+    python sample.py --init_from=huginn-0125 --chat --start "What is 17 * 24?" --r 32   # the released 3.5B model
 
 --r sets the number of iterations of the core per token (more test-time compute); it defaults to the
 model's mean_recurrence r_bar. Decoding uses the depth-aware KV cache of model.py (see generate there).
@@ -18,7 +19,8 @@ from configurator import configure, fail
 from model import RecurrentConfig, RecurrentGPT, generate
 
 # -----------------------------------------------------------------------------
-init_from = "resume"  # "resume": load out_dir/ckpt.pt
+init_from = "resume"  # "resume": load out_dir/ckpt.pt; "huginn-0125" or a folder in its layout: the released model
+chat = False  # released model: --start is a user turn in its chat format, answered by "Huginn"
 out_dir = "out"
 r = None  # iterations of the core per token (num_steps); None: the model's r_bar
 start = "\n"  # the prompt, or "FILE:path" to read it from a file
@@ -40,10 +42,16 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 
-def load_model(init_from, out_dir, device):
-    """The model and its tokenizer meta. One place to add more sources (e.g. released weights)."""
+def load_model(init_from, out_dir, device, dtype):
+    """The model and its tokenizer meta: our checkpoint, or the released Huginn-0125 (or a folder in its layout)."""
     if init_from != "resume":
-        fail(f"unknown --init_from={init_from!r}; use 'resume' (load out_dir/ckpt.pt)")
+        try:  # needs the extras (pip install safetensors huggingface_hub tokenizers); errors in one line
+            folder = RecurrentGPT.pretrained_folder(init_from)
+            # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
+            model = RecurrentGPT.from_pretrained(folder, device=device, dtype=dtype)
+        except (ImportError, OSError, ValueError, KeyError) as err:
+            fail(str(err.args[0]) if err.args else repr(err))
+        return model, {"tokenizer": "huginn", "folder": folder}
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train one first (python train.py ...) or point --out_dir at one")
@@ -78,6 +86,18 @@ def get_tokenizer(meta):
         enc = tiktoken.get_encoding("r50k_base")
         encode = lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})
         return encode, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])
+    if meta.get("tokenizer") == "huginn":  # the released BPE tokenizer, a Hugging Face tokenizer.json
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            fail("the released tokenizer needs: pip install tokenizers")
+        path = os.path.join(meta["folder"], "tokenizer.json")
+        if not os.path.isfile(path):
+            fail(f"no tokenizer.json in {meta['folder']}")
+        tok = Tokenizer.from_file(path)
+        # special tokens written in the text (<|begin_text|>, <|end_turn|>, ...) are read as their ids
+        return (lambda text: tok.encode(text, add_special_tokens=False).ids,
+                lambda ids: tok.decode(ids, skip_special_tokens=False))
     fail(f"unknown tokenizer {meta.get('tokenizer')!r} in the checkpoint meta (expected 'char' or 'r50k_base')")
 
 
@@ -96,6 +116,8 @@ if temperature < 0:
     fail(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
 if dtype not in ("float32", "bfloat16", "float16"):
     fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+if chat and init_from == "resume":
+    fail("--chat is for the released model: add --init_from=huginn-0125 (or a folder in its layout)")
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
@@ -105,7 +127,7 @@ if device_type == "cuda" and not torch.cuda.is_available():
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 
-model, meta = load_model(init_from, out_dir, device)
+model, meta = load_model(init_from, out_dir, device, ptdtype)
 encode, decode = get_tokenizer(meta)
 num_steps = model.config.mean_recurrence if r is None else r
 
@@ -115,6 +137,13 @@ if start.startswith("FILE:"):
         fail(f"prompt file {prompt_path!r} not found")
     with open(prompt_path, encoding="utf-8") as f:
         start = f.read()
+stop_ids = []
+if meta["tokenizer"] == "huginn":  # the released model's text starts with <|begin_text|>; --chat adds a user turn
+    if chat:  # the reference's chat template: a header per turn, each turn closed by <|end_turn|>
+        start = (f"<|begin_header|>user<|end_header|>\n\n{start.strip()}<|end_turn|>"
+                 "<|begin_header|>Huginn<|end_header|>\n\n")
+    start = "<|begin_text|>" + start
+    stop_ids = [encode("<|end_text|>")[0], encode("<|end_turn|>")[0]]  # 65505, 65508: where a reply ends
 start_ids = encode(start)
 if not start_ids:
     fail("the prompt is empty; give at least one token with --start")
@@ -136,7 +165,9 @@ for k in range(num_samples):
     if device_type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
-    print(decode(y[0].tolist()))
+    new_ids = y[0, x.size(1):].tolist()
+    end = next((i for i, t in enumerate(new_ids) if t in stop_ids), len(new_ids))  # the reply ends at an end token
+    print(decode(x[0].tolist() + new_ids[:end]))
     mean_steps = sum(steps_used) / len(steps_used)
     print(f"--- sample {k + 1}: {max_new_tokens} tokens in {dt:.2f} s ({max_new_tokens / dt:.1f} tokens/s), "
           f"mean {mean_steps:.2f} iterations per token (r = {num_steps})")

@@ -28,7 +28,7 @@ RELEASED_CONFIG = dict(
 
 
 def tiny():
-    return {**RELEASED_CONFIG, "n_embd": 32, "n_heads": 2, "n_layers": 4, "block_size": 16, "vocab_size": 64,
+    return {**RELEASED_CONFIG, "n_embd": 32, "n_heads": 2, "n_layers": 4, "block_size": 64, "vocab_size": 64,
             "intermediate_size": 48, "n_layers_in_prelude": 1, "n_layers_in_recurrent_block": 2,
             "n_layers_in_coda": 1, "mean_recurrence": 3, "mean_backprop_depth": 2}
 
@@ -104,7 +104,7 @@ def test_loaded_model_matches_a_model_built_and_loaded_by_hand(tmp_path):
     model = RecurrentGPT.from_pretrained(str(tmp_path))
     by_hand = RecurrentGPT(RecurrentGPT.pretrained_config(str(tmp_path))).eval()
     by_hand.load_state_dict({name: tensors[RecurrentGPT.hf_name(name)] for name in by_hand.state_dict()})
-    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for r in (1, 3):
             expected, _ = by_hand(idx, num_steps=r, init_scale=0.0)
@@ -160,3 +160,52 @@ def test_huginn_0125_has_3_564_976_800_parameters(tmp_path):
         for config in (RecurrentConfig(**PRESETS["huginn-0125"]), released):
             assert RecurrentGPT(config).get_num_params() == 3_564_976_800
     assert math.isclose(released.norm_eps, 1e-6) and released.rope_base == 50000
+
+
+# --- sample.py --init_from=<folder in the released layout> ---
+
+SPECIALS = ["<|end_turn|>", "<|end_text|>", "<|begin_text|>", "<|begin_header|>", "<|end_header|>"]
+
+
+def write_tiny_tokenizer(folder):
+    """A character-level tokenizer.json with the release's special tokens; <|end_turn|> is id 0."""
+    tokenizers = pytest.importorskip("tokenizers", reason="needs tokenizers (pip install tokenizers)")
+    vocab = {t: i for i, t in enumerate(SPECIALS + list("abcdefghijklmnopqrstuvwxyzH ?\n"))}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = tokenizers.decoders.Fuse()  # characters back to text without spaces between them
+    tok.add_special_tokens(SPECIALS)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+
+
+def run_sample(*args):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "sample.py", "--device=cpu", "--num_samples=1", "--max_new_tokens=4",
+                           "--temperature=0", "--r=2", *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_sample_py_released_layout_prompt_format_and_stop(tmp_path, chat):
+    """With ln_f's gain zeroed every logit is 0, so greedy decoding picks id 0 = <|end_turn|> at once:
+    the printed sample must be exactly the formatted prompt (the reply is cut at the end token)."""
+    tensors = reference_tensors(tiny())
+    tensors["transformer.ln_f.weight"].zero_()
+    write_checkpoint(tmp_path, tiny(), tensors)
+    write_tiny_tokenizer(tmp_path)
+    result = run_sample(f"--init_from={tmp_path}", "--start=hi there", *(["--chat"] if chat else []))
+    assert result.returncode == 0, result.stderr
+    expected = ("<|begin_text|><|begin_header|>user<|end_header|>\n\nhi there<|end_turn|>"
+                "<|begin_header|>Huginn<|end_header|>\n\n" if chat else "<|begin_text|>hi there")
+    assert f"\n{expected}\n--- sample 1:" in result.stdout, result.stdout
+
+
+def test_sample_py_released_errors_are_one_line(tmp_path):
+    result = run_sample(f"--init_from={tmp_path / 'nowhere'}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "no such folder" in result.stderr
+    result = run_sample("--chat")  # --chat without the released model
+    assert result.returncode != 0 and "--chat is for the released model" in result.stderr
