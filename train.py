@@ -18,6 +18,7 @@ the depth loop stays in Python and only its fixed-shape pieces are compiled, so 
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -88,6 +89,9 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
 config = configure(settings, sys.argv[1:])
 globals().update(config)
+for k in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
+    if config[k] < 1:
+        fail(f"{k} must be at least 1, got {config[k]}")
 MODEL_KEYS = [k for k in asdict(RecurrentConfig()) if k != "vocab_size"]
 
 # -----------------------------------------------------------------------------------------------------------
@@ -212,8 +216,8 @@ if init_from == "resume":
         fail(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first (--init_from=scratch)")
     try:
         checkpoint = torch.load(ckpt_path, map_location=device)
-    except (RuntimeError, EOFError, ValueError, OSError) as e:  # truncated zip, bad pickle, ...
-        fail(f"checkpoint {ckpt_path} is corrupt ({str(e).splitlines()[0]}); delete it or restore a copy")
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:  # truncated zip, bad pickle
+        fail(f"checkpoint {ckpt_path} is corrupt ({str(e).splitlines()[0].split('. ')[0]}); delete it or restore a copy")
     if not isinstance(checkpoint, dict) or not {"model", "model_config", "optimizer", "iter_num"} <= checkpoint.keys():
         fail(f"{ckpt_path} is not a checkpoint written by train.py; delete it or restore a copy")
     for k in MODEL_KEYS:  # the architecture comes from the checkpoint, whatever the settings say
@@ -445,8 +449,9 @@ while True:
     # the logged loss is the true mean over the whole batch, not the last micro-step's
     step_loss = all_reduce_sum(loss_sum).item() / (accum * world_size)
     if not math.isfinite(step_loss):
-        fail(f"loss is {step_loss} at iteration {iter_num}; stopped without updating. The last good checkpoint "
-             f"is {ckpt_path}; try a lower --learning_rate or --grad_clip")
+        kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint yet"
+        fail(f"loss is {step_loss} at iteration {iter_num}; stopped before the update ({kept}); "
+             "try a lower --learning_rate")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

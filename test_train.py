@@ -1,0 +1,282 @@
+"""
+Tests for train.py, CPU only: exact resume, crash-safe checkpoints, DDP == gradient accumulation, no recompiles
+as the depth changes, NaN handling, one-line errors, and the accuracy evaluation on aligned-target data.
+Every run is a real subprocess of train.py on a tiny model and a slice of tiny shakespeare.
+
+    python -m pytest -q test_train.py
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+# a 32-wide 1+1+1-block model on 4 x 32 tokens: a step takes milliseconds
+TINY = ["--n_embd=32", "--n_head=2", "--n_layers_prelude=1", "--n_layers_core=1", "--n_layers_coda=1",
+        "--intermediate_size=64", "--mean_recurrence=4", "--backprop_depth=2", "--batch_size=4", "--block_size=32",
+        "--gradient_accumulation_steps=1", "--eval_iters=2", "--device=cpu", "--compile=False", "--log_interval=1",
+        "--warmup_iters=5", "--learning_rate=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Character-level data from the first 100k characters of tiny shakespeare, made by prepare_data.py."""
+    tmp = tmp_path_factory.mktemp("data")
+    with open(SHAKESPEARE) as f:
+        (tmp / "input.txt").write_text(f.read()[:100_000])
+    subprocess.run([sys.executable, "prepare_data.py", "shakespeare_char", f"--input={tmp / 'input.txt'}",
+                    f"--out_dir={tmp / 'char'}"], cwd=REPO, env=ENV, check=True, capture_output=True)
+    return str(tmp / "char")
+
+
+def train(*args, check=True, launcher=None):
+    """Run train.py (or a launcher script that runs it) and return the finished process."""
+    cmd = [sys.executable, launcher or "train.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    """{iteration: logged training loss}; a resumed run's later lines win."""
+    return {r["iter"]: r["loss"] for r in records(out_dir) if "loss" in r}
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=10", "--lr_decay_iters=20"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train(*common, "--max_iters=20", f"--out_dir={straight}")
+    train(*common, "--max_iters=10", f"--out_dir={split}")
+    assert torch.load(os.path.join(split, "ckpt.pt"))["iter_num"] == 10
+    train(*common, "--max_iters=20", f"--out_dir={split}", "--init_from=resume")
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(a) == sorted(b) == list(range(20))
+    assert [a[i] for i in range(20)] == [b[i] for i in range(20)]  # bit for bit, not approximately
+    assert len({r["depth"] for r in records(straight) if "depth" in r}) > 1  # the depth really varied
+    final = [r["val_loss"] for r in records(straight) + records(split) if r.get("iter") == 20 and "val_loss" in r]
+    assert len(final) == 2 and final[0] == final[1]
+
+
+# runs train.py with torch.save replaced: the second save writes half the file, says so, and hangs
+HALF_SAVE = """
+import io, runpy, sys, time
+import torch
+real_save, calls = torch.save, []
+def half_save(obj, f):
+    calls.append(1)
+    if len(calls) == 1:
+        return real_save(obj, f)
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    f.flush()
+    print("HALF WRITTEN", flush=True)
+    time.sleep(600)
+torch.save = half_save
+sys.path.insert(0, ".")
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_kill_during_save_keeps_last_checkpoint(data_dir, tmp_path):
+    out_dir = str(tmp_path / "out")
+    launcher = tmp_path / "half_save.py"
+    launcher.write_text(HALF_SAVE)
+    common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=12", f"--out_dir={out_dir}"]
+    proc = subprocess.Popen([sys.executable, str(launcher), *common, "--max_iters=12"], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until the save at iteration 8 is half on disk
+        if "HALF WRITTEN" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.getsize(os.path.join(out_dir, "ckpt.pt.tmp")) > 0  # the torn file exists...
+    with pytest.raises(Exception):
+        torch.load(os.path.join(out_dir, "ckpt.pt.tmp"))
+    assert torch.load(os.path.join(out_dir, "ckpt.pt"))["iter_num"] == 4  # ...but the last good one is whole
+    before = train_losses(out_dir)
+    assert sorted(before) == list(range(8))
+
+    proc = train(*common, "--max_iters=10", "--init_from=resume")
+    assert "saved" in proc.stdout
+    after = train_losses(out_dir)
+    assert sorted(after) == list(range(10))
+    assert [after[i] for i in range(4, 8)] == [before[i] for i in range(4, 8)]  # continued from iteration 4
+    assert torch.load(os.path.join(out_dir, "ckpt.pt"))["iter_num"] == 10
+
+
+def test_torchrun_matches_gradient_accumulation(data_dir, tmp_path):
+    common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=100", "--max_iters=6",
+              "--gradient_accumulation_steps=2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train(*common, f"--out_dir={one}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+           f"--out_dir={two}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(a) == sorted(b) == list(range(6))
+    np.testing.assert_allclose([b[i] for i in range(6)], [a[i] for i in range(6)], rtol=0, atol=1e-5)
+    val_a, val_b = [[r["val_loss"] for r in records(d) if r["iter"] == 6 and "val_loss" in r] for d in (one, two)]
+    np.testing.assert_allclose(list(val_b[0].values()), list(val_a[0].values()), rtol=0, atol=1e-5)
+
+
+# runs train.py and prints dynamo's graph count at every optimizer step. The backend is aot_eager: whether a
+# call recompiles is decided by dynamo's guards before any backend runs, and inductor would take minutes here.
+COUNT_GRAPHS = """
+import functools, runpy, sys
+import torch
+from torch._dynamo.utils import counters
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+torch.compile = functools.partial(torch.compile, backend="aot_eager")
+graphs = []
+register_optimizer_step_pre_hook(lambda *args: graphs.append(counters["stats"]["unique_graphs"]))
+sys.path.insert(0, ".")
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+print("GRAPHS", graphs)
+"""
+
+
+def test_no_recompiles_when_depth_changes(data_dir, tmp_path):
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python")
+    launcher = tmp_path / "count_graphs.py"
+    launcher.write_text(COUNT_GRAPHS)
+    out_dir = str(tmp_path / "out")
+    # r_bar 6 with k 2: the first step already has iterations with and without gradients
+    proc = train(*TINY, f"--data_dir={data_dir}", "--compile=True", "--mean_recurrence=6", "--max_iters=20",
+                 "--eval_interval=100", f"--out_dir={out_dir}", launcher=str(launcher))
+    graphs = eval(proc.stdout.split("GRAPHS")[-1])
+    steps = [r for r in records(out_dir) if "depth" in r]
+    assert steps[0]["depth"] > steps[0]["n_grad"]  # the first step ran both kinds of iteration
+    assert len({r["depth"] for r in steps}) >= 4  # many different depths...
+    assert len(graphs) == 20 and graphs[0] > 0
+    assert graphs[-1] == graphs[0]  # ...and not one graph compiled after the first step
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
+    common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=4", f"--out_dir={tmp_path}"]
+    train(*common, "--max_iters=4")
+    # resume with an absurd learning rate: the first update blows the weights up, the next loss is nan
+    proc = train(*common, "--max_iters=8", "--init_from=resume", "--learning_rate=1e30", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith("error: loss is nan at iteration 5")
+    assert "Traceback" not in proc.stderr
+    assert torch.load(os.path.join(tmp_path, "ckpt.pt"))["iter_num"] == 4
+
+
+def test_bad_input_is_one_line(data_dir, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a zip file")
+    rows = tmp_path / "rows"  # a dataset of 16-token rows
+    rows.mkdir()
+    for name in ("train.bin", "val.bin"):
+        np.zeros(64, dtype=np.uint16).tofile(rows / name)
+    (rows / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 4, "chars": "abcd", "row_len": 16}))
+    cases = {
+        "no train.bin": ["--data_dir=" + str(tmp_path / "missing")],
+        "unknown setting --bogus": ["--bogus=1"],
+        "batch_size expects int": ["--batch_size=big"],
+        "no checkpoint at": ["--init_from=resume", f"--out_dir={tmp_path / 'empty'}"],
+        "is corrupt": ["--init_from=resume", f"--out_dir={corrupt}"],
+        "block_size=100000 is too long": ["--block_size=100000"],
+        "set --block_size=16": [f"--data_dir={rows}"],
+    }
+    for expected, args in cases.items():
+        proc = train(*TINY, f"--data_dir={data_dir}", *args, check=False)
+        assert proc.returncode != 0, expected
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr
+
+
+def make_prefix_sum_data(path, rng, n_rows):
+    """Aligned-target data in CONTRACTS.md's format: rows of 16 tokens holding problems "digits ; digits ; ...";
+    the label at each digit is the running sum mod 10 of its problem so far; the difficulty is the problem's
+    length; separators carry no label."""
+    row_len, sep = 16, 10
+    for split in ("train", "val"):
+        x, y, d = [], [], []
+        for _ in range(n_rows):
+            row_x, row_y, row_d = [], [], []
+            while len(row_x) < row_len:
+                n = int(rng.integers(1, 6))
+                digits = rng.integers(0, 10, n)
+                row_x += [*digits.tolist(), sep]
+                row_y += [*(np.cumsum(digits) % 10).tolist(), 65535]
+                row_d += [n] * n + [0]
+            x += row_x[:row_len]
+            y += row_y[:row_len]
+            d += row_d[:row_len]
+        np.array(x, dtype=np.uint16).tofile(path / f"{split}.bin")
+        np.array(y, dtype=np.uint16).tofile(path / f"{split}_targets.bin")
+        if split == "val":
+            np.array(d, dtype=np.uint16).tofile(path / "val_difficulty.bin")
+    (path / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 11, "chars": "0123456789;",
+                                                "row_len": row_len}))
+
+
+def test_accuracy_by_difficulty_and_depth(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_prefix_sum_data(data, np.random.default_rng(0), n_rows=150)
+    out_dir = str(tmp_path / "out")
+    common = [*TINY, f"--data_dir={data}", "--block_size=16", f"--out_dir={out_dir}", "--eval_interval=30"]
+    proc = train(*common, "--max_iters=30", "--learning_rate=3e-3", "--accuracy_depths=[1,4]")
+    assert "exact-match accuracy" in proc.stdout  # evaluated at the end of training
+    steps = [r["loss"] for r in records(out_dir) if "loss" in r]
+    assert np.mean(steps[-5:]) < np.mean(steps[:5])  # it learns from the aligned targets
+    # eval_only on the checkpoint, with the zero start state so the test can recompute every number
+    train(*common, "--init_from=resume", "--eval_only", "--init_scale=0", "--accuracy_depths=[1,2,8]")
+    with open(os.path.join(out_dir, "accuracy.json")) as f:
+        result = json.load(f)
+    assert result["depths"] == [1, 2, 8]
+
+    # recompute: every problem by walking the rows, solved when all its positions are predicted right
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"))
+    from model import RecurrentConfig, RecurrentGPT
+    model = RecurrentGPT(RecurrentConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64)).view(-1, 16)
+    y = np.fromfile(data / "val_targets.bin", dtype=np.uint16).reshape(-1, 16)
+    d = np.fromfile(data / "val_difficulty.bin", dtype=np.uint16).reshape(-1, 16)
+    for r in (1, 2, 8):
+        with torch.no_grad():
+            pred = model(x, num_steps=r, init_scale=0.0)[0].argmax(-1).numpy()
+        solved = {}  # difficulty -> list of 0/1
+        for row in range(len(y)):
+            t = 0
+            while t < 16:
+                if y[row, t] == 65535:
+                    t += 1
+                    continue
+                end = t
+                while end < 16 and y[row, end] != 65535 and d[row, end] == d[row, t]:
+                    end += 1
+                solved.setdefault(str(d[row, t]), []).append(int((pred[row, t:end] == y[row, t:end]).all()))
+                t = end
+        everything = sum(solved.values(), [])
+        assert result["problems"]["all"] == len(everything)
+        assert result["accuracy"]["all"][str(r)] == pytest.approx(np.mean(everything), abs=1e-12)
+        for difficulty, values in solved.items():
+            assert result["problems"][difficulty] == len(values)
+            assert result["accuracy"][difficulty][str(r)] == pytest.approx(np.mean(values), abs=1e-12)
+    assert set(result["problems"]) == {"1", "2", "3", "4", "5", "all"}
