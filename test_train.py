@@ -188,7 +188,7 @@ def test_bad_input_is_one_line(data_dir, tmp_path):
     (corrupt / "ckpt.pt").write_bytes(b"PK\x03\x04 not really a zip file")
     rows = tmp_path / "rows"  # a dataset of 16-token rows
     rows.mkdir()
-    for name in ("train.bin", "val.bin"):
+    for name in ("train.bin", "val.bin", "train_targets.bin", "val_targets.bin"):
         np.zeros(64, dtype=np.uint16).tofile(rows / name)
     (rows / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 4, "chars": "abcd", "row_len": 16}))
     cases = {
@@ -200,11 +200,14 @@ def test_bad_input_is_one_line(data_dir, tmp_path):
         "block_size=100000 is too long": ["--block_size=100000"],
         "set --block_size=16": [f"--data_dir={rows}"],
     }
-    for expected, args in cases.items():
-        proc = train(*TINY, f"--data_dir={data_dir}", *args, check=False)
+    procs = {expected: subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={data_dir}", *args], cwd=REPO,
+                                        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for expected, args in cases.items()}  # all at once: each spends most of its time importing torch
+    for expected, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
         assert proc.returncode != 0, expected
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], proc.stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], stderr
 
 
 def make_prefix_sum_data(path, rng, n_rows):

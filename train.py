@@ -143,6 +143,28 @@ def all_reduce_sum(t):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# where to start: from scratch, or from a checkpoint (which also fixes the architecture, block_size included)
+
+iter_num, best_val_loss = 0, float("inf")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume":
+    if not os.path.isfile(ckpt_path):
+        fail(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first (--init_from=scratch)")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:  # truncated zip, bad pickle
+        fail(f"checkpoint {ckpt_path} is corrupt ({str(e).splitlines()[0].split('. ')[0]}); delete it or restore a copy")
+    if not isinstance(checkpoint, dict) or not {"model", "model_config", "optimizer", "iter_num"} <= checkpoint.keys():
+        fail(f"{ckpt_path} is not a checkpoint written by train.py; delete it or restore a copy")
+    for k in MODEL_KEYS:  # the architecture comes from the checkpoint, whatever the settings say
+        if config[k] != checkpoint["model_config"][k] and master:
+            print(f"resume: {k} = {checkpoint['model_config'][k]!r} from the checkpoint (settings said {config[k]!r})")
+        config[k] = globals()[k] = checkpoint["model_config"][k]
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+elif init_from != "scratch":
+    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+
+# -----------------------------------------------------------------------------------------------------------
 # data: token streams written by prepare_data.py (format in its docstring)
 
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
@@ -153,6 +175,8 @@ with open(os.path.join(data_dir, "meta.json")) as f:
     meta = json.load(f)
 row_len = meta.get("row_len")  # rows of a fixed length (reasoning data): batches are whole rows
 aligned = os.path.isfile(os.path.join(data_dir, "train_targets.bin"))  # targets given per position
+if (aligned or row_len is not None) and not os.path.isfile(os.path.join(data_dir, "val_targets.bin")):
+    fail(f"{data_dir} has rows or aligned targets but no val_targets.bin; prepare the dataset again")
 NO_LOSS = 65535  # the target id that means "no loss here"
 
 
@@ -208,23 +232,6 @@ eval_batches = {"val": fixed_batches("val"), "train": fixed_batches("train")}
 
 # -----------------------------------------------------------------------------------------------------------
 # model and optimizer
-
-iter_num, best_val_loss = 0, float("inf")
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if init_from == "resume":
-    if not os.path.isfile(ckpt_path):
-        fail(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first (--init_from=scratch)")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device)
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:  # truncated zip, bad pickle
-        fail(f"checkpoint {ckpt_path} is corrupt ({str(e).splitlines()[0].split('. ')[0]}); delete it or restore a copy")
-    if not isinstance(checkpoint, dict) or not {"model", "model_config", "optimizer", "iter_num"} <= checkpoint.keys():
-        fail(f"{ckpt_path} is not a checkpoint written by train.py; delete it or restore a copy")
-    for k in MODEL_KEYS:  # the architecture comes from the checkpoint, whatever the settings say
-        globals()[k] = checkpoint["model_config"][k]
-    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-elif init_from != "scratch":
-    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
 
 if mean_recurrence < 1:
     fail(f"mean_recurrence must be at least 1, got {mean_recurrence}")
