@@ -130,7 +130,7 @@ def test_exited_token_is_read_at_its_latest_iteration():
 # --- cache budget --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("r", [2, 3, 8, 16])
+@pytest.mark.parametrize("r", [1, 2, 3, 8, 16])
 def test_cache_budget_bounds_core_entries(r):
     model = tiny_model()
     idx = prompt(model)
@@ -184,20 +184,24 @@ def test_warm_start_begins_at_previous_final_state(warm_start):
 CHARS = "\n abcdefghijklmnopqrstuvwxyz"
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    """A checkpoint in train.py's format, of an untrained tiny char model."""
+def write_checkpoint(path, meta, vocab_size):
+    """A checkpoint in train.py's format, of an untrained tiny model."""
     import dataclasses
-    path = tmp_path_factory.mktemp("out")
-    model = tiny_model(vocab_size=len(CHARS), block_size=32)
-    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                "meta": {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS},
+    model = tiny_model(vocab_size=vocab_size, block_size=32)
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "meta": meta,
                 "config": {}, "iter_num": 0, "best_val_loss": float("inf")}, path / "ckpt.pt")
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    meta = {"tokenizer": "char", "vocab_size": len(CHARS), "chars": CHARS}
+    return write_checkpoint(tmp_path_factory.mktemp("out"), meta, len(CHARS))
+
+
 def run_sample(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(REPO, "..", "shared", "tiktoken_cache"))
     return subprocess.run([sys.executable, "sample.py", "--device=cpu", "--num_samples=1", "--max_new_tokens=6",
                            *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
@@ -216,6 +220,13 @@ def test_sample_cli_inference_options(out_dir, tmp_path):
                         "--exit_threshold", "1", "--cache_budget", "2", "--warm_start", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].startswith("hello") and "(r = 32)" in result.stdout
+
+
+def test_sample_cli_bpe_tokenizer(tmp_path):
+    out = write_checkpoint(tmp_path, {"tokenizer": "r50k_base", "vocab_size": 50257}, 50304)
+    result = run_sample(f"--out_dir={out}", "--start", "Hello world", "--r", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith("Hello world") and "(r = 2)" in result.stdout
 
 
 def test_sample_cli_crops_long_prompt_with_a_warning(out_dir):
