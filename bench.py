@@ -1,0 +1,375 @@
+"""
+Measure what the recurrence costs. Prints a short table and writes the same figures to out_dir/bench.json.
+
+    python bench.py                                       # CPU defaults: a few minutes on 2 cores
+    python bench.py --device=cuda --preset=small --batch_size=16 --seq_len=1024 --matmul_size=8192
+
+1. Training efficiency: FLOP/s of a recurrent training step (forward over r iterations, backward over the last k)
+   against a plain stack of the same SandwichBlocks doing the same FLOPs per step, and against the machine's own
+   matmul peak timed in the same run (MFU without a table of hardware constants). Eager, and compiled if asked.
+2. Memory: peak training memory at r = 8, 32, 128 with k = 8, each in a fresh process. Truncated backprop builds
+   a graph over the last k iterations only, so memory should not grow with r.
+3. Compile: the recompilations of the compiled parts while r varies from step to step (should be none).
+4. Decoding: tokens/s of generate with the KV cache, without it (the whole context again for every token), and
+   with a cache budget, at a given prompt length and r.
+"""
+
+import copy
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configurator import configure
+from model import RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, generate, precompute_rope
+
+# -----------------------------------------------------------------------------------------------------------
+# settings (override with --key=value or --key value)
+device = "cpu"              # "cpu", "cuda", "cuda:1", ...
+dtype = "auto"              # "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32" or "bfloat16"
+num_threads = 0             # CPU threads for torch; 0 keeps torch's default
+timer = "wall"              # "wall" clock, or "cpu": this process's CPU time, steadier on a shared CPU-only machine
+seed = 1337
+out_dir = "out-bench"
+# model: a preset from model.py (e.g. "small", ~100M, for a GPU), or "" for the CPU-sized shape below
+preset = ""
+n_embd = 256
+n_head = 4
+n_layers_prelude = 1
+n_layers_core = 2
+n_layers_coda = 1
+intermediate_size = 704
+vocab_size = 512
+# training step
+batch_size = 4
+seq_len = 128
+num_steps = 16              # r for the efficiency comparison (fixed, so both models do a known amount of work)
+backprop_depth = 8          # k
+repeats = 5                 # timed steps per variant, alternating between variants; medians are reported
+matmul_size = 2048          # n of the n x n x n matmul that measures the peak; 8192 suits a big GPU
+compile = True              # also time torch.compile'd steps and count recompilations
+compile_backend = "inductor"  # "eager" only captures graphs: a quick check of recompilations without codegen
+compile_num_steps = [3, 9, 17, 30]  # r of the steps counted for recompilations, after warm-up
+# memory
+memory_num_steps = [8, 32, 128]
+memory_backprop_depth = 8
+probe_memory_at = 0         # internal: bench.py reruns itself with this set to measure one r in a fresh process
+# decoding (batch 1, greedy)
+prompt_len = 256
+new_tokens = 32
+decode_num_steps = 8        # r per token
+cache_budget = 0            # core entries kept in the budget run; 0 means n_layers_core: the last iteration only
+decode_repeats = 3
+# -----------------------------------------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
+config = configure(settings, sys.argv[1:])
+globals().update(config)
+
+# device and precision
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda" and not torch.cuda.is_available():
+    sys.exit(f"error: --device={device} but torch sees no CUDA GPU; use --device=cpu")
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+if dtype not in ("float32", "bfloat16"):
+    sys.exit(f"error: --dtype must be auto, float32 or bfloat16, got {dtype!r}")
+ptdtype = getattr(torch, dtype)
+ctx = torch.autocast(device_type, dtype=ptdtype) if dtype == "bfloat16" else nullcontext()
+if timer not in ("wall", "cpu") or (timer == "cpu" and device_type == "cuda"):
+    sys.exit(f"error: --timer must be wall or cpu (cpu only with --device=cpu), got {timer!r}")
+clock = time.perf_counter if timer == "wall" else time.process_time
+if num_threads > 0:
+    torch.set_num_threads(num_threads)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def sync():
+    if device_type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn):
+    """Seconds of fn(), with the GPU drained before and after."""
+    sync()
+    t0 = clock()
+    fn()
+    sync()
+    return clock() - t0
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The models
+
+
+def model_config(backprop_depth):
+    shape = {} if preset else dict(vocab_size=vocab_size, n_embd=n_embd, n_head=n_head, n_layers_prelude=n_layers_prelude,
+                                   n_layers_core=n_layers_core, n_layers_coda=n_layers_coda, intermediate_size=intermediate_size)
+    # mean_recurrence only sets the init scale here; the benchmark always passes r explicitly
+    run = dict(block_size=max(seq_len, prompt_len + new_tokens), mean_recurrence=num_steps, backprop_depth=backprop_depth)
+    return config_from_preset(preset, **shape, **run) if preset else RecurrentConfig(**shape, **run)
+
+
+class PlainGPT(nn.Module):
+    """The baseline: an ordinary transformer, n_layer SandwichBlocks (the very class the recurrent model loops)
+    between the same scaled embedding, final norm and tied head. Its weights do not matter for speed."""
+
+    def __init__(self, config, n_layer):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(SandwichBlock(config) for _ in range(n_layer))
+        self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.register_buffer("rope", precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base), persistent=False)
+
+    def forward(self, idx, targets, num_steps=None):  # num_steps is ignored: the depth is fixed
+        rope = self.rope[: idx.size(1)]
+        x = self.wte(idx) * math.sqrt(self.wte.embedding_dim)  # (B, T, h)
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.lm_head(self.ln_f(x)).float()
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def plain_flops_per_token(config, n_layer, T):
+    """Counted as RecurrentGPT.estimate_flops_per_token counts: 2 FLOPs per weight per token in every matmul plus
+    unmasked attention (4*T*h per layer) forward, twice that backward."""
+    h = config.n_embd
+    block = 2 * (4 * h * h + 3 * h * config.intermediate_size) + 4 * T * h
+    return 3 * (n_layer * block + 2 * h * config.vocab_size)
+
+
+def train_step(model, optimizer, x, y, r):
+    """One optimiser step: forward (r iterations for the recurrent model), backward, AdamW. Returns the seconds
+    of forward + backward (the counted FLOPs) and of the whole step (AdamW's cost grows with the parameters)."""
+    sync()
+    t0 = clock()
+    with ctx:
+        _, loss = model(x, y, num_steps=r)
+    loss.backward()
+    sync()
+    t1 = clock()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+    return t1 - t0, clock() - t0
+
+
+def peak_rss():
+    """The process's peak resident memory in bytes. Linux: VmHWM, which starts afresh in an exec'd child;
+    ru_maxrss does not (a child inherits the parent's peak), so it is only the fallback (KiB on Linux, bytes on macOS)."""
+    if os.path.exists("/proc/self/status"):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def make_optimizer(model):
+    return model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type) if isinstance(model, RecurrentGPT) else \
+        torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device_type == "cuda")
+
+
+def compile_blocks(plain):
+    """Compile each block on its own: the blocks share one class and one compiled graph (regional compilation),
+    the same granularity as the recurrent model's compiled parts."""
+    for block in plain.blocks:
+        block.compile(backend=compile_backend)
+    return plain
+
+
+def compile_parts(model):
+    """Compile the fixed-shape parts (embed, one core iteration, predict) and leave the depth loop in Python, so
+    a new r reuses the same graphs instead of tracing a new unrolled loop."""
+    for name in ("embed", "core_step", "predict"):
+        setattr(model, name, torch.compile(getattr(model, name), backend=compile_backend))  # an instance attribute shadows the method
+    return model
+
+
+torch.manual_seed(seed)
+g = torch.Generator().manual_seed(seed)
+x = torch.randint(0, model_config(backprop_depth).vocab_size, (batch_size, seq_len), generator=g).to(device)
+y = torch.randint(0, model_config(backprop_depth).vocab_size, (batch_size, seq_len), generator=g).to(device)
+
+# -----------------------------------------------------------------------------------------------------------
+# Memory probe: in the child process, one training step at r, then report the peak and exit
+
+if probe_memory_at > 0:
+    model = RecurrentGPT(model_config(memory_backprop_depth)).to(device)
+    optimizer = make_optimizer(model)
+    # baseline: weights, gradients and AdamW moments all exist, so the step's peak is its activations on top
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    if device_type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base = peak_rss()
+    for _ in range(2):  # the second step runs with all state allocated, as in a long run
+        train_step(model, optimizer, x, y, probe_memory_at)
+    if device_type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = peak_rss()
+    print(json.dumps({"r": probe_memory_at, "peak_bytes": peak, "baseline_bytes": base}))
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------------------------------------
+# Setup: the recurrent model and a plain transformer with the same FLOPs per training step
+
+cfg = model_config(backprop_depth)
+model = RecurrentGPT(cfg).to(device)
+r, k = num_steps, min(num_steps, backprop_depth)
+flops_recurrent = model.estimate_flops_per_token(r, seq_len, training=True) * batch_size * seq_len
+# the recurrent step runs prelude and coda 3 times (forward, backward = 2x) and the core r + 2k times; a plain
+# block runs 3 times, so the plain model needs about (prelude + coda) + (r + 2k)/3 * core layers (+ the adapter)
+n_layer = round((flops_recurrent / (batch_size * seq_len) - plain_flops_per_token(cfg, 0, seq_len)) / (plain_flops_per_token(cfg, 1, seq_len) - plain_flops_per_token(cfg, 0, seq_len)))
+plain = PlainGPT(cfg, n_layer).to(device)
+flops_plain = plain_flops_per_token(cfg, n_layer, seq_len) * batch_size * seq_len
+
+print(f"device {device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {timer} time")
+print(f"recurrent: {model.get_num_params() / 1e6:.2f}M params, prelude {cfg.n_layers_prelude} / core {cfg.n_layers_core} / "
+      f"coda {cfg.n_layers_coda}, h={cfg.n_embd}; plain: {sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
+      f"{n_layer} layers; batch {batch_size} x {seq_len}, r={r}, k={k}")
+print(f"FLOPs per step: recurrent {flops_recurrent / 1e9:.2f} G, plain {flops_plain / 1e9:.2f} G")
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. The machine's matmul peak, then the training steps, alternating between variants
+
+# the peak is timed in every round with the training steps, so a busy shared machine slows both alike
+a = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
+b = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
+for _ in range(2):
+    a @ b  # warm-up: threads, kernels, clocks
+matmul_times = []
+
+variants = {"recurrent": (model, make_optimizer(model), flops_recurrent),
+            "plain": (plain, make_optimizer(plain), flops_plain)}
+if compile:
+    model_c = compile_parts(copy.deepcopy(model))
+    plain_c = compile_blocks(copy.deepcopy(plain))
+    variants["recurrent compiled"] = (model_c, make_optimizer(model_c), flops_recurrent)
+    variants["plain compiled"] = (plain_c, make_optimizer(plain_c), flops_plain)
+first_step = {}
+for name, (m, opt, _) in variants.items():
+    # warm-up at r > k, so the compiled core has seen both its no-grad and its grad graph; the first step of a
+    # compiled variant includes its compilation
+    first_step[name] = train_step(m, opt, x, y, r)[1]
+    train_step(m, opt, x, y, r)
+times = {name: [] for name in variants}
+for _ in range(repeats):
+    matmul_times.append(timed(lambda: a @ b))
+    for name, (m, opt, _) in variants.items():
+        times[name].append(train_step(m, opt, x, y, r))
+peak_flops = 2 * matmul_size**3 / statistics.median(matmul_times)
+del a, b
+
+results = {"config": config, "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "matmul_peak_flops": peak_flops, "matmul_seconds": matmul_times, "plain_n_layer": n_layer, "flops_per_step": {"recurrent": flops_recurrent, "plain": flops_plain},
+           "train": {}}
+for name, (_, _, flops) in variants.items():
+    fwd_bwd = statistics.median(t[0] for t in times[name])
+    results["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "step_seconds": statistics.median(t[1] for t in times[name]),
+                              "flops_per_s": flops / fwd_bwd, "mfu": flops / fwd_bwd / peak_flops,
+                              "first_step_seconds": first_step[name], "all_seconds": times[name]}
+tr = results["train"]
+results["ratio_recurrent_plain"] = tr["recurrent"]["flops_per_s"] / tr["plain"]["flops_per_s"]
+results["ratio_recurrent_plain_whole_step"] = tr["plain"]["step_seconds"] / tr["recurrent"]["step_seconds"] * flops_recurrent / flops_plain
+if compile:
+    results["ratio_recurrent_plain_compiled"] = tr["recurrent compiled"]["flops_per_s"] / tr["plain compiled"]["flops_per_s"]
+    results["compile_speedup"] = tr["recurrent"]["step_seconds"] / tr["recurrent compiled"]["step_seconds"]
+
+print(f"matmul peak ({matmul_size}^3, {dtype}): {peak_flops / 1e9:.1f} GFLOP/s")
+print(f"\ntraining, median of {repeats} alternating   fwd+bwd ms  GFLOP/s    MFU   step ms  first step s")
+for name, t in tr.items():
+    print(f"  {name:<36} {t['fwd_bwd_seconds'] * 1e3:10.1f} {t['flops_per_s'] / 1e9:8.2f} {t['mfu']:6.1%} "
+          f"{t['step_seconds'] * 1e3:9.1f} {t['first_step_seconds']:13.1f}")
+print(f"  recurrent / plain FLOP/s (fwd+bwd): {results['ratio_recurrent_plain']:.3f} eager" +
+      (f", {results['ratio_recurrent_plain_compiled']:.3f} compiled" if compile else "") +
+      f"; whole step with AdamW: {results['ratio_recurrent_plain_whole_step']:.3f} eager")
+if compile:
+    print(f"  compile speedup of the recurrent step: {results['compile_speedup']:.2f}x")
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. Recompilations: the compiled parts must serve every r with the graphs they already have
+
+if compile:
+    from torch._dynamo.utils import counters
+    frames_before = counters["frames"]["total"]  # frames dynamo had to (re)compile: each is a cache miss
+    for r_i in compile_num_steps:
+        train_step(model_c, variants["recurrent compiled"][1], x, y, r_i)
+    results["recompiles"] = counters["frames"]["total"] - frames_before
+    results["recompiles_num_steps"] = compile_num_steps
+    print(f"  recompilations over r = {compile_num_steps} after warm-up: {results['recompiles']}")
+del variants, plain
+if compile:
+    del model_c, plain_c
+
+# -----------------------------------------------------------------------------------------------------------
+# 3. Peak training memory against r, each r in a fresh process (a process's peak RSS only ever grows)
+
+memory = []
+for r_i in memory_num_steps:
+    child = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--probe_memory_at={r_i}"], capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.exit(f"error: the memory probe at r={r_i} failed:\n{child.stderr}")
+    memory.append(json.loads(child.stdout.strip().splitlines()[-1]))
+first, last = memory[0], memory[-1]
+results["memory"] = {"kind": "torch.cuda.max_memory_allocated" if device_type == "cuda" else "peak RSS",
+                     "backprop_depth": memory_backprop_depth, "probes": memory,
+                     "ratio_peak": last["peak_bytes"] / first["peak_bytes"],
+                     "ratio_above_baseline": (last["peak_bytes"] - last["baseline_bytes"]) / (first["peak_bytes"] - first["baseline_bytes"])}
+mem = results["memory"]
+print(f"\npeak training memory, k={memory_backprop_depth} ({mem['kind']})")
+print("  r              " + "".join(f"{m['r']:>9}" for m in memory) + f"   r={last['r']}/r={first['r']}")
+print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in memory) + f"   {mem['ratio_peak']:.3f}")
+print("  step's own MB  " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) + f"   {mem['ratio_above_baseline']:.3f}")
+
+# -----------------------------------------------------------------------------------------------------------
+# 4. Decoding, batch 1, greedy. The rate after the prompt: generating N tokens minus generating 1 (which is the
+#    prompt's pass plus one token), so a long prompt's one-off cost does not hide the per-token cost.
+
+model.eval()
+prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
+budget = cache_budget or cfg.n_layers_core
+decoders = {"no cache (recompute)": dict(use_cache=False), "KV cache": dict(),
+            f"KV cache, budget {budget}": dict(cache_budget=budget)}
+decode_times = {name: [] for name in decoders}
+for _ in range(decode_repeats):
+    for name, kwargs in decoders.items():
+        with ctx:
+            first = timed(lambda: generate(model, prompt, 1, decode_num_steps, temperature=0.0, **kwargs))
+            total = timed(lambda: generate(model, prompt, new_tokens, decode_num_steps, temperature=0.0, **kwargs))
+        decode_times[name].append((first, total))
+results["decode"] = {}
+for name, t in decode_times.items():
+    first, total = statistics.median(f for f, _ in t), statistics.median(n for _, n in t)
+    results["decode"][name] = {"tokens_per_s": (new_tokens - 1) / (total - first), "first_token_seconds": first,
+                               "total_seconds": total, "all_seconds": t}
+dec = results["decode"]
+results["decode_speedup"] = dec["KV cache"]["tokens_per_s"] / dec["no cache (recompute)"]["tokens_per_s"]
+print(f"\ndecoding: prompt {prompt_len}, r={decode_num_steps}, batch 1, {new_tokens} tokens (median of {decode_repeats})")
+print(f"  {'':<30} {'tok/s after the prompt':>22} {'first token s':>14}")
+for name, d in dec.items():
+    print(f"  {name:<30} {d['tokens_per_s']:22.1f} {d['first_token_seconds']:14.2f}")
+print(f"  KV cache speedup: {results['decode_speedup']:.1f}x")
+
+# -----------------------------------------------------------------------------------------------------------
+
+os.makedirs(out_dir, exist_ok=True)
+with open(os.path.join(out_dir, "bench.json"), "w") as f:
+    json.dump(results, f, indent=1)
+print(f"\nwrote {os.path.join(out_dir, 'bench.json')}")

@@ -1,0 +1,67 @@
+"""bench.py end to end on a tiny model: the JSON it writes, zero recompilations as r varies, memory flat in r."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    tiny = ["--n_embd=64", "--n_head=2", "--n_layers_prelude=1", "--n_layers_core=1", "--n_layers_coda=1",
+            "--intermediate_size=128", "--vocab_size=64", "--batch_size=8", "--seq_len=64", "--num_steps=6",
+            "--backprop_depth=2", "--repeats=2", "--matmul_size=256",
+            # the "eager" backend captures graphs as inductor would (same guards, same recompilations), without codegen
+            "--compile_backend=eager", "--compile_num_steps=[1, 2, 5, 11]",
+            # k=2: a graph kept alive by the 30 no-grad iterations would multiply the step's memory many times
+            "--memory_num_steps=[2, 32]", "--memory_backprop_depth=2",
+            "--prompt_len=24", "--new_tokens=4", "--decode_num_steps=3", "--decode_repeats=1",
+            "--num_threads=1", f"--out_dir={out_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "bench.py", *tiny], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "recurrent / plain" in run.stdout  # the table was printed
+    with open(out_dir / "bench.json") as f:
+        return json.load(f)
+
+
+def test_plain_model_matches_flops(results):
+    """The plain transformer's depth is chosen so its FLOPs per step are within half a block of the recurrent's."""
+    flops = results["flops_per_step"]
+    h, I, T, B = 64, 128, 64, 8
+    block = 3 * (2 * (4 * h * h + 3 * h * I) + 4 * T * h) * B * T  # one block's training FLOPs per step
+    assert abs(flops["plain"] - flops["recurrent"]) <= block / 2
+    assert results["plain_n_layer"] > 2  # deeper than prelude + coda: the core's r + 2k runs are unrolled
+
+
+def test_training_figures_are_sane(results):
+    assert results["matmul_peak_flops"] > 0
+    for name in ("recurrent", "plain", "recurrent compiled", "plain compiled"):
+        t = results["train"][name]
+        assert 0 < t["fwd_bwd_seconds"] <= t["step_seconds"]
+        assert math.isclose(t["mfu"], t["flops_per_s"] / results["matmul_peak_flops"])
+    assert results["ratio_recurrent_plain"] > 0 and results["compile_speedup"] > 0
+
+
+def test_no_recompilation_across_depths(results):
+    assert results["recompiles_num_steps"] == [1, 2, 5, 11]
+    assert results["recompiles"] == 0
+
+
+def test_memory_flat_in_depth(results):
+    memory = results["memory"]
+    assert [p["r"] for p in memory["probes"]] == [2, 32]
+    assert all(p["peak_bytes"] > p["baseline_bytes"] > 0 for p in memory["probes"])
+    assert memory["ratio_above_baseline"] < 1.5  # 16x the depth, not 16x the activations
+
+
+def test_decoding_figures(results):
+    decode = results["decode"]
+    assert set(decode) == {"no cache (recompute)", "KV cache", "KV cache, budget 1"}  # budget 0 -> n_layers_core
+    assert all(d["tokens_per_s"] > 0 and d["first_token_seconds"] > 0 for d in decode.values())
