@@ -1,0 +1,35 @@
+# Test-time scaling you can watch on a laptop CPU: the three-cups state-tracking task (prepare_data.py reasoning).
+# python prepare_data.py reasoning && python train.py config/train_reasoning_cpu.py
+# Trains on problems of 1-8 moves at a mean depth of r_bar = 8, then prints exact-match accuracy by difficulty
+# (1-8, and 12, 16, 24, 32 moves: beyond training) and test-time depth r = 1 ... 64.
+out_dir = "out-reasoning"
+dataset = "reasoning"
+eval_interval = 500
+eval_iters = 10
+log_interval = 50
+
+batch_size = 32
+block_size = 33  # = row_len of the data: whole rows, one or more problems each
+gradient_accumulation_steps = 1
+
+# No prelude and no coda: the whole network is one 64-wide block looped r times. With even one block before and
+# after the loop, the model first learns to solve short problems in that fixed depth and ignores the recurrence
+# for a long time; with none, the only way to more compute is more iterations.
+n_embd = 64
+n_head = 4
+n_layers_prelude = 0
+n_layers_core = 1
+n_layers_coda = 0
+intermediate_size = 128
+mean_recurrence = 8
+backprop_depth = 4
+
+learning_rate = 3e-3
+max_iters = 3000
+warmup_iters = 100
+min_lr = 3e-4
+weight_decay = 0.05
+beta2 = 0.98
+
+device = "cpu"
+compile = False
