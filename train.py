@@ -396,7 +396,8 @@ peak_flops = next((p for name, p in PEAK_BF16_FLOPS if name in device_name and d
 
 
 def format_time(seconds):
-    return f"{seconds / 3600:.0f}h{seconds % 3600 / 60:02.0f}m" if seconds >= 3600 else f"{seconds / 60:.0f}m{seconds % 60:02.0f}s"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 # -----------------------------------------------------------------------------------------------------------
