@@ -1,0 +1,103 @@
+"""
+Tests for the reasoning data (prepare_data.py reasoning / problems) and for test-time scaling itself:
+a tiny model trained for well under a minute must answer more problems at its mean depth r_bar than at r=1,
+so a change that makes the model ignore its recurrence (or breaks aligned targets) fails here.
+Run: python -m pytest -q test_reasoning.py
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the tests may share a small machine
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def read_split(out_dir, name):
+    return np.fromfile(os.path.join(out_dir, name), dtype=np.uint16)
+
+
+def test_problems_file_gives_aligned_targets(tmp_path):
+    # two problems: a dense one (a label on every character) and one answer at a placeholder
+    problems = tmp_path / "problems.txt"
+    problems.write_text("# a comment\n2\tab\tba\n\n5\t1+2=__\t03\n9\txyz\tz\n")
+    out = tmp_path / "data"
+    result = run("prepare_data.py", "problems", f"--input={problems}", f"--out_dir={out}", "--val_fraction=0",
+                 "--train_max_difficulty=5")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    chars, length = meta["chars"], meta["row_len"]
+    assert length == 7  # the longest problem (6 characters) plus its "\n"
+    decode = lambda ids: "".join(chars[i] for i in ids)
+    x, y = read_split(out, "train.bin"), read_split(out, "train_targets.bin")
+    assert len(x) == len(y) and len(x) % length == 0
+    labels = "".join("." if t == 65535 else chars[t] for t in y)
+    rows = {(decode(x[i : i + length]), labels[i : i + length]) for i in range(0, len(x), length)}
+    # packed whole into rows, padded with "\n"; the answer labels the problem's last characters
+    assert rows == {("\nab\n\n\n\n", ".ba...."), ("\n1+2=__", ".....03")}
+    # difficulty 9 > train_max_difficulty: in val only, with its difficulty on the labelled position
+    assert decode(read_split(out, "val.bin")) == "\nxyz\n\n\n"
+    assert read_split(out, "val_difficulty.bin").tolist() == [0, 0, 0, 9, 0, 0, 0]
+
+
+def test_problems_file_errors_are_one_line(tmp_path):
+    for text in ("3\tabc\n", "3\tab\tabc\n", "x\tab\tb\n"):
+        problems = tmp_path / "bad.txt"
+        problems.write_text(text)
+        result = run("prepare_data.py", "problems", f"--input={problems}", f"--out_dir={tmp_path / 'data'}")
+        assert result.returncode != 0
+        assert result.stderr.startswith("error: ") and "line 1" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_reasoning_labels_are_the_running_arrangement(tmp_path):
+    out = tmp_path / "data"
+    result = run("prepare_data.py", "reasoning", f"--out_dir={out}", "--num_train_problems=50",
+                 "--val_problems_per_difficulty=2", "--train_max_difficulty=4")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    chars = meta["chars"]
+    assert meta["row_len"] == 17  # the hardest val problem: 4 x 4 moves, plus "\n"
+    x, y = read_split(out, "val.bin"), read_split(out, "val_targets.bin")
+    difficulty = read_split(out, "val_difficulty.bin")
+    assert sorted(set(difficulty.tolist()) - {0}) == [1, 2, 3, 4, 6, 8, 12, 16]
+    # replay every move on three cups, independently of prepare_data.py's code
+    moves = list(itertools.permutations(range(3)))  # digit i is the i-th rearrangement in this order
+    cups, checked = None, 0
+    for token, target, d in zip(x, y, difficulty):
+        if chars[token] == "\n":
+            cups = [0, 1, 2]
+            assert target == 65535 and d == 0  # separators carry no loss
+            continue
+        cups = [cups[j] for j in moves[int(chars[token])]]  # place j takes the cup that was at move[j]
+        arrangement = moves.index(tuple(cups))
+        assert chars[target] == str(arrangement) and d > 0
+        checked += 1
+    assert checked == 2 * sum([1, 2, 3, 4, 6, 8, 12, 16])
+
+
+def test_depth_helps_after_a_short_training(tmp_path):
+    """~40 s on one thread: moves 1-4, r_bar 4, then exact-match accuracy at r = 1 and r = 4."""
+    data = tmp_path / "data"
+    result = run("prepare_data.py", "reasoning", f"--out_dir={data}", "--train_max_difficulty=4",
+                 "--num_train_problems=20000", "--val_problems_per_difficulty=50")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    result = run("train.py", "config/train_reasoning_cpu.py", f"--data_dir={data}", f"--out_dir={out}",
+                 "--block_size=17", "--mean_recurrence=4", "--backprop_depth=2", "--max_iters=300",
+                 "--warmup_iters=30", "--eval_interval=300", "--eval_iters=2", "--accuracy_depths=[1,4]")
+    assert result.returncode == 0, result.stderr
+    accuracy = json.loads((out / "accuracy.json").read_text())["accuracy"]
+    trained = [str(d) for d in (1, 2, 3, 4)]
+    at = lambda r: np.mean([accuracy[d][str(r)] for d in trained])  # over the trained difficulties
+    assert at(4) > at(1) + 0.3, accuracy
+    assert accuracy["4"]["4"] > accuracy["4"]["1"] + 0.5, accuracy  # the hardest trained problems gain most
