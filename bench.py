@@ -6,7 +6,7 @@ Measure what the recurrence costs. Prints a short table and writes the same figu
 
 1. Training efficiency: FLOP/s of a recurrent training step (forward over r iterations, backward over the last k)
    against a plain stack of the same SandwichBlocks doing the same FLOPs per step, and against the machine's own
-   matmul peak timed in the same run (MFU without a table of hardware constants). Eager, and compiled if asked.
+   matmul peak timed in the same run (MFU without a table of hardware constants). Eager and compiled.
 2. Memory: peak training memory at r = 8, 32, 128 with k = 8, each in a fresh process. Truncated backprop builds
    a graph over the last k iterations only, so memory should not grow with r.
 3. Compile: the recompilations of the compiled parts while r varies from step to step (should be none).
@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,8 @@ num_threads = 0             # CPU threads for torch; 0 keeps torch's default
 timer = "wall"              # "wall" clock, or "cpu": this process's CPU time, steadier on a shared CPU-only machine
 seed = 1337
 out_dir = "out-bench"
-# model: a preset from model.py (e.g. "small", ~100M, for a GPU), or "" for the CPU-sized shape below
+# model: a preset from model.py (e.g. "small", ~100M, for a GPU; the shape below is then ignored), or "" for
+# the CPU-sized shape below
 preset = ""
 n_embd = 256
 n_head = 4
@@ -112,11 +112,11 @@ def timed(fn):
 # The models
 
 
-def model_config(backprop_depth):
+def model_config(k):
     shape = {} if preset else dict(vocab_size=vocab_size, n_embd=n_embd, n_head=n_head, n_layers_prelude=n_layers_prelude,
                                    n_layers_core=n_layers_core, n_layers_coda=n_layers_coda, intermediate_size=intermediate_size)
     # mean_recurrence only sets the init scale here; the benchmark always passes r explicitly
-    run = dict(block_size=max(seq_len, prompt_len + new_tokens), mean_recurrence=num_steps, backprop_depth=backprop_depth)
+    run = dict(block_size=max(seq_len, prompt_len + new_tokens), mean_recurrence=num_steps, backprop_depth=k)
     return config_from_preset(preset, **shape, **run) if preset else RecurrentConfig(**shape, **run)
 
 
@@ -173,6 +173,7 @@ def peak_rss():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
+    import resource  # Unix only
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
@@ -197,10 +198,12 @@ def compile_parts(model):
     return model
 
 
+# random tokens: speed and memory do not depend on the data
 torch.manual_seed(seed)
 g = torch.Generator().manual_seed(seed)
-x = torch.randint(0, model_config(backprop_depth).vocab_size, (batch_size, seq_len), generator=g).to(device)
-y = torch.randint(0, model_config(backprop_depth).vocab_size, (batch_size, seq_len), generator=g).to(device)
+cfg = model_config(backprop_depth)
+x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g).to(device)
+y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g).to(device)
 
 # -----------------------------------------------------------------------------------------------------------
 # Memory probe: in the child process, one training step at r, then report the peak and exit
@@ -230,13 +233,15 @@ if probe_memory_at > 0:
 # -----------------------------------------------------------------------------------------------------------
 # Setup: the recurrent model and a plain transformer with the same FLOPs per training step
 
-cfg = model_config(backprop_depth)
 model = RecurrentGPT(cfg).to(device)
 r, k = num_steps, min(num_steps, backprop_depth)
 flops_recurrent = model.estimate_flops_per_token(r, seq_len, training=True) * batch_size * seq_len
-# the recurrent step runs prelude and coda 3 times (forward, backward = 2x) and the core r + 2k times; a plain
-# block runs 3 times, so the plain model needs about (prelude + coda) + (r + 2k)/3 * core layers (+ the adapter)
-n_layer = round((flops_recurrent / (batch_size * seq_len) - plain_flops_per_token(cfg, 0, seq_len)) / (plain_flops_per_token(cfg, 1, seq_len) - plain_flops_per_token(cfg, 0, seq_len)))
+# The recurrent step runs prelude and coda 3 times (forward, and backward at 2x) but the core r + 2k times; a
+# plain block runs 3 times. So the plain model needs about (prelude + coda) + (r + 2k)/3 * core layers, plus
+# the adapter's share: solve for the whole number of layers whose FLOPs come nearest.
+head = plain_flops_per_token(cfg, 0, seq_len)  # lm_head only (the embedding is a lookup)
+block_flops = plain_flops_per_token(cfg, 1, seq_len) - head
+n_layer = round((flops_recurrent / (batch_size * seq_len) - head) / block_flops)
 plain = PlainGPT(cfg, n_layer).to(device)
 flops_plain = plain_flops_per_token(cfg, n_layer, seq_len) * batch_size * seq_len
 
