@@ -10,13 +10,15 @@ batch_size = 12
 block_size = 64
 gradient_accumulation_steps = 1
 
-# 1 prelude + 1 core + 1 coda block, 128 wide (0.5M parameters); the core is looped r_bar = 4 times on
-# average, with gradients through the last k = 2 iterations
+# Two 128-wide blocks, both in the core, looped r_bar = 4 times on average with gradients through the last
+# k = 2 iterations (0.47M parameters). No prelude and no coda: every extra block of depth has to come from
+# another iteration, so the model learns to use its recurrence (r = 1 is clearly worse than r_bar). With one
+# block before and one after the loop the same budget gave nearly the same r_bar loss but a gap of only 0.03.
 n_embd = 128
 n_head = 4
-n_layers_prelude = 1
-n_layers_core = 1
-n_layers_coda = 1
+n_layers_prelude = 0
+n_layers_core = 2
+n_layers_coda = 0
 intermediate_size = 384
 mean_recurrence = 4
 backprop_depth = 2
