@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure
-from model import RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, generate, precompute_rope
+from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, generate, precompute_rope
 
 # -----------------------------------------------------------------------------------------------------------
 # settings (override with --key=value or --key value)
@@ -73,6 +73,9 @@ decode_repeats = 5
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
 config = configure(settings, sys.argv[1:])
 globals().update(config)
+
+if preset and preset not in PRESETS:
+    sys.exit(f"error: unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or leave it empty")
 
 # device and precision
 device_type = "cuda" if device.startswith("cuda") else "cpu"
