@@ -38,6 +38,11 @@ for d, color in zip(difficulties, colors):
     ax.plot(depths, [result["accuracy"][d][str(r)] for r in depths], marker="o", markersize=3, color=color,
             linestyle="--" if beyond else "-", label=f"{d}" + (" (beyond training)" if beyond else ""))
 ax.plot(depths, [result["accuracy"]["all"][str(r)] for r in depths], color="black", linewidth=2.5, label="all")
+config_path = os.path.join(os.path.dirname(src), "config.json")  # train.py's settings, written beside it
+if os.path.isfile(config_path):
+    with open(config_path) as f:
+        r_bar = json.load(f)["mean_recurrence"]
+    ax.axvline(r_bar, color="gray", linestyle=":", label=f"r_bar = {r_bar}")
 ax.set_xscale("log", base=2)
 ax.set_xticks(depths, [str(r) for r in depths])
 ax.set_xlabel("test-time depth r (iterations of the core)")

@@ -101,3 +101,19 @@ def test_depth_helps_after_a_short_training(tmp_path):
     at = lambda r: np.mean([accuracy[d][str(r)] for d in trained])  # over the trained difficulties
     assert at(4) > at(1) + 0.3, accuracy
     assert accuracy["4"]["4"] > accuracy["4"]["1"] + 0.5, accuracy  # the hardest trained problems gain most
+
+
+def test_plot_is_optional(tmp_path):
+    """plot_accuracy.py draws accuracy.json if matplotlib is installed, else says how to get it (one line)."""
+    result = {"iter": 1, "depths": [1, 2], "accuracy": {"1": {"1": 1.0, "2": 1.0}, "3": {"1": 0.0, "2": 0.5},
+                                                        "all": {"1": 0.5, "2": 0.75}}}
+    (tmp_path / "accuracy.json").write_text(json.dumps(result))
+    png = tmp_path / "plot.png"
+    done = run("plot_accuracy.py", tmp_path / "accuracy.json", png, 2)
+    try:
+        import matplotlib  # noqa: F401  (only to learn which outcome to expect)
+    except ImportError:
+        assert done.returncode != 0 and done.stderr.strip() == "error: plotting needs matplotlib: pip install matplotlib"
+    else:
+        assert done.returncode == 0, done.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
