@@ -288,7 +288,8 @@ peak_flops = 2 * matmul_size**3 / statistics.median(matmul_times)
 del a, b
 
 results = {"config": config, "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "matmul_peak_flops": peak_flops, "matmul_seconds": matmul_times, "plain_n_layer": n_layer, "flops_per_step": {"recurrent": flops_recurrent, "plain": flops_plain},
+           "matmul_peak_flops": peak_flops, "matmul_seconds": matmul_times, "plain_n_layer": n_layer,
+           "flops_per_step": {"recurrent": flops_recurrent, "plain": flops_plain},
            "train": {}}
 for name, (_, _, flops) in variants.items():
     fwd_bwd = statistics.median(t[0] for t in times[name])
@@ -346,7 +347,8 @@ mem = results["memory"]
 print(f"\npeak training memory, k={memory_backprop_depth} ({mem['kind']})")
 print("  r              " + "".join(f"{m['r']:>9}" for m in memory) + f"   r={last['r']}/r={first['r']}")
 print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in memory) + f"   {mem['ratio_peak']:.3f}")
-print("  step's own MB  " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) + f"   {mem['ratio_above_baseline']:.3f}")
+print("  step's own MB  " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) +
+      f"   {mem['ratio_above_baseline']:.3f}")
 
 # -----------------------------------------------------------------------------------------------------------
 # 4. Decoding, batch 1, greedy. The rate after the prompt: generating N tokens minus generating 1 (which is the
