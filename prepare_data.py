@@ -14,7 +14,7 @@ Writes data/<dataset>/ next to this file (or --out_dir):
 reasoning and problems also write (targets aligned with the inputs, for exact-match accuracy by difficulty):
     train_targets.bin, val_targets.bin   the label AT each position (65535: no loss there), same length as the tokens
     val_difficulty.bin   the difficulty of the problem each labelled position belongs to (0 elsewhere)
-    meta.json            adds "row_len": the streams are whole rows of that many tokens (train with block_size = row_len)
+    meta.json            adds "row_len": the streams are whole rows of that many tokens (train with that block_size)
 Each dataset has one function below; the dispatch at the bottom picks it. The output depends only on the
 input text (and the seed, for generated datasets), so running it twice gives the same bytes.
 """
@@ -137,7 +137,8 @@ def prepare_shakespeare():
 # Each move needs the arrangement before it, and the moves do not commute, so a problem of d moves is d
 # sequential steps with no shortcut: the model needs more iterations of its core for longer problems.
 
-MOVES = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]  # digit i: place j takes the cup at MOVES[i][j]
+# digit i is the move after which place j holds the cup that was at place MOVES[i][j]
+MOVES = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
 
 
 def cups_problem(difficulty, rng):
@@ -153,7 +154,7 @@ def cups_problem(difficulty, rng):
 def read_problems(path):
     """The user's problems: one per line, `difficulty<TAB>problem<TAB>answer`; blank lines and # comments skipped."""
     if not os.path.isfile(path):
-        fail(f"problems file {path!r} not found; give one with --input=FILE (one per line: difficulty<TAB>problem<TAB>answer)")
+        fail(f"problems file {path!r} not found; give --input=FILE (one per line: difficulty<TAB>problem<TAB>answer)")
     problems = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -168,7 +169,7 @@ def read_problems(path):
             if not difficulty.strip().isdigit() or not 1 <= int(difficulty) < 2**16:
                 fail(f"{where}: difficulty must be an integer from 1 to 65535, got {difficulty!r}")
             if not answer or len(answer) > len(problem):
-                fail(f"{where}: the answer must be 1 to len(problem) characters (it labels the problem's last characters)")
+                fail(f"{where}: the answer must have 1 to len(problem) characters (it labels the problem's last ones)")
             problems.append((int(difficulty), problem, answer))
     if not problems:
         fail(f"{path} holds no problems")

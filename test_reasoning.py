@@ -113,7 +113,8 @@ def test_plot_is_optional(tmp_path):
     try:
         import matplotlib  # noqa: F401  (only to learn which outcome to expect)
     except ImportError:
-        assert done.returncode != 0 and done.stderr.strip() == "error: plotting needs matplotlib: pip install matplotlib"
+        assert done.returncode != 0
+        assert done.stderr.strip() == "error: plotting needs matplotlib: pip install matplotlib"
     else:
         assert done.returncode == 0, done.stderr
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
