@@ -86,20 +86,23 @@ def test_reasoning_labels_are_the_running_arrangement(tmp_path):
 
 
 def test_depth_helps_after_a_short_training(tmp_path):
-    """~40 s on one thread: moves 1-4, r_bar 4, then exact-match accuracy at r = 1 and r = 4."""
+    """~20 s on one idle thread: moves 1-4, r_bar 4, then exact-match accuracy at r = 1 and r = 4.
+
+    Seeds 1, 2, 3 and 1337 gave 0.62-0.67 at r=1 and 1.00 at r=4 over difficulties 1-4, and 0.06-0.12 vs 1.00 on
+    4 moves; a model that ignores its recurrence scores the same at both depths."""
     data = tmp_path / "data"
     result = run("prepare_data.py", "reasoning", f"--out_dir={data}", "--train_max_difficulty=4",
                  "--num_train_problems=20000", "--val_problems_per_difficulty=50")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     result = run("train.py", "config/train_reasoning_cpu.py", f"--data_dir={data}", f"--out_dir={out}",
-                 "--block_size=17", "--mean_recurrence=4", "--backprop_depth=2", "--max_iters=300",
-                 "--warmup_iters=30", "--eval_interval=300", "--eval_iters=2", "--accuracy_depths=[1,4]")
+                 "--block_size=17", "--mean_recurrence=4", "--backprop_depth=2", "--max_iters=500",
+                 "--warmup_iters=30", "--eval_interval=500", "--eval_iters=2", "--accuracy_depths=[1,4]")
     assert result.returncode == 0, result.stderr
     accuracy = json.loads((out / "accuracy.json").read_text())["accuracy"]
     trained = [str(d) for d in (1, 2, 3, 4)]
     at = lambda r: np.mean([accuracy[d][str(r)] for d in trained])  # over the trained difficulties
-    assert at(4) > at(1) + 0.3, accuracy
+    assert at(4) > at(1) + 0.25, accuracy
     assert accuracy["4"]["4"] > accuracy["4"]["1"] + 0.5, accuracy  # the hardest trained problems gain most
 
 
