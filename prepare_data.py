@@ -127,7 +127,7 @@ def prepare_shakespeare():
 # A problem is (difficulty, problem, answer): three strings. The answer is never shown to the model; its
 # characters are the labels of the LAST len(answer) characters of the problem, which the model must predict
 # from the problem alone (with a causal model, each label sees only the problem up to its own position):
-#     8   01543225   05512340    a label at every character (the running result after each step)
+#     8   01543225   01303531    a label at every character (the running result after each step)
 #     3   7+5*2=_    4           one label, at the placeholder "_" (chars you add where the answer goes)
 # Each problem is written as "\n" + problem; problems are packed whole into rows of row_len tokens (padded with
 # "\n"), so a batch of whole rows never cuts one. Only answer positions carry a loss.
@@ -206,9 +206,12 @@ def write_problems(train, val, meta_extra):
         targets.tofile(os.path.join(out_dir, f"{name}_targets.bin"))
         if name == "val":
             np.array([d for _, _, d in cells], dtype=np.uint16).tofile(os.path.join(out_dir, "val_difficulty.bin"))
+    # one val problem of each of the five hardest difficulties: what sample.py answers when given no prompt
+    examples = sorted({d: [d, p, a] for d, p, a in val}.values())[-5:]
     difficulties = sorted({d for d, _, _ in val})
     print(f"{len(train):,} train and {len(val):,} val problems, rows of {length}; val difficulties {difficulties}")
-    write_meta({"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "row_len": length, **meta_extra})
+    write_meta({"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "row_len": length, "examples": examples,
+                **meta_extra})
 
 
 def prepare_reasoning():

@@ -137,6 +137,23 @@ if start.startswith("FILE:"):
         fail(f"prompt file {prompt_path!r} not found")
     with open(prompt_path, encoding="utf-8") as f:
         start = f.read()
+if "row_len" in meta:
+    # A reasoning model (prepare_data.py reasoning / problems) labels every position of its input: it answers a
+    # problem instead of continuing text. Without --start it answers the example problems saved in its meta.
+    problems = meta.get("examples", []) if start == "\n" else [(None, start.strip("\n"), "")]
+    if not problems:
+        fail("this checkpoint saved no example problems; give one with --start, e.g. --start 0123")
+    for difficulty, problem, answer in problems:
+        ids = torch.tensor(encode("\n" + problem), device=device)[None, -model.config.block_size:]  # "\n" leads, as in training
+        with torch.no_grad(), autocast:
+            logits, _ = model(ids, num_steps=num_steps, init_scale=init_scale)  # (1, T, vocab)
+        predicted = decode(logits[0].argmax(-1).tolist())[-len(answer or problem):]  # the answer labels the last chars
+        verdict = f"  (difficulty {difficulty}, expected {answer}: {'right' if predicted == answer else 'wrong'})"
+        shown = predicted.replace("\n", "\\n")  # an untrained model may answer with line breaks
+        print(f"{problem} -> {shown}{verdict if answer else ''}")
+    print(f"--- answered at r = {num_steps} iterations (r_bar {model.config.mean_recurrence}); try another --r")
+    sys.exit()
+
 stop_ids = []
 if meta["tokenizer"] == "huginn":  # the released model's text starts with <|begin_text|>; --chat adds a user turn
     if chat:  # the reference's chat template: a header per turn, each turn closed by <|end_turn|>

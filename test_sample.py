@@ -250,3 +250,27 @@ def test_sample_cli_bad_input_is_one_line(out_dir, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert {"missing": "no checkpoint", "corrupt": "not a readable checkpoint", "r0": "--r", "unknown_char": "'!H'",
             "bad_criterion": "exit_criterion"}[case] in lines[0]
+
+
+def test_sample_cli_answers_reasoning_problems(tmp_path):
+    """A model trained on aligned targets (meta row_len) answers problems at depth r instead of continuing text."""
+    chars = "\n012345"
+    examples = [[8, "01543225", "01303531"], [3, "450", "451"]]
+    meta = {"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "row_len": 16, "examples": examples}
+    write_checkpoint(tmp_path, meta, len(chars))
+    model = tiny_model(vocab_size=len(chars), block_size=32).eval()  # the same seed: the checkpoint's weights
+    result = run_sample(f"--out_dir={tmp_path}", "--r", "3", "--init_scale", "0")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for (difficulty, problem, answer), line in zip(examples, lines):
+        ids = torch.tensor([[chars.index(c) for c in "\n" + problem]])
+        with torch.no_grad():
+            logits, _ = model(ids, num_steps=3, init_scale=0.0)
+        predicted = "".join(chars[i] for i in logits[0].argmax(-1).tolist())[-len(answer):]
+        verdict = "right" if predicted == answer else "wrong"
+        shown = predicted.replace("\n", "\\n")
+        assert line == f"{problem} -> {shown}  (difficulty {difficulty}, expected {answer}: {verdict})"
+    assert "answered at r = 3" in lines[len(examples)]
+    own = run_sample(f"--out_dir={tmp_path}", "--start", "0123", "--r", "2")
+    assert own.returncode == 0 and own.stdout.startswith("0123 -> ")
+    assert len(own.stdout.splitlines()[0].split(" -> ")[1].replace("\\n", "\n")) == 4  # a label per character
