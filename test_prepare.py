@@ -15,12 +15,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
-ENV = dict(os.environ)
-ENV.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(REPO, "..", "shared", "tiktoken_cache"))
 
 
 def prepare(*args):
-    return subprocess.run([sys.executable, "prepare_data.py", *args], cwd=REPO, env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, "prepare_data.py", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -69,7 +67,7 @@ def test_default_out_dir_is_next_to_the_script(text_file, tmp_path):
     for name in ("prepare_data.py", "configurator.py"):
         (script_dir / name).write_text(open(os.path.join(REPO, name)).read())
     proc = subprocess.run([sys.executable, str(script_dir / "prepare_data.py"), "shakespeare_char",
-                           f"--input={text_file}"], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+                           f"--input={text_file}"], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (script_dir / "data" / "shakespeare_char" / "meta.json").is_file()
     assert not (cwd / "data").exists()

@@ -201,7 +201,6 @@ def out_dir(tmp_path_factory):
 
 def run_sample(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(REPO, "..", "shared", "tiktoken_cache"))
     return subprocess.run([sys.executable, "sample.py", "--device=cpu", "--num_samples=1", "--max_new_tokens=6",
                            *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
