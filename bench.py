@@ -193,13 +193,6 @@ def compile_blocks(plain):
     return plain
 
 
-def compile_parts(model):
-    """Compile the fixed-shape parts (embed, one core iteration, predict) and leave the depth loop in Python, so
-    a new r reuses the same graphs instead of tracing a new unrolled loop."""
-    for name in ("embed", "core_step", "predict"):
-        setattr(model, name, torch.compile(getattr(model, name), backend=compile_backend))  # an instance attribute shadows the method
-    return model
-
 
 # random tokens: speed and memory do not depend on the data
 torch.manual_seed(seed)
@@ -267,7 +260,7 @@ matmul_times = []
 variants = {"recurrent": (model, make_optimizer(model), flops_recurrent),
             "plain": (plain, make_optimizer(plain), flops_plain)}
 if compile:
-    model_c = compile_parts(copy.deepcopy(model))
+    model_c = copy.deepcopy(model).compile_pieces(backend=compile_backend)
     plain_c = compile_blocks(copy.deepcopy(plain))
     variants["recurrent compiled"] = (model_c, make_optimizer(model_c), flops_recurrent)
     variants["plain compiled"] = (plain_c, make_optimizer(plain_c), flops_plain)

@@ -316,6 +316,14 @@ class RecurrentGPT(nn.Module):
         fused = device_type == "cuda"  # the fused kernel is faster and exists only on CUDA
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
+    def compile_pieces(self, **compile_kwargs):
+        """torch.compile the three pieces whose shapes never depend on r (embed, core_step, predict) and leave the
+        depth loop in Python: a new r calls the same compiled core_step more or fewer times and never recompiles.
+        The compiled functions shadow the methods on this instance; the state_dict keeps its plain names."""
+        for name in ("embed", "core_step", "predict"):
+            setattr(self, name, torch.compile(getattr(self, name), **compile_kwargs))
+        return self
+
     def estimate_flops_per_token(self, num_steps=None, seq_len=None, training=True):
         """FLOPs per token of one pass at depth r: 2 per weight per token in every matmul, plus attention
         (QK^T and AV, 4*T*h per layer, counted unmasked as in PaLM appendix B). Prelude, coda and lm_head run

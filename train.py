@@ -253,14 +253,10 @@ if init_from == "resume":
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     checkpoint = None  # free the memory
-raw_model = model  # uncompiled and unwrapped: what checkpoints save and evaluation runs
+raw_model = model  # unwrapped (no DDP): what checkpoints save and evaluation runs
 
 if compile:
-    # Compile the three pieces whose shapes never change and leave the depth loop in Python: a new r only
-    # calls core_step more or fewer times, never traces anything new. Instance attributes shadow the methods,
-    # so forward() and iterate() call the compiled versions.
-    for name in ("embed", "core_step", "predict"):
-        setattr(model, name, torch.compile(getattr(model, name)))
+    model.compile_pieces()  # embed, core_step and predict; the depth loop stays in Python, so r never recompiles
 if ddp:
     model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
 
