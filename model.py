@@ -53,6 +53,12 @@ PRESETS = {
 }
 
 
+def config_from_preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return RecurrentConfig(**{**PRESETS[name], **overrides})
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -603,9 +609,3 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
         idx = torch.cat([idx, sample_next(logits, temperature, top_k)], dim=1)
         steps_used.append(steps)
     return idx, steps_used
-
-
-def config_from_preset(name, **overrides):
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return RecurrentConfig(**{**PRESETS[name], **overrides})
