@@ -569,9 +569,17 @@ def sample_next(logits, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
+def stopped(idx, stop_ids, n_new):
+    """True once each row's n_new newest tokens include one of stop_ids."""
+    if not stop_ids:
+        return False
+    stops = torch.tensor(list(stop_ids), device=idx.device)
+    return bool(torch.isin(idx[:, idx.size(1) - n_new:], stops).any(dim=1).all())
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_criterion="none",
-             exit_threshold=0.0, cache_budget=None, warm_start=False, init_scale=1.0, use_cache=True):
+             exit_threshold=0.0, cache_budget=None, warm_start=False, init_scale=1.0, use_cache=True, stop_ids=()):
     """Continue the prompt idx (B, T) by max_new_tokens tokens. Returns (idx (B, T + max_new_tokens), the
     iterations used to predict each new token (a list)).
 
@@ -580,7 +588,8 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     cache_budget=N keeps only N core entries. warm_start begins each token's state at the previous token's
     final core output instead of noise (the reference's continuous_compute; its adaptive path also uses the
     core output, its minimal path the ln_f-normed one). use_cache=False is the slow baseline: the whole
-    context is run again for every token, at fixed depth."""
+    context is run again for every token, at fixed depth. Decoding stops early once every row has produced
+    one of stop_ids (e.g. an end-of-turn token)."""
     cfg = model.config
     num_steps = cfg.mean_recurrence if num_steps is None else num_steps
     if num_steps < 1:
@@ -591,13 +600,16 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
         raise ValueError(f"cache_budget must be at least 1 (or None for no budget), got {cache_budget}")
     if idx.size(1) > cfg.block_size:
         raise ValueError(f"prompt of {idx.size(1)} tokens exceeds block_size {cfg.block_size}; crop it")
+    len_prompt = idx.size(1)
     if not use_cache:
         if exit_criterion != "none" or warm_start or cache_budget is not None:
             raise ValueError("early exit, warm start and cache budget need use_cache=True")
         for _ in range(max_new_tokens):
             logits, _ = model(idx[:, -cfg.block_size:], num_steps=num_steps, init_scale=init_scale)
             idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k)], dim=1)
-        return idx, [num_steps] * max_new_tokens
+            if stopped(idx, stop_ids, idx.size(1) - len_prompt):
+                break
+        return idx, [num_steps] * (idx.size(1) - len_prompt)
     max_len = min(cfg.block_size, idx.size(1) + max_new_tokens)
     cache, state = prefill(model, idx[:, :-1], max_len, num_steps, cache_budget, init_scale)
     steps_used = []
@@ -608,4 +620,6 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                                               state if warm_start else None, init_scale)
         idx = torch.cat([idx, sample_next(logits, temperature, top_k)], dim=1)
         steps_used.append(steps)
+        if stopped(idx, stop_ids, idx.size(1) - len_prompt):
+            break
     return idx, steps_used

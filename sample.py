@@ -178,7 +178,8 @@ for k in range(num_samples):
     with autocast:
         y, steps_used = generate(model, x, max_new_tokens, num_steps=num_steps, temperature=temperature,
                                  top_k=top_k or None, exit_criterion=exit_criterion, exit_threshold=exit_threshold,
-                                 cache_budget=cache_budget, warm_start=warm_start, init_scale=init_scale)
+                                 cache_budget=cache_budget, warm_start=warm_start, init_scale=init_scale,
+                                 stop_ids=stop_ids)
     if device_type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
@@ -186,5 +187,5 @@ for k in range(num_samples):
     end = next((i for i, t in enumerate(new_ids) if t in stop_ids), len(new_ids))  # the reply ends at an end token
     print(decode(x[0].tolist() + new_ids[:end]))
     mean_steps = sum(steps_used) / len(steps_used)
-    print(f"--- sample {k + 1}: {max_new_tokens} tokens in {dt:.2f} s ({max_new_tokens / dt:.1f} tokens/s), "
+    print(f"--- sample {k + 1}: {len(new_ids)} tokens in {dt:.2f} s ({len(new_ids) / dt:.1f} tokens/s), "
           f"mean {mean_steps:.2f} iterations per token (r = {num_steps})")

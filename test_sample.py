@@ -273,3 +273,17 @@ def test_sample_cli_answers_reasoning_problems(tmp_path):
     own = run_sample(f"--out_dir={tmp_path}", "--start", "0123", "--r", "2")
     assert own.returncode == 0 and own.stdout.startswith("0123 -> ")
     assert len(own.stdout.splitlines()[0].split(" -> ")[1].replace("\\n", "\n")) == 4  # a label per character
+
+
+def test_generation_stops_once_every_row_has_a_stop_token():
+    model = tiny_model().eval()
+    idx = prompt(model).repeat(2, 1)  # two identical rows: both reach the stop token at the same step
+    full, _ = generate(model, idx, 24, num_steps=2, temperature=0, init_scale=0.0)
+    new_full = full[0, idx.size(1):]
+    stop = new_full[5].item()
+    first = (new_full == stop).nonzero()[0].item()  # where it first appears (index 5 or earlier)
+    for use_cache in (True, False):
+        out, steps = generate(model, idx, 24, num_steps=2, temperature=0, init_scale=0.0, use_cache=use_cache,
+                              stop_ids=[stop])
+        assert out.size(1) == idx.size(1) + first + 1 and len(steps) == first + 1
+        torch.testing.assert_close(out, full[:, :out.size(1)])  # the same tokens up to there
