@@ -10,6 +10,7 @@ model's mean_recurrence r_bar. Decoding uses the depth-aware KV cache of model.p
 """
 
 import os
+import pickle
 import sys
 import time
 
@@ -29,8 +30,8 @@ max_new_tokens = 500
 temperature = 0.8  # 0: greedy; below 1 sharper, above 1 more random
 top_k = 200  # sample only from the k most likely tokens (0: all)
 seed = 1337
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+device = ""  # "" picks cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
+dtype = ""  # "" means bfloat16 on CUDA (if supported), float32 elsewhere; or float32, bfloat16, float16
 exit_criterion = "none"  # "kl" or "latent-diff": a token stops iterating once its prediction has converged
 exit_threshold = 5e-4  # exit when the criterion is below this (the reference's model card uses 5e-4 with kl)
 cache_budget = None  # keep only this many core KV entries (None: one per iteration and core layer)
@@ -56,14 +57,13 @@ def load_model(init_from, out_dir, device, dtype):
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train one first (python train.py ...) or point --out_dir at one")
     try:  # a truncated or foreign file: say so in one line instead of a traceback
-        # weights_only=False: our checkpoints also hold optimizer and RNG state; load only files you trust
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu")
         model = RecurrentGPT(RecurrentConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         meta = ckpt["meta"]
-    except Exception as err:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, pickle.UnpicklingError) as err:
         first_line = str(err).splitlines()[0] if str(err) else ""
-        fail(f"{path} is not a readable checkpoint ({type(err).__name__}: {first_line})")
+        fail(f"{path} is not a readable checkpoint ({type(err).__name__}: {first_line}); retrain or restore a copy")
     return model.to(device).eval(), meta
 
 
@@ -114,6 +114,11 @@ if max_new_tokens < 1:
     fail(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
 if temperature < 0:
     fail(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+if not device:
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device_type = device.split(":")[0]
+if not dtype:
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 if dtype not in ("float32", "bfloat16", "float16"):
     fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
 if chat and init_from == "resume":
@@ -121,7 +126,6 @@ if chat and init_from == "resume":
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
-device_type = "cuda" if "cuda" in device else "cpu"
 if device_type == "cuda" and not torch.cuda.is_available():
     fail(f"--device={device} but CUDA is not available here; use --device=cpu")
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
