@@ -52,9 +52,14 @@ def configure(defaults, argv):
             if not os.path.isfile(arg):
                 fail(f"config file {arg!r} not found (settings are given as --key=value)")
             file_settings = {}
-            exec(open(arg).read(), {}, file_settings)
+            with open(arg) as f:
+                source = f.read()
+            try:  # a config file is Python; a mistake in it is the user's to fix, in one line
+                exec(compile(source, arg, "exec"), {}, file_settings)
+            except Exception as err:
+                fail(f"config file {arg}: {type(err).__name__}: {err}")
             for key, value in file_settings.items():
-                if key.startswith("_"):
+                if key.startswith("_") or type(value).__name__ == "module":  # private names, `import math`
                     continue
                 if key not in config:
                     fail(f"unknown setting {key!r} in {arg}")
