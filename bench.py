@@ -7,9 +7,9 @@ Measure what the recurrence costs. Prints a short table and writes the same figu
 1. Training efficiency: FLOP/s of a recurrent training step (forward over r iterations, backward over the last k)
    against a plain stack of the same SandwichBlocks doing the same FLOPs per step, and against the machine's own
    matmul peak timed in the same run (MFU without a table of hardware constants). Eager and compiled.
-2. Memory: peak training memory at r = 8, 32, 128 with k = 8, each in a fresh process. Truncated backprop builds
+2. Compile: the recompilations of the compiled parts while r varies from step to step (should be none).
+3. Memory: peak training memory at r = 8, 32, 128 with k = 8, each in a fresh process. Truncated backprop builds
    a graph over the last k iterations only, so memory should not grow with r.
-3. Compile: the recompilations of the compiled parts while r varies from step to step (should be none).
 4. Decoding: tokens/s of generate with the KV cache, without it (the whole context again for every token), and
    with a cache budget, at a given prompt length and r.
 """
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure
+from configurator import configure, fail
 from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, generate, precompute_rope
 
 # -----------------------------------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ num_threads = 0             # CPU threads for torch; 0 keeps torch's default
 timer = "wall"              # "wall" clock, or "cpu": this process's CPU time, steadier on a shared CPU-only machine
 seed = 1337
 out_dir = "out-bench"
-# model: a preset from model.py (e.g. "small", ~100M, for a GPU; the shape below is then ignored), or "" for
+# model: a preset from model.py (e.g. "small", ~96M, for a GPU; the shape below is then ignored), or "" for
 # the CPU-sized shape below
 preset = ""
 n_embd = 256
@@ -75,20 +75,20 @@ config = configure(settings, sys.argv[1:])
 globals().update(config)
 
 if preset and preset not in PRESETS:
-    sys.exit(f"error: unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or leave it empty")
+    fail(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or leave it empty")
 
 # device and precision
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda" and not torch.cuda.is_available():
-    sys.exit(f"error: --device={device} but torch sees no CUDA GPU; use --device=cpu")
+    fail(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32"
 if dtype not in ("float32", "bfloat16"):
-    sys.exit(f"error: --dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    fail(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
 ptdtype = getattr(torch, dtype)
 ctx = torch.autocast(device_type, dtype=ptdtype) if dtype == "bfloat16" else nullcontext()
 if timer not in ("wall", "cpu") or (timer == "cpu" and device_type == "cuda"):
-    sys.exit(f"error: --timer must be wall or cpu (cpu only with --device=cpu), got {timer!r}")
+    fail(f"--timer must be wall or cpu (cpu only with --device=cpu), got {timer!r}")
 clock = time.perf_counter if timer == "wall" else time.process_time
 if num_threads > 0:
     torch.set_num_threads(num_threads)

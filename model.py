@@ -43,7 +43,7 @@ class RecurrentConfig:
     tie_embeddings: bool = True
 
 
-# Presets: a tiny model for tests, a ~100M model for one GPU, and the released 3.5B shapes.
+# Presets: a tiny model for tests, a ~96M model for one GPU, and the released 3.5B shapes.
 PRESETS = {
     "tiny": dict(vocab_size=96, block_size=64, n_embd=64, n_head=4, n_layers_prelude=1, n_layers_core=1,
                  n_layers_coda=1, intermediate_size=128, mean_recurrence=4, backprop_depth=2),
@@ -264,7 +264,7 @@ class RecurrentGPT(nn.Module):
             x = block(x, rope, kv_cache, ("coda", i))
         return self.lm_head(self.ln_f(x)).float()  # (B, T, vocab)
 
-    def split_depth(self, num_steps):
+    def split_num_steps(self, num_steps):
         """(n_no_grad, n_grad) for a forward pass; see forward for the rules."""
         if num_steps is None and self.training:
             return sample_num_steps(self.config.mean_recurrence, self.config.backprop_depth, self.config.sigma)
@@ -302,7 +302,7 @@ class RecurrentGPT(nn.Module):
         e = self.embed(idx, rope)  # (B, T, h)
         if state is None:
             state = self.initial_state(e, init_scale)
-        n_no_grad, n_grad = self.split_depth(num_steps)
+        n_no_grad, n_grad = self.split_num_steps(num_steps)
         state = self.iterate(state, e, rope, n_no_grad, n_grad)
         logits = self.predict(state, rope)
         loss = None

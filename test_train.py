@@ -211,7 +211,7 @@ def test_bad_input_is_one_line(data_dir, tmp_path):
 
 
 def make_prefix_sum_data(path, rng, n_rows):
-    """Aligned-target data in CONTRACTS.md's format: rows of 16 tokens holding problems "digits ; digits ; ...";
+    """Aligned-target data in prepare_data.py's format: rows of 16 tokens holding problems "digits ; digits ; ...";
     the label at each digit is the running sum mod 10 of its problem so far; the difficulty is the problem's
     length; separators carry no label."""
     row_len, sep = 16, 10

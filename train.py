@@ -33,7 +33,7 @@ from configurator import configure, fail
 from model import RecurrentConfig, RecurrentGPT, sample_num_steps
 
 # -----------------------------------------------------------------------------------------------------------
-# settings (defaults: the ~100M "small" model on one GPU); override with config/*.py and --key=value
+# settings (defaults: the ~96M "small" model on one GPU); override with config/*.py and --key=value
 # I/O
 out_dir = "out"
 init_from = "scratch"         # "scratch" or "resume" (from out_dir/ckpt.pt)
@@ -309,7 +309,7 @@ def evaluate_accuracy(depths):
     """Exact-match accuracy by difficulty and test-time depth r over the whole validation set.
 
     A problem is a maximal run of consecutive labelled positions of one difficulty inside a row; it counts as
-    solved when the argmax prediction is right at every one of its positions (CONTRACTS.md, aligned targets).
+    solved when the argmax prediction is right at every one of its positions (aligned targets: see prepare_data.py).
     Prints a table and writes it to out_dir/accuracy.json."""
     length = block_size  # whole rows (block_size == row_len when the data has rows)
     n_rows = split_len["val"] // length
@@ -414,7 +414,7 @@ if master:
     print("  iter | " + " ".join(f"{'val r=' + str(r):>9}" for r in eval_depths) + " | train r_bar")
 
 start_iter = iter_num
-has_difficulty = aligned and os.path.isfile(os.path.join(data_dir, "val_difficulty.bin"))
+has_difficulty = row_len is not None and os.path.isfile(os.path.join(data_dir, "val_difficulty.bin"))
 dt_avg = None
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:

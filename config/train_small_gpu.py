@@ -1,6 +1,6 @@
-# The ~100M "small" recurrent model (2 prelude + 4 core + 2 coda blocks, 768 wide, r_bar 8) on tiny shakespeare
+# The ~96M "small" recurrent model (2 prelude + 4 core + 2 coda blocks, 768 wide, r_bar 8) on tiny shakespeare
 # with GPT-2's BPE, on one GPU. No big download: python prepare_data.py shakespeare && python train.py config/train_small_gpu.py
-# 300k training tokens are few for 100M parameters: val loss bottoms out within a few hundred iterations and then
+# 300k training tokens are few for 96M parameters: val loss bottoms out within a few hundred iterations and then
 # rises as the model memorises, so only improvements are saved (the best checkpoint survives).
 out_dir = "out-small-gpu"
 dataset = "shakespeare"
