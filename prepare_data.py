@@ -3,7 +3,7 @@ Turn a dataset into the token files train.py reads:
 
     python prepare_data.py shakespeare_char                       # characters as tokens (downloads 1 MB)
     python prepare_data.py shakespeare                            # GPT-2 BPE (tiktoken r50k_base)
-    python prepare_data.py shakespeare_char --input=../shared/data/tinyshakespeare.txt   # a local copy
+    python prepare_data.py shakespeare_char --input=path/to/input.txt   # a local text file instead
     python prepare_data.py reasoning                              # a generated state-tracking task (below)
     python prepare_data.py problems --input=my_problems.txt       # your own problems, same format
 

@@ -1,12 +1,13 @@
 """
 Tests for prepare_data.py: the files decode back to the text, the output is deterministic, and bad input stops
-with one line. Uses ../shared/data/tinyshakespeare.txt (a slice) instead of downloading.
+with one line. The text is generated here (a play-like script of about 50 KB), so nothing is downloaded.
 
     python -m pytest -q test_prepare.py
 """
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 
 
 def prepare(*args):
@@ -22,11 +22,38 @@ def prepare(*args):
                           text=True, timeout=120)
 
 
+def play_text(n_chars=50_000, seed=0):
+    """English-like text in the shape of a play: speakers, lines of varied words and punctuation, some numbers.
+    Deterministic (a seeded generator), so every run and every machine tests the same bytes."""
+    rng = random.Random(seed)
+    speakers = ["KING HENRY", "MARGARET", "First Citizen", "O'NEILL", "Lady Anne", "GLOUCESTER", "Nurse"]
+    words = ("the of and to my a that in is not you it with me for be his your this but he have as so will what "
+             "her thou by all shall do no if are we thee our on now lord good sir come more they love how would "
+             "heaven night day well death king queen blood heart eyes time world honour fair sweet gentle "
+             "speak hear tell know stay go away again never ever upon yet though while when where why whence "
+             "Rome London York Warwick Friday September quickly jealous zealous vex quiz jump").split()
+    ends = [".", ".", ".", "!", "?", ";", ":", ",", " --", "..."]
+    out, size = [], 0
+    while size < n_chars:
+        lines = [rng.choice(speakers) + ":"]
+        for _ in range(rng.randint(1, 4)):
+            line = [rng.choice(words) for _ in range(rng.randint(3, 11))]
+            if rng.random() < 0.1:
+                line.insert(rng.randrange(len(line)), str(rng.randint(2, 1999)))
+            if rng.random() < 0.15:
+                line[0] = "'" + line[0]
+                line[-1] += "'"
+            line = " ".join(line)
+            lines.append(line[0].upper() + line[1:] + rng.choice(ends))
+        out.append("\n".join(lines) + "\n\n")
+        size += len(out[-1])
+    return "".join(out)[:n_chars]
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "input.txt"
-    with open(SHAKESPEARE) as f:
-        path.write_text(f.read()[:50_000])
+    path.write_text(play_text())
     return path
 
 
