@@ -1,0 +1,256 @@
+"""
+Tests for `prepare_data.py fineweb_edu` on small parquet files made here (the release's format: one "text"
+column, row groups of a few documents), so nothing is downloaded from the internet: the shards decode back to the
+documents, meta.json counts them, the output is the same bytes whatever the number of processes, a download resumes
+(from a .part file and after a cut connection) against a local HTTP server, and every failure is one line.
+
+    python -m pytest -q test_fineweb.py
+"""
+
+import http.server
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+EOT = 50256
+ROWS_PER_GROUP = 8
+NO_PROXY = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}  # the test server is local
+
+
+def prepare(*args, env=None):
+    return subprocess.run([sys.executable, "prepare_data.py", "fineweb_edu", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **NO_PROXY, **(env or {})})
+
+
+def one_line_error(proc, *expected):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and all(e in lines[0] for e in expected), proc.stderr
+    return lines[0]
+
+
+def documents(n, seed):
+    """Web-page-like documents of varied length: paragraphs, numbers, punctuation and some non-ASCII text."""
+    rng = random.Random(seed)
+    words = ("the of and to in is that for it as was with on by be are this from at or an which photosynthesis "
+             "students learn energy cells water history river war 1848 science equation x² + y² = r² café naïve "
+             "Straße résumé — “quoted” 日本語 Ελληνικά 🙂 e.g. i.e. (see Figure 3) $4.99 50% teacher's don't").split()
+    docs = []
+    for _ in range(n):
+        paragraphs = []
+        for _ in range(rng.randint(1, 5)):
+            sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 18)))
+                         for _ in range(rng.randint(1, 6))]
+            paragraphs.append(". ".join(s[0].upper() + s[1:] for s in sentences) + rng.choice([".", "?", "!", ":"]))
+        docs.append(rng.choice(["", "Title: ", "# "]) + "\n\n".join(paragraphs) + rng.choice(["", "\n", "  \n"]))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def pq():
+    return pytest.importorskip("pyarrow.parquet")
+
+
+@pytest.fixture(scope="module")
+def enc():
+    import tiktoken
+
+    return tiktoken.get_encoding("r50k_base")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, pq):
+    """Four parquet files named as the release names them: three train, the last (by name) validates."""
+    import pyarrow as pa
+
+    folder = tmp_path_factory.mktemp("parquet")
+    docs = {}
+    for i, name in enumerate(["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet",
+                              "shard_01822.parquet"]):
+        docs[name] = documents(37 + 5 * i, seed=i)
+        pq.write_table(pa.table({"text": docs[name]}), folder / name, row_group_size=ROWS_PER_GROUP,
+                       compression="zstd")
+    return folder, docs
+
+
+def expected_tokens(enc, docs):
+    return np.array([t for doc in docs for t in [EOT] + enc.encode_ordinary(doc)], dtype=np.uint16)
+
+
+def read_shard(out_dir, name):
+    return np.fromfile(out_dir / name, dtype=np.uint16)
+
+
+def test_input_folder_round_trip_and_determinism(corpus, enc, tmp_path):
+    folder, docs = corpus
+    val_docs = docs["shard_01822.parquet"]
+    # val: whole row groups until at least val_tokens; ask for a little more than the first two groups hold
+    first_two = len(expected_tokens(enc, val_docs[: 2 * ROWS_PER_GROUP]))
+    for run, workers in (("a", 1), ("b", 2)):
+        proc = prepare(f"--input={folder}", f"--out_dir={tmp_path / run}", f"--val_tokens={first_two + 1}",
+                       f"--num_workers={workers}")
+        assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "a"
+    meta = json.loads((out / "meta.json").read_text())
+    names = ["train_000000.bin", "train_000001.bin", "train_000002.bin", "val_000000.bin"]
+    assert meta["tokenizer"] == "r50k_base" and meta["vocab_size"] == 50257 and meta["eot_token"] == EOT
+    assert list(meta["shards"]) == names and meta["source"] == str(folder)
+    assert list(meta["parquet_files"].values()) == sorted(docs)
+    for name, parquet in meta["parquet_files"].items():
+        tokens = read_shard(out, name)
+        source_docs = docs[parquet] if name.startswith("train") else val_docs[: 3 * ROWS_PER_GROUP]
+        assert np.array_equal(tokens, expected_tokens(enc, source_docs)), name
+        assert enc.decode(tokens.tolist()) == "".join("<|endoftext|>" + doc for doc in source_docs)
+        assert meta["shards"][name] == len(tokens) and (out / name).stat().st_size == 2 * len(tokens)
+    assert sorted(os.listdir(out)) == sorted(names + ["meta.json"])  # no .tmp left behind
+    for name in names + ["meta.json"]:  # the same bytes with one process or two
+        assert (out / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_rerun_keeps_finished_shards_and_remakes_missing_ones(corpus, tmp_path):
+    folder, _ = corpus
+    assert prepare(f"--input={folder}", f"--out_dir={tmp_path}").returncode == 0
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    kept = (tmp_path / "train_000000.bin").stat().st_mtime_ns
+    (tmp_path / "train_000001.bin").unlink()
+    (tmp_path / "meta.json").unlink()
+    (tmp_path / "train_000001.bin.tmp").write_bytes(b"half a shard from a crash")
+    proc = prepare(f"--input={folder}", f"--out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 shards were written by an earlier run" in proc.stdout
+    assert (tmp_path / "train_000000.bin").stat().st_mtime_ns == kept  # not written again
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+# -----------------------------------------------------------------------------------------------------------
+# downloads, from a local HTTP server that understands Range requests
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """Serves the files of `root` under /data/; /error/ answers 500. Records (path, Range header) of each GET;
+    a name in cut_once gets half its bytes once, then the connection closes."""
+
+    def __init__(self, root):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.root, self.requests, self.cut_once = root, [], set()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+
+    def do_GET(self):
+        self.server.requests.append((self.path, self.headers.get("Range")))
+        name = self.path.rsplit("/", 1)[-1]
+        if self.path.startswith("/error/"):
+            return self.send_error(500)
+        if not self.path.startswith("/data/") or not (self.server.root / name).is_file():
+            return self.send_error(404)
+        data = (self.server.root / name).read_bytes()
+        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers["Range"] else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if name in self.server.cut_once:
+            self.server.cut_once.discard(name)
+            body = body[: len(body) // 2]
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(corpus):
+    server = Server(corpus[0])
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)  # quick to shut down
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_resumes_and_matches_the_input_folder(corpus, server, tmp_path):
+    folder, _ = corpus
+    out = tmp_path / "out"
+    (out / "parquet").mkdir(parents=True)
+    whole = (folder / "shard_00000.parquet").read_bytes()
+    (out / "parquet" / "shard_00000.parquet.part").write_bytes(whole[: len(whole) // 2])  # from an earlier run
+    server.cut_once.add("shard_00001.parquet")  # this one breaks off half-way and must resume
+    proc = prepare(f"--fineweb_url={server.url}/data", "--num_shards=3", f"--out_dir={out}", "--download_attempts=2")
+    assert proc.returncode == 0, proc.stderr
+    assert ("/data/shard_00000.parquet", f"bytes={len(whole) // 2}-") in server.requests
+    half = (folder / "shard_00001.parquet").stat().st_size // 2
+    assert [r for p, r in server.requests if p.endswith("shard_00001.parquet")] == [None, f"bytes={half}-"]
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_01822.parquet"):
+        assert (out / "parquet" / name).read_bytes() == (folder / name).read_bytes(), name
+    assert not list((out / "parquet").glob("*.part"))
+    # the same tokens as from the files on disk (default val_tokens: the whole small val file)
+    assert prepare(f"--input={folder}", f"--out_dir={tmp_path / 'local'}").returncode == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"] == f"{server.url}/data" and len(meta["shards"]) == 4
+    for name in meta["shards"]:
+        assert (out / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_failed_download_is_one_line(server, tmp_path):
+    proc = prepare(f"--fineweb_url={server.url}/missing", f"--out_dir={tmp_path / 'a'}")
+    one_line_error(proc, f"could not download {server.url}/missing/shard_01822.parquet (HTTP 404", "--input=DIR")
+    assert len(server.requests) == 1  # a 404 is not tried again
+    proc = prepare(f"--fineweb_url={server.url}/error", f"--out_dir={tmp_path / 'b'}", "--download_attempts=2")
+    one_line_error(proc, "could not download", "(HTTP 500", "run again")
+    assert len(server.requests) == 3  # a 500 is
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = prepare(f"--fineweb_url=http://127.0.0.1:{port}", f"--out_dir={tmp_path / 'c'}", "--download_attempts=1")
+    one_line_error(proc, f"could not download http://127.0.0.1:{port}/shard_01822.parquet (", "refused")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_is_one_line(corpus, pq, tmp_path):
+    import pyarrow as pa
+
+    folder, _ = corpus
+    empty, truncated, corrupt, no_text = (tmp_path / d for d in ("empty", "truncated", "corrupt", "no_text"))
+    for d in (empty, truncated, corrupt, no_text):
+        d.mkdir()
+    (empty / "notes.txt").write_text("no parquet here")
+    for name in ("shard_00000.parquet", "shard_01822.parquet"):
+        data = (folder / name).read_bytes()
+        (truncated / name).write_bytes(data[: len(data) - 100] if name == "shard_00000.parquet" else data)
+        if name == "shard_00000.parquet":  # a damaged page: the footer reads, the data does not
+            data = data[:1000] + bytes(b ^ 0x5A for b in data[1000:3000]) + data[3000:]
+        (corrupt / name).write_bytes(data)
+        pq.write_table(pa.table({"content": ["a document", "another"]}), no_text / name)
+    cases = {
+        ("is not a folder",): tmp_path / "missing",
+        ("holds 0 .parquet files",): empty,
+        (f"{truncated / 'shard_00000.parquet'} is not a readable parquet file", "delete it and run again"): truncated,
+        (f"could not read {corrupt / 'shard_00000.parquet'}", "delete it and run again"): corrupt,
+        ("has no 'text' column", "content"): no_text,
+    }
+    for expected, input_dir in cases.items():
+        one_line_error(prepare(f"--input={input_dir}", f"--out_dir={tmp_path / 'out'}"), *expected)
+    one_line_error(prepare("--num_shards=0", f"--out_dir={tmp_path / 'out'}"), "num_shards must be from 1 to 1822")
+
+
+def test_missing_pyarrow_is_a_one_line_hint(tmp_path):
+    """A pyarrow that fails to import, put first on the path, stands in for a machine without it."""
+    (tmp_path / "pyarrow").mkdir()
+    (tmp_path / "pyarrow" / "__init__.py").write_text("raise ImportError('No module named pyarrow')\n")
+    proc = prepare(f"--out_dir={tmp_path / 'out'}", env={"PYTHONPATH": str(tmp_path)})
+    assert one_line_error(proc) == "error: fineweb_edu needs pyarrow to read parquet: pip install pyarrow"
