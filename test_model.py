@@ -19,26 +19,23 @@ def batch(model, B=2, T=16, seed=1):
     return torch.randint(0, model.config.vocab_size, (B, T), generator=g)
 
 
-# --- depth sampler -------------------------------------------------------------------------------------------
+# --- r sampler -------------------------------------------------------------------------------------------------
 
 
 def test_sampler_distribution():
-    r_bar, k = 32, 8
+    r_bar = 32
     g = torch.Generator().manual_seed(0)
-    draws = [sample_num_steps(r_bar, k, generator=g) for _ in range(200_000)]
-    r = torch.tensor([n + m for n, m in draws], dtype=torch.float64)
-    n_grad = torch.tensor([m for _, m in draws])
+    r = torch.tensor([sample_num_steps(r_bar, generator=g) for _ in range(200_000)], dtype=torch.float64)
     assert abs(r.mean().item() / (r_bar + 1) - 1) < 0.02  # E[r] = E[Poisson(exp tau)] + 1 = r_bar + 1
     assert r.median().item() < r.mean().item()  # heavy right tail
     assert r.min().item() == 1
-    assert torch.equal(n_grad, torch.clamp(r, max=k).long())  # n_grad = min(r, k) always
 
 
 def test_sampler_fixed_generator_repeats():
     g1, g2, g3 = (torch.Generator().manual_seed(s) for s in (3, 3, 4))
-    seq1 = [sample_num_steps(8, 4, generator=g1) for _ in range(50)]
-    seq2 = [sample_num_steps(8, 4, generator=g2) for _ in range(50)]
-    seq3 = [sample_num_steps(8, 4, generator=g3) for _ in range(50)]
+    seq1 = [sample_num_steps(8, generator=g1) for _ in range(50)]
+    seq2 = [sample_num_steps(8, generator=g2) for _ in range(50)]
+    seq3 = [sample_num_steps(8, generator=g3) for _ in range(50)]
     assert seq1 == seq2 and seq1 != seq3
     assert len(set(seq1)) > 5  # and it is not constant
 
@@ -138,10 +135,10 @@ def test_causality(num_steps):
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-# --- depth -----------------------------------------------------------------------------------------------------
+# --- r --------------------------------------------------------------------------------------------------------
 
 
-def test_depth_matters_and_zero_state_is_deterministic():
+def test_r_matters_and_zero_state_is_deterministic():
     model = tiny_model().eval()
     idx = batch(model)
     with torch.no_grad():
@@ -155,7 +152,7 @@ def test_depth_matters_and_zero_state_is_deterministic():
     assert not torch.equal(noisy_a, noisy_b)  # fresh noise per call
 
 
-def test_eval_default_depth_is_mean_recurrence():
+def test_eval_default_r_is_mean_recurrence():
     model = tiny_model().eval()
     calls = []
     model.adapter.register_forward_hook(lambda *a: calls.append(1))
@@ -196,7 +193,7 @@ def test_truncated_backprop_matches_detached_reference():
     assert grads["prelude.0.attn.Wqkv.weight"].abs().sum() > 0  # the prelude learns through e
 
 
-def test_training_samples_depth_each_call():
+def test_training_samples_r_each_call():
     model = tiny_model().train()
     calls = []
     model.adapter.register_forward_hook(lambda *a: calls.append(1))
@@ -256,14 +253,13 @@ def test_optimizer_groups():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("num_steps", [(0, 1), (3, 2), (10, 2)])
-def test_flops_estimate_matches_counted_matmuls(num_steps):
+@pytest.mark.parametrize("r", [1, 5, 12])  # k = 2: the backward runs over min(r, 2) steps
+def test_flops_estimate_matches_counted_matmuls(r):
     model = tiny_model(block_size=32).train()
     idx = batch(model, T=32)
-    r = sum(num_steps)
     counter = FlopCounterMode(display=False)
     with counter:
-        _, loss = model(idx, idx, num_steps=num_steps)
+        _, loss = model(idx, idx, num_steps=r)
         loss.backward()
     tokens = idx.numel()
     matmul_only = model.estimate_flops_per_token(r, seq_len=0) * tokens  # the attention term vanishes at T=0
@@ -302,9 +298,9 @@ def test_config_defaults_are_the_released_model():
     assert (cfg.rope_base, cfg.norm_eps, cfg.qk_bias, cfg.tie_embeddings, cfg.sigma) == (50_000.0, 1e-6, True, True, 0.5)
 
 
-def test_compiled_pieces_do_not_recompile_when_depth_changes():
-    """compile_pieces with the default backend (inductor): 20 training steps of different depths compile nothing
-    after the first step, because the depth loop is Python calling one compiled core_step."""
+def test_compiled_pieces_do_not_recompile_when_r_changes():
+    """compile_pieces with the default backend (inductor): 20 training iterations at different r compile nothing
+    after the first, because the loop over r is Python calling one compiled core_step."""
     from torch._dynamo.utils import counters
 
     try:  # the one reason to skip: inductor cannot build kernels here (e.g. no C++ compiler)
@@ -316,14 +312,30 @@ def test_compiled_pieces_do_not_recompile_when_depth_changes():
     opt = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu")
     idx = batch(model, T=16)
     g = torch.Generator().manual_seed(0)
-    depths, graphs = [], []
-    for step in range(20):
-        n_no_grad, n_grad = (2, 2) if step == 0 else sample_num_steps(6, 2, generator=g)  # step 0: both kinds
-        _, loss = model(idx, idx, num_steps=(n_no_grad, n_grad))
+    rs, graphs = [], []
+    for i in range(20):
+        r = 4 if i == 0 else sample_num_steps(6, generator=g)  # the first call runs steps with and without grad
+        _, loss = model(idx, idx, num_steps=r)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        depths.append(n_no_grad + n_grad)
+        rs.append(r)
         graphs.append(counters["stats"]["unique_graphs"])
-    assert len(set(depths)) >= 4 and graphs[0] > 0
+    assert len(set(rs)) >= 4 and graphs[0] > 0
     assert graphs[-1] == graphs[0], f"graphs compiled per step: {graphs}"
+
+
+def test_iterate_yields_every_state_of_the_loop():
+    """iterate is the one loop: it yields s_1 ... s_r, and forward's logits are predict(s_r)."""
+    model = tiny_model().eval()
+    idx = batch(model)
+    rope = model.rope[: idx.size(1)]
+    with torch.no_grad():
+        e = model.embed(idx, rope)
+        s0 = model.initial_state(e, init_scale=0.0)
+        states = list(model.iterate(s0, e, rope, num_steps=5))
+        assert len(states) == 5
+        torch.testing.assert_close(states[0], model.core_step(s0, e, rope), atol=0, rtol=0)
+        torch.testing.assert_close(states[3], model.core_step(states[2], e, rope), atol=0, rtol=0)
+        logits, _ = model(idx, num_steps=5, init_scale=0.0)
+        torch.testing.assert_close(logits, model.predict(states[-1], rope), atol=0, rtol=0)

@@ -1,0 +1,253 @@
+"""
+Decoding with the recurrent-depth model of model.py: a KV cache with an entry per (step, core layer), per-token
+early exit, a compiled one-token step and self-speculative decoding.
+
+    from decode import generate
+    idx, stats = generate(model, idx, 200, num_steps=32, temperature=0.8)               # r = 32 steps per token
+    idx, stats = generate(model, idx, 200, num_steps=32, exit_criterion="kl")           # each token stops early
+    idx, stats = generate(model, idx, 200, num_steps=32, temperature=0, compile=True, draft_steps=4)  # fast greedy
+
+Every new token runs the core r times, so whatever one layer call wastes is paid r times per token: the cache has a
+fixed shape (the write position is a tensor, writes are in place), so the one-token step compiles once for every r,
+position and exit point. The reference's inference features are summarised in the README.
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+# the exit criteria and their default thresholds (the reference's automatic values)
+EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03}
+COMPILED_MAX_T = 8  # compile_for_decoding compiles calls with at most this many new tokens
+
+
+class KVCache:
+    """Keys and values of every attention layer for positions 0 .. pos-1, in buffers of a fixed length max_len.
+
+    Prelude and coda layers run once per token: one buffer each. The core runs r times and step i of a new token
+    attends to the earlier tokens' keys of step i, so each core layer keeps one buffer per step (the reference's
+    HuginnDynamicCache). A cache_budget of N entries keeps N / n_layers_core steps per core layer, step i in slot
+    i mod that, so later steps overwrite earlier ones (the reference's compress-sN; N = n_layers_core keeps the last
+    step only: the memory of a plain transformer of the same width)."""
+
+    def __init__(self, model, batch_size, max_len, num_steps, cache_budget=None):
+        cfg = model.config
+        self.steps_kept = num_steps if cache_budget is None else cache_budget // cfg.n_layers_core
+        shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)  # (B, nh, max_len, hd)
+        # the dtype attention computes in: autocast's, or the weights'
+        device = model.rope.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+            model.wte.weight.dtype
+        zeros = lambda *slots: torch.zeros(*slots, *shape, dtype=dtype, device=device)
+        self.prelude_kv = [(zeros(), zeros()) for _ in range(cfg.n_layers_prelude)]
+        self.core_kv = [(zeros(self.steps_kept), zeros(self.steps_kept)) for _ in range(cfg.n_layers_core)]
+        self.coda_kv = [(zeros(), zeros()) for _ in range(cfg.n_layers_coda)]
+        self.max_len, self.rope = max_len, model.rope
+        self.pos = 0            # positions 0 .. pos-1 are cached; forward_cached writes from here
+        self.positions = None   # (T,) the positions the current forward_cached writes, a tensor
+
+    def start(self, T):
+        """Begin writing T new tokens at pos; their rows of the RoPE table (T, hd/2, 2)."""
+        self.positions = torch.arange(self.pos, self.pos + T, device=self.rope.device)
+        return self.rope[self.positions]
+
+    # what each layer's attention gets: its buffers and where to write (see CausalSelfAttention)
+    def prelude(self):
+        return [(k, v, self.positions) for k, v in self.prelude_kv]
+
+    def core(self, step):
+        slot = step % self.steps_kept
+        return [(k[slot], v[slot], self.positions) for k, v in self.core_kv]
+
+    def coda(self):
+        return [(k, v, self.positions) for k, v in self.coda_kv]
+
+    def fill_after_exit(self, row, steps_run, num_steps):
+        """A token that stopped after steps_run < r steps has no keys for the steps it skipped. Later tokens read its
+        last step's keys and values there, of the same core layer (the reference's "latest-m4")."""
+        last = (steps_run - 1) % self.steps_kept
+        skipped = sorted({step % self.steps_kept for step in range(steps_run, num_steps)} - {last})
+        new = slice(self.pos, self.pos + len(self.positions))
+        for k, v in self.core_kv:
+            for buffer in (k, v):  # (steps_kept, B, nh, max_len, hd)
+                buffer[skipped, row, :, new] = buffer[last, row, :, new]
+
+
+def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criterion="none", exit_threshold=0.0):
+    """Run new tokens idx (B, T) at positions cache.pos .. through the model, reading and filling the cache.
+
+    The same embed, iterate and predict as model.forward, so the logits equal a full forward pass over the context.
+    noise (B, max_len, h) holds s_0 for every position; `state` replaces it (warm start). With an exit criterion
+    (T = 1 only) each row stops once the change between steps is below exit_threshold, and keeps that step's state.
+    Returns the logits (B, T, vocab), the final states (B, T, h) and the steps each row ran (B,)."""
+    B, T = idx.shape
+    state = noise[:, cache.pos:cache.pos + T] if state is None else state
+    # copies with standard strides: a slice (of the noise, of a longer sequence) has others, new shapes to compile
+    idx, state = idx.clone(memory_format=torch.contiguous_format), state.clone(memory_format=torch.contiguous_format)
+    rope = cache.start(T)
+    e = model.embed(idx, rope, cache.prelude())  # (B, T, h)
+    steps = torch.full((B,), num_steps)
+    running = torch.ones(B, dtype=torch.bool)
+    log_probs = None
+    for step, new_state in enumerate(model.iterate(state, e, rope, num_steps, cache), start=1):
+        if exit_criterion == "none":
+            state = new_state
+            continue
+        # zero-shot exit: the model was never trained for it (paper section 6)
+        if exit_criterion == "latent-diff":  # ||s_i - s_{i-1}|| / ||s_i||
+            change = ((new_state - state).norm(dim=-1) / new_state.norm(dim=-1))[:, -1]
+        else:  # "kl": KL(p_{i-1} || p_i) of the next-token distributions, p_0 uniform
+            new_log_probs = F.log_softmax(model.predict(new_state, rope, cache.coda())[:, -1], dim=-1)  # (B, V)
+            if log_probs is None:
+                log_probs = torch.full_like(new_log_probs, -math.log(new_log_probs.size(-1)))
+            # KL >= 0: the clamp stops rounding from making it negative, so a threshold of 0 never exits
+            change = (log_probs.exp() * (log_probs - new_log_probs)).sum(-1).clamp(min=0)
+            log_probs = new_log_probs
+        state = torch.where(running[:, None, None].to(state.device), new_state, state)  # stopped rows keep theirs
+        stop = running & (change < exit_threshold).cpu()
+        steps[stop] = step
+        running &= ~stop
+        if not running.any():
+            break
+    for row in (steps < num_steps).nonzero().flatten().tolist():
+        cache.fill_after_exit(row, int(steps[row]), num_steps)
+    logits = model.predict(state, rope, cache.coda())  # each row from its own last state
+    cache.pos += T
+    return logits, state, steps
+
+
+def speculative_round(model, idx, cache, noise, num_steps, draft_steps, lookahead):
+    """Self-speculative decoding (greedy): the model drafts `lookahead` tokens cheaply at draft_steps steps, then
+    checks them all in one pass at the full num_steps and keeps the drafts it agrees with, plus its own next token.
+    Returns the new tokens (B, kept + 1) and `kept`; the output is exactly greedy decoding at num_steps."""
+    start = cache.pos
+    token, drafts = idx[:, -1:], []
+    for _ in range(lookahead):
+        logits, _, _ = forward_cached(model, token, cache, draft_steps, noise)
+        token = logits[:, -1:].argmax(-1)
+        drafts.append(token)
+    drafts = torch.cat(drafts, dim=1)  # (B, lookahead)
+    cache.pos = start  # roll back: the check writes these positions again, at full depth
+    logits, _, _ = forward_cached(model, torch.cat([idx[:, -1:], drafts], dim=1), cache, num_steps, noise)
+    best = logits.argmax(-1)  # (B, lookahead + 1): the full-depth greedy token after each position
+    agree = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)  # leading drafts each row agrees with
+    kept = int(agree.min())  # the same for every row, so the rows stay aligned
+    cache.pos = start + kept + 1  # roll back the rest: positions past the kept drafts get written again
+    return best[:, :kept + 1], kept
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """One token id per row (B, 1) from next-token logits (B, vocab); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def compile_for_decoding(model, backend="inductor"):
+    """torch.compile embed, core_step and predict for a few new tokens at a time: one (T = 1) when decoding, or a
+    speculative check (T = lookahead + 1). The cache's buffers keep their shapes, so one compilation serves every r,
+    position and exit point. Longer inputs (prompts) have a new length each time and run eagerly. The compiled
+    functions shadow the methods on this instance, once."""
+    if getattr(model, "compiled_for_decoding", False):
+        return
+    options = None
+    if backend == "inductor":  # CUDA: a CUDA graph, one launch per step instead of one per kernel. CPU: the best
+        # kernels for batch 1 (with the weights frozen into the graphs: see generate)
+        options = {"triton.cudagraphs": True} if model.rope.device.type == "cuda" else {"max_autotune": True}
+    for name in ("embed", "core_step", "predict"):
+        eager = getattr(model, name)
+        compiled = torch.compile(eager, backend=backend, fullgraph=True, options=options)
+        setattr(model, name, lambda x, *args, eager=eager, compiled=compiled:
+                (compiled if x.size(1) <= COMPILED_MAX_T else eager)(x, *args))
+    model.compiled_for_decoding = True
+
+
+def first_stop(new_tokens, stop_ids):
+    """How many of new_tokens (B, n) to keep: up to where every row has produced one of stop_ids (else all n)."""
+    if not stop_ids or new_tokens.size(1) == 0:
+        return new_tokens.size(1)
+    seen = torch.isin(new_tokens, torch.tensor(list(stop_ids), device=new_tokens.device)).cummax(dim=1).values
+    done = seen.all(dim=0).nonzero()
+    return int(done[0]) + 1 if len(done) else new_tokens.size(1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_criterion="none",
+             exit_threshold=None, cache_budget=None, warm_start=False, init_scale=1.0, stop_ids=(), compile=False,
+             draft_steps=0, lookahead=4, generator=None):
+    """Continue the prompt idx (B, T) by up to max_new_tokens tokens at num_steps (r, default r_bar) steps each.
+
+    exit_criterion "kl" or "latent-diff": a token stops early once its change between steps is below exit_threshold
+    (default: the criterion's own, EXIT_THRESHOLDS). cache_budget=N keeps N core entries (a multiple of
+    n_layers_core). warm_start begins each token's state at the previous token's final state instead of noise (the
+    reference's continuous_compute). compile=True compiles the one-token step (compile_for_decoding). draft_steps > 0
+    decodes greedily by self-speculation (speculative_round). Decoding ends once every row has produced one of
+    stop_ids. Returns (idx (B, T + new), stats): stats["steps"] (B, new) the core steps each new token used,
+    stats["drafted"] and stats["accepted"] the speculative drafts, stats["first_token_seconds"]."""
+    cfg = model.config
+    num_steps = cfg.mean_recurrence if num_steps is None else num_steps
+    B, T = idx.shape
+    if num_steps < 1:
+        raise ValueError(f"num_steps (r) must be at least 1, got {num_steps}")
+    if exit_criterion not in EXIT_THRESHOLDS:
+        raise ValueError(f"unknown exit_criterion {exit_criterion!r}; choose one of {list(EXIT_THRESHOLDS)}")
+    if cache_budget is not None and (cache_budget < cfg.n_layers_core or cache_budget % cfg.n_layers_core):
+        raise ValueError(f"cache_budget must be a multiple of n_layers_core ({cfg.n_layers_core}), it keeps whole "
+                         f"steps; got {cache_budget}")
+    if not 1 <= T <= cfg.block_size:
+        raise ValueError(f"the prompt has {T} tokens; give 1 to block_size ({cfg.block_size}), cropping it")
+    if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start or lookahead < 1):
+        raise ValueError("speculative decoding (draft_steps > 0) is greedy: temperature 0, no exit criterion, "
+                         "no warm start, lookahead >= 1")
+    exit_threshold = EXIT_THRESHOLDS[exit_criterion] if exit_threshold is None else exit_threshold
+    if compile:
+        compile_for_decoding(model)
+    # While decoding on a CPU, inductor may freeze the weights into what it compiles, as constants it can repack
+    # for batch 1 (several times faster than the library's matrix-vector product); it does so only without grad
+    with torch._inductor.config.patch(freezing=compile and idx.device.type == "cpu"):
+        chunk = lookahead + 1 if draft_steps else 1  # positions one round writes
+        max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
+        cache = KVCache(model, B, max_len, num_steps, cache_budget)
+        # s_0 of every position, drawn once: a position's noise is the same however it is decoded
+        noise = model.initial_state(torch.empty(B, max_len, cfg.n_embd, dtype=model.wte.weight.dtype,
+                                                device=idx.device), init_scale, generator)
+
+        def prefill(context):
+            """A cache holding context (B, t) but its last token, at full depth (the reference never exits in the
+            prefill); the final state of that position, for a warm start."""
+            cache.pos = 0
+            if context.size(1) == 1:
+                return None
+            _, state, _ = forward_cached(model, context[:, :-1], cache, num_steps, noise)
+            return state[:, -1:]
+
+        state = prefill(idx)
+        steps, drafted, accepted, first_token_seconds = [], 0, 0, None
+        while idx.size(1) - T < max_new_tokens and first_stop(idx[:, T:], stop_ids) == idx.size(1) - T:
+            if cache.pos + chunk > max_len:  # the context is full: start again from its last half (nanoGPT crops too)
+                state = prefill(idx[:, -(max_len // 2):])
+            t0 = time.perf_counter()
+            if draft_steps:
+                new, kept = speculative_round(model, idx, cache, noise, num_steps, draft_steps, lookahead)
+                drafted, accepted = drafted + lookahead, accepted + kept
+                steps.append(torch.full(new.shape, num_steps))
+            else:
+                logits, final, used = forward_cached(model, idx[:, -1:], cache, num_steps, noise,
+                                                     state if warm_start else None, exit_criterion, exit_threshold)
+                new, state = sample_next(logits[:, -1], temperature, top_k, generator), final[:, -1:]
+                steps.append(used[:, None])
+            idx = torch.cat([idx, new], dim=1)
+            if first_token_seconds is None:  # with compile=True this includes compiling
+                if idx.is_cuda:
+                    torch.cuda.synchronize(idx.device)
+                first_token_seconds = time.perf_counter() - t0
+        keep = min(max_new_tokens, first_stop(idx[:, T:], stop_ids))
+        stats = {"steps": torch.cat(steps, dim=1)[:, :keep], "drafted": drafted, "accepted": accepted,
+                 "first_token_seconds": first_token_seconds}
+        return idx[:, :T + keep], stats

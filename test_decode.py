@@ -1,0 +1,325 @@
+"""Tests for decode.py: the static KV cache against full forward passes, early exit (per row), the latest-entry rule,
+the cache budget, warm start, self-speculative decoding and its rollback, the compiled step. CPU only."""
+
+import pytest
+import torch
+
+from decode import KVCache, compile_for_decoding, forward_cached, generate
+from model import RecurrentGPT, config_from_preset
+
+torch.set_num_threads(1)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    # two core layers, so that the cache's (step, layer) bookkeeping is exercised
+    return RecurrentGPT(config_from_preset("tiny", **{"n_layers_core": 2, "block_size": 128, **overrides})).eval()
+
+
+def prompt(model, T=8, seed=1, B=1):
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def noise_table(model, B, length, seed=3):
+    return model.initial_state(torch.empty(B, length, model.config.n_embd), generator=torch.Generator().manual_seed(seed))
+
+
+PATTERN = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]  # a repeating sequence the trained model learns to continue
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """The tiny model trained briefly (with the usual random r) to continue PATTERN; a few seconds."""
+    model = tiny_model(vocab_size=16)
+    model.train()
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    stream = torch.tensor(PATTERN).repeat(50)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        ix = torch.randint(0, len(stream) - 33, (16,), generator=g)
+        x = torch.stack([stream[i:i + 32] for i in ix])
+        y = torch.stack([stream[i + 1:i + 33] for i in ix])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3  # it has learned the pattern
+    return model.eval()
+
+
+# --- the static cache reproduces forward ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r", [1, 8])
+def test_cached_logits_equal_a_full_forward_pass(r):
+    model = tiny_model()
+    idx = prompt(model, T=40)
+    noise = noise_table(model, 1, 64)
+    full, _ = model(idx, num_steps=r, state=noise[:, :40])  # (1, T, vocab), the same s_0 at every position
+    cache = KVCache(model, 1, 64, r)
+    with torch.no_grad():
+        logits, _, _ = forward_cached(model, idx[:, :10], cache, r, noise)  # a prompt of 10, then one by one
+        torch.testing.assert_close(logits, full[:, :10], atol=1e-4, rtol=0)
+        for t in range(10, 40):
+            logits, _, steps = forward_cached(model, idx[:, t:t + 1], cache, r, noise)
+            torch.testing.assert_close(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
+            assert steps.tolist() == [r]
+    assert cache.pos == 40 and cache.core_kv[0][0].shape == (r, 1, 4, 64, 16)  # (steps, B, nh, max_len, hd)
+
+
+@pytest.mark.parametrize("r", [1, 8])
+def test_cached_greedy_decoding_equals_recomputing(r):
+    model = tiny_model()
+    idx = prompt(model)
+    # init_scale=0: the zero start state, so both paths see the same s_0 at every position
+    cached, stats = generate(model, idx, 64, num_steps=r, temperature=0, init_scale=0)
+    assert cached.shape == (1, 8 + 64) and stats["steps"].tolist() == [[r] * 64]
+    recomputed = idx
+    with torch.no_grad():
+        for _ in range(64):
+            logits, _ = model(recomputed, num_steps=r, init_scale=0)
+            recomputed = torch.cat([recomputed, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, recomputed)
+
+
+def test_context_longer_than_block_size_keeps_decoding():
+    model = tiny_model(block_size=32)
+    out, stats = generate(model, prompt(model, T=30), 40, num_steps=2, temperature=1.0)
+    assert out.shape == (1, 70) and stats["steps"].shape == (1, 40)
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, prompt(model, T=33), 1)
+
+
+def test_cache_dtype_under_bf16_autocast():
+    """Under autocast with float32 weights keys and values are both bf16 (the qk_bias add and RoPE would otherwise
+    promote the keys to float32: twice the memory and a cast of the whole cache every step)."""
+    model = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = KVCache(model, 1, 16, 2)
+        with torch.no_grad():
+            forward_cached(model, prompt(model, T=4), cache, 2, noise_table(model, 1, 16))
+    for k, v in cache.prelude_kv + cache.core_kv + cache.coda_kv:
+        assert k.dtype == v.dtype == torch.bfloat16
+        assert k.abs().sum() > 0  # written
+
+
+# --- early exit -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion", ["kl", "latent-diff"])
+def test_threshold_zero_never_exits(criterion):
+    model = tiny_model()
+    idx = prompt(model)
+    runs = [generate(model, idx, 32, num_steps=6, temperature=1.0, exit_criterion=c, exit_threshold=0.0,
+                     generator=torch.Generator().manual_seed(5)) for c in ("none", criterion)]
+    (fixed, fixed_stats), (adaptive, adaptive_stats) = runs
+    assert torch.equal(fixed, adaptive)
+    assert fixed_stats["steps"].tolist() == adaptive_stats["steps"].tolist() == [[6] * 32]
+
+
+@pytest.mark.parametrize("criterion", ["kl", "latent-diff"])
+def test_default_threshold_exits_early_on_trained_model(trained_model, criterion):
+    r = 8
+    idx = torch.tensor([PATTERN[:5]])
+    out, stats = generate(trained_model, idx, 48, num_steps=r, temperature=0, exit_criterion=criterion)
+    mean_steps = stats["steps"].float().mean().item()
+    print(f"{criterion}: mean {mean_steps:.2f} steps per token at r = {r}")
+    assert mean_steps < r and stats["steps"].min() >= 1
+    expected = torch.tensor(PATTERN * 5)[:out.size(1)]
+    assert (out[0] == expected).float().mean() > 0.9  # exiting early kept the continuation right
+
+
+@pytest.mark.parametrize("criterion", ["kl", "latent-diff"])
+def test_each_row_of_a_batch_exits_on_its_own(trained_model, criterion):
+    """Two rows decoded together give what each gives alone: the same tokens and the same steps per token, each
+    row with the logits of its own exit step (not the slowest row's)."""
+    rows = torch.tensor([PATTERN[:5], [15, 14, 0, 10, 12]])  # a familiar start and a strange one
+    kwargs = dict(num_steps=8, temperature=0, exit_criterion=criterion, init_scale=0)
+    together, together_stats = generate(trained_model, rows, 24, **kwargs)
+    steps_differ = False
+    for b in range(2):
+        alone, alone_stats = generate(trained_model, rows[b:b + 1], 24, **kwargs)
+        assert torch.equal(together[b], alone[0])
+        assert together_stats["steps"][b].tolist() == alone_stats["steps"][0].tolist()
+        steps_differ |= together_stats["steps"][b].tolist() != together_stats["steps"][1 - b].tolist()
+    assert steps_differ  # the rows really exited at different steps
+
+
+def test_exited_token_is_read_at_its_last_step():
+    """A token that stopped after s < r steps is read by later tokens, at the steps it skipped, through its entry
+    of step s for the same core layer (the reference's latest-m4)."""
+    model = tiny_model()
+    idx, r, noise = prompt(model, T=5), 5, noise_table(model, 1, 16)
+    exited, full = KVCache(model, 1, 16, r), KVCache(model, 1, 16, r)
+    with torch.no_grad():
+        for cache in (exited, full):
+            forward_cached(model, idx[:, :4], cache, r, noise)
+        # an infinite threshold stops position 4 at the first check, after one step
+        _, _, steps = forward_cached(model, idx[:, 4:5], exited, r, noise, exit_criterion="latent-diff",
+                                     exit_threshold=float("inf"))
+        forward_cached(model, idx[:, 4:5], full, r, noise)
+    assert steps.tolist() == [1]
+    for (k, v), (k_full, v_full) in zip(exited.core_kv, full.core_kv):
+        for step in range(r):
+            assert torch.equal(k[step, :, :, :4], k_full[step, :, :, :4])  # earlier tokens: untouched
+            assert torch.equal(k[step, :, :, 4], k_full[0, :, :, 4]) and torch.equal(v[step, :, :, 4], v_full[0, :, :, 4])
+        assert not torch.equal(k_full[r - 1, :, :, 4], k_full[0, :, :, 4])  # a full-depth token has its own
+    # stopping after s = 3 steps: the skipped steps 3 and 4 read step 3's entry (slot 2), the others keep theirs
+    before = [k.clone() for k, _ in full.core_kv]
+    full.pos = 4
+    full.start(1)
+    full.fill_after_exit(0, 3, r)
+    for k, k_before in zip([k for k, _ in full.core_kv], before):
+        assert torch.equal(k[:3], k_before[:3])
+        assert torch.equal(k[3, :, :, 4], k_before[2, :, :, 4]) and torch.equal(k[4, :, :, 4], k_before[2, :, :, 4])
+
+
+# --- cache budget ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 8, 16])
+def test_cache_budget_bounds_core_entries(r):
+    model = tiny_model()
+    idx = prompt(model)
+    budget = 4  # two steps of two core layers
+    cache = KVCache(model, 1, 16, r, cache_budget=budget)
+    assert sum(k.size(0) for k, _ in cache.core_kv) == budget  # not r * n_layers_core
+    out, stats = generate(model, idx, 16, num_steps=r, temperature=0, cache_budget=budget)
+    assert out.shape == (1, 24) and stats["steps"].tolist() == [[r] * 16]
+    with pytest.raises(ValueError, match="multiple of n_layers_core"):
+        generate(model, idx, 1, num_steps=r, cache_budget=3)
+
+
+def test_budget_of_every_entry_changes_nothing():
+    model = tiny_model()
+    idx = prompt(model)
+    r, L = 3, model.config.n_layers_core
+    full, _ = generate(model, idx, 32, num_steps=r, temperature=0, init_scale=0)
+    budgeted, _ = generate(model, idx, 32, num_steps=r, temperature=0, init_scale=0, cache_budget=r * L)
+    assert torch.equal(full, budgeted)
+
+
+# --- warm start -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_warm_start_begins_at_previous_final_state(warm_start):
+    model = tiny_model()
+    idx = prompt(model, T=4)
+    r, calls = 3, []
+    core_step = model.core_step
+
+    def recording_core_step(state, e, rope, kv=None):
+        out = core_step(state, e, rope, kv)
+        calls.append((state, out))
+        return out
+
+    model.core_step = recording_core_step
+    generate(model, idx, 5, num_steps=r, warm_start=warm_start)
+    # the prefill (positions 0..2) makes r calls, then each of the 5 tokens makes r calls
+    assert len(calls) == r * 6 and all(calls[r * i][0].size(1) == 1 for i in range(1, 6))
+    for i in range(1, 6):
+        first_input, previous_final = calls[r * i][0], calls[r * i - 1][1][:, -1:]
+        assert torch.equal(first_input, previous_final) == warm_start
+
+
+# --- self-speculative decoding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft_steps,lookahead", [(2, 4), (1, 3)])
+def test_speculative_greedy_equals_plain_greedy(draft_steps, lookahead):
+    model = tiny_model()
+    idx = prompt(model, B=2)
+    seed = lambda: torch.Generator().manual_seed(7)  # the same noise starts s_0 per position in both runs
+    plain, _ = generate(model, idx, 40, num_steps=6, temperature=0, generator=seed())
+    fast, stats = generate(model, idx, 40, num_steps=6, temperature=0, generator=seed(), draft_steps=draft_steps,
+                           lookahead=lookahead)
+    assert torch.equal(plain, fast)
+    assert stats["drafted"] > 0 and 0 <= stats["accepted"] <= stats["drafted"]
+
+
+def test_speculation_accepts_drafts_of_a_trained_model(trained_model):
+    idx = torch.tensor([PATTERN[:5]])
+    plain, _ = generate(trained_model, idx, 48, num_steps=16, temperature=0, init_scale=0)
+    fast, stats = generate(trained_model, idx, 48, num_steps=16, temperature=0, init_scale=0, draft_steps=2)
+    assert torch.equal(plain, fast)
+    assert stats["accepted"] / stats["drafted"] > 0.5, stats  # r = 2 already predicts the pattern
+
+
+def test_rollback_after_a_rejected_draft_leaves_the_cache_of_plain_decoding():
+    """Drafts the check rejects were written into the cache; after the rollback, every position below cache.pos
+    holds what plain decoding writes there, at every step of every layer."""
+    model = tiny_model()
+    idx, r, noise = prompt(model), 5, noise_table(model, 1, 64)
+    from decode import speculative_round
+    spec, plain = KVCache(model, 1, 64, r), KVCache(model, 1, 64, r)
+    rejected = 0
+    with torch.no_grad():
+        forward_cached(model, idx[:, :-1], spec, r, noise)
+        forward_cached(model, idx[:, :-1], plain, r, noise)
+        tokens = idx
+        for _ in range(6):
+            new, kept = speculative_round(model, tokens, spec, noise, r, draft_steps=1, lookahead=4)
+            rejected += kept < 4
+            tokens = torch.cat([tokens, new], dim=1)
+        for t in range(idx.size(1) - 1, tokens.size(1) - 1):  # plain decoding of the same tokens
+            forward_cached(model, tokens[:, t:t + 1], plain, r, noise)
+    assert rejected > 0 and spec.pos == plain.pos == tokens.size(1) - 1
+    for (k, v), (k_plain, v_plain) in zip(spec.prelude_kv + spec.core_kv + spec.coda_kv,
+                                          plain.prelude_kv + plain.core_kv + plain.coda_kv):
+        torch.testing.assert_close(k[..., :spec.pos, :], k_plain[..., :plain.pos, :], atol=1e-5, rtol=0)
+        torch.testing.assert_close(v[..., :spec.pos, :], v_plain[..., :plain.pos, :], atol=1e-5, rtol=0)
+
+
+# --- the compiled step ----------------------------------------------------------------------------------------
+
+
+def test_compiled_step_never_recompiles():
+    """64 tokens at each of r = 4, 8, 32, with and without the kl exit, through one set of compiled graphs.
+    Whether a call recompiles is decided by dynamo's guards before any backend runs, so the graphs are captured
+    with the "eager" backend here (inductor would take a minute; test_compiled_decoding_matches_eager runs it)."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this Python")
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_model()
+    idx = prompt(model)
+    compile_for_decoding(model, backend="eager")
+    generate(model, idx, 64, num_steps=4, compile=True)  # compiles embed, core_step, predict
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3
+    for r in (4, 8, 32):
+        for criterion in ("none", "kl"):
+            _, stats = generate(model, idx, 64, num_steps=r, compile=True, exit_criterion=criterion,
+                                exit_threshold=1e-2)
+    assert counters["stats"]["unique_graphs"] == graphs  # new positions, r and exit points: no new graph
+    assert stats["steps"].float().mean() < 32  # the kl run did exit early
+
+
+def test_compiled_decoding_matches_eager():
+    """The real thing, inductor with frozen weights: the same greedy tokens as eager decoding."""
+    try:  # the one reason to skip: inductor cannot build kernels here (e.g. no C++ compiler)
+        torch.compile(lambda t: t * 2)(torch.ones(2))
+    except Exception as err:
+        pytest.skip(f"inductor cannot run here: {type(err).__name__}")
+    model = tiny_model()
+    idx = prompt(model)
+    seed = lambda: torch.Generator().manual_seed(11)
+    eager, _ = generate(model, idx, 24, num_steps=4, temperature=0, generator=seed())
+    compile_for_decoding(model)
+    compiled, _ = generate(model, idx, 24, num_steps=4, temperature=0, generator=seed())
+    assert torch.equal(eager, compiled)
+
+
+def test_generation_stops_once_every_row_has_a_stop_token():
+    model = tiny_model()
+    idx = prompt(model).repeat(2, 1)  # two identical rows: both reach the stop token at the same step
+    full, _ = generate(model, idx, 24, num_steps=2, temperature=0, init_scale=0.0)
+    new_full = full[0, idx.size(1):]
+    stop = new_full[5].item()
+    first = (new_full == stop).nonzero()[0].item()  # where it first appears (index 5 or earlier)
+    for draft_steps in (0, 1):
+        out, stats = generate(model, idx, 24, num_steps=2, temperature=0, init_scale=0.0, stop_ids=[stop],
+                              draft_steps=draft_steps)
+        assert out.size(1) == idx.size(1) + first + 1 and stats["steps"].size(1) == first + 1
+        torch.testing.assert_close(out, full[:, :out.size(1)])  # the same tokens up to there
