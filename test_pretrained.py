@@ -1,6 +1,6 @@
-"""RecurrentGPT.from_pretrained on small checkpoints written in the released Huginn-0125 layout.
+"""checkpoints.from_pretrained on small checkpoints written in the released Huginn-0125 layout.
 
-The reference's tensor names and shapes are written out here independently of model.py's name table
+The reference's tensor names and shapes are written out here independently of checkpoints.py's name table
 (../shared/spec/huginn_reference.md, section 6), so a wrong entry in that table fails these tests."""
 
 import json
@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from checkpoints import from_pretrained, pretrained_config, pretrained_folder, released_name
 from model import PRESETS, RecurrentConfig, RecurrentGPT
 
 torch.set_num_threads(1)
@@ -76,9 +77,9 @@ def write_checkpoint(folder, config, tensors, shards=1):
 def test_every_tensor_lands_where_it_should(tmp_path, shards):
     config, tensors = tiny(), reference_tensors(tiny())
     write_checkpoint(tmp_path, config, tensors, shards)
-    model = RecurrentGPT.from_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path))
     # re-export under the released names: every released tensor (but the RoPE buffer) comes back unchanged
-    exported = {RecurrentGPT.hf_name(name): t for name, t in model.state_dict().items()}
+    exported = {released_name(name): t for name, t in model.state_dict().items()}
     assert set(exported) == set(tensors) - {"freqs_cis"}
     for name, t in exported.items():
         assert torch.equal(t, tensors[name]), name
@@ -101,9 +102,10 @@ def test_loaded_model_matches_a_model_built_and_loaded_by_hand(tmp_path):
     """The meta-device build + assign path gives the same logits as a plain model with load_state_dict."""
     config, tensors = tiny(), reference_tensors(tiny(), seed=1)
     write_checkpoint(tmp_path, config, tensors)
-    model = RecurrentGPT.from_pretrained(str(tmp_path))
-    by_hand = RecurrentGPT(RecurrentGPT.pretrained_config(str(tmp_path))).eval()
-    by_hand.load_state_dict({name: tensors[RecurrentGPT.hf_name(name)] for name in by_hand.state_dict()})
+    model = from_pretrained(str(tmp_path))
+    by_hand = RecurrentGPT(pretrained_config(str(tmp_path))).eval()
+    by_hand.load_state_dict({name: tensors[released_name(name)] for name in by_hand.state_dict()})
+    by_hand.rope = tensors["freqs_cis"].view_as(by_hand.rope)  # the loader runs with the stored table
     idx = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for r in (1, 3):
@@ -113,9 +115,39 @@ def test_loaded_model_matches_a_model_built_and_loaded_by_hand(tmp_path):
             assert logits.std() > 0.1  # not a degenerate model
 
 
+def test_rope_table_is_the_stored_one_even_when_its_last_bits_differ(tmp_path):
+    """The released freqs_cis is what the reference runs with. A table computed on another device differs in the
+    last bits, which far positions magnify: the fastest frequency moved by one float32 ulp changes the angle at
+    position 4,095 by ~5e-4. Such a table is accepted and used as it is; a wrong rope_base is refused."""
+    config = {**tiny(), "block_size": 4096}
+    tensors = reference_tensors(config)
+    hd = config["n_embd"] // config["n_heads"]
+    inv_freq = config["rope_base"] ** -(torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    inv_freq[0] = torch.nextafter(inv_freq[0], torch.tensor(2.0))  # one ulp up
+    angles = torch.outer(torch.arange(4096, dtype=torch.float32), inv_freq)
+    tensors["freqs_cis"] = torch.stack([angles.cos(), angles.sin()], dim=-1)[None, :, None]
+    write_checkpoint(tmp_path / "ulp", config, tensors)
+    model = from_pretrained(str(tmp_path / "ulp"))
+    assert torch.equal(model.rope, tensors["freqs_cis"].view_as(model.rope))
+    ours = RecurrentGPT(pretrained_config(str(tmp_path / "ulp"))).rope
+    assert (model.rope - ours).abs().max() > 1e-5  # the check the loader used to make would have refused it
+    write_checkpoint(tmp_path / "base", {**config, "rope_base": 10000}, reference_tensors(config))
+    with pytest.raises(ValueError, match="freqs_cis"):
+        from_pretrained(str(tmp_path / "base"))
+
+
+def test_loaded_model_is_for_inference(tmp_path):
+    """No parameter requires grad: model(idx, num_steps=32) outside torch.no_grad() builds no graph."""
+    write_checkpoint(tmp_path, tiny(), reference_tensors(tiny()))
+    model = from_pretrained(str(tmp_path))
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    logits, _ = model(torch.zeros(1, 5, dtype=torch.long), num_steps=4)
+    assert logits.grad_fn is None
+
+
 def test_bfloat16_load_keeps_rope_in_float32(tmp_path):
     write_checkpoint(tmp_path, tiny(), reference_tensors(tiny()))
-    model = RecurrentGPT.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    model = from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.rope.dtype == torch.float32  # as the reference keeps freqs_cis
 
@@ -125,7 +157,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     tensors["transformer.core_block.1.mlp.fc.weight"] = tensors["transformer.core_block.1.mlp.fc.weight"][:-2]
     write_checkpoint(tmp_path, tiny(), tensors)
     with pytest.raises(ValueError, match=r"transformer\.core_block\.1\.mlp\.fc\.weight has shape \(94, 32\)"):
-        RecurrentGPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
@@ -133,28 +165,28 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     del tensors["transformer.adapter.weight"]
     write_checkpoint(tmp_path / "missing", tiny(), tensors)
     with pytest.raises(KeyError, match=r"transformer\.adapter\.weight"):
-        RecurrentGPT.from_pretrained(str(tmp_path / "missing"))
+        from_pretrained(str(tmp_path / "missing"))
     tensors = {**reference_tensors(tiny()), "transformer.h.0.weight": torch.zeros(3)}
     write_checkpoint(tmp_path / "extra", tiny(), tensors)
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.weight"):
-        RecurrentGPT.from_pretrained(str(tmp_path / "extra"))
+        from_pretrained(str(tmp_path / "extra"))
 
 
 def test_bad_folder_and_unsupported_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        RecurrentGPT.pretrained_folder(str(tmp_path / "nowhere"))
+        pretrained_folder(str(tmp_path / "nowhere"))
     os.makedirs(tmp_path / "add")
     with open(tmp_path / "add" / "config.json", "w") as f:
         json.dump({**tiny(), "injection_type": "add"}, f)
     with pytest.raises(ValueError, match="injection_type='add' is not supported"):
-        RecurrentGPT.pretrained_config(str(tmp_path / "add"))
+        pretrained_config(str(tmp_path / "add"))
 
 
 def test_huginn_0125_has_3_564_976_800_parameters(tmp_path):
     """The preset and the released config.json give the same config and the published size (built on meta)."""
     with open(tmp_path / "config.json", "w") as f:
         json.dump(RELEASED_CONFIG, f)
-    released = RecurrentGPT.pretrained_config(str(tmp_path))
+    released = pretrained_config(str(tmp_path))
     assert released == RecurrentConfig(**PRESETS["huginn-0125"])
     with torch.device("meta"):
         for config in (RecurrentConfig(**PRESETS["huginn-0125"]), released):

@@ -1,0 +1,186 @@
+"""
+Models from disk, with their tokenizers: our own checkpoints (train.py's out_dir/ckpt.pt) and the released
+Huginn-0125 (Hugging Face `tomg-group-umd/huginn-0125`, or any folder in its layout: config.json + *.safetensors).
+
+    from checkpoints import from_pretrained
+    model = from_pretrained("huginn-0125", device="cuda", dtype=torch.bfloat16)
+    logits, _ = model(idx, num_steps=32)
+
+Loading the release is renaming: every tensor layout (fused Wqkv, interleaved RoPE pairs, qk_bias, gate-then-value
+`fc`, the adapter's [state, e] order) is already the reference's. Extras: pip install safetensors huggingface_hub.
+"""
+
+import json
+import os
+import pickle
+
+import torch
+
+from configurator import fail
+from model import RecurrentConfig, RecurrentGPT, precompute_rope
+
+
+def load_checkpoint(out_dir, device="cpu"):
+    """The model of out_dir/ckpt.pt in eval mode, and the checkpoint (its meta, train.py's config, ...)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; train one first (python train.py ...) or point --out_dir at one")
+    try:  # a truncated or foreign file: say so in one line instead of a traceback
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, pickle.UnpicklingError) as err:
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        fail(f"{path} is not a readable checkpoint ({type(err).__name__}: {first_line}); retrain or restore a copy")
+    return model.to(device).eval(), checkpoint
+
+
+def get_tokenizer(meta):
+    """encode(str) -> ids and decode(ids) -> str for the tokenizer a checkpoint's meta names."""
+    if meta.get("tokenizer") == "char":
+        chars = meta["chars"]
+        stoi = {c: i for i, c in enumerate(chars)}
+
+        def encode(text):
+            unknown = sorted(set(text) - set(stoi))
+            if unknown:
+                fail(f"the prompt has characters the model's vocabulary lacks: {''.join(unknown)!r}")
+            return [stoi[c] for c in text]
+
+        return encode, lambda ids: "".join(chars[i] for i in ids if i < len(chars))  # padding ids have no text
+    if meta.get("tokenizer") == "r50k_base":
+        import tiktoken
+        enc = tiktoken.get_encoding("r50k_base")
+        return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"}),
+                lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]))
+    if meta.get("tokenizer") == "huginn":  # the released BPE tokenizer, a Hugging Face tokenizer.json
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            fail("the released tokenizer needs: pip install tokenizers")
+        if not os.path.isfile(os.path.join(meta["folder"], "tokenizer.json")):
+            fail(f"no tokenizer.json in {meta['folder']}")
+        tokenizer = Tokenizer.from_file(os.path.join(meta["folder"], "tokenizer.json"))
+        # special tokens written in the text (<|begin_text|>, <|end_turn|>, ...) are read as their ids
+        return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+                lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    fail(f"unknown tokenizer {meta.get('tokenizer')!r} in the checkpoint meta (expected char or r50k_base)")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# the released Huginn-0125
+
+# our config fields -> the keys of the released config.json
+CONFIG_KEYS = dict(vocab_size="vocab_size", block_size="block_size", n_embd="n_embd", n_head="n_heads",
+                   n_layers_prelude="n_layers_in_prelude", n_layers_core="n_layers_in_recurrent_block",
+                   n_layers_coda="n_layers_in_coda", intermediate_size="intermediate_size",
+                   mean_recurrence="mean_recurrence", backprop_depth="mean_backprop_depth", rope_base="rope_base",
+                   norm_eps="norm_eps", qk_bias="qk_bias", tie_embeddings="tie_embeddings")
+# our modules -> the released weight names. Only the prefixes differ: inside a block the names (norm_1, attn.Wqkv,
+# attn.qk_bias, attn.proj, norm_2, norm_3, mlp.fc, mlp.proj, norm_4) are the reference's
+MODULE_NAMES = dict(wte="transformer.wte", prelude="transformer.prelude", adapter="transformer.adapter",
+                    core="transformer.core_block", coda="transformer.coda", ln_f="transformer.ln_f", lm_head="lm_head")
+# variants of the reference code that model.py does not implement, and the value Huginn-0125 has
+REQUIRED = dict(bias=False, injection_type="linear", state_init="like-init", test_time_noise=0)
+
+
+def released_name(name):
+    """Our parameter name -> the released one: core.3.mlp.fc.weight -> transformer.core_block.3.mlp.fc.weight"""
+    module, rest = name.split(".", 1)
+    return f"{MODULE_NAMES[module]}.{rest}"
+
+
+def pretrained_folder(name_or_path):
+    """A local folder in the released layout; `huginn-0125` is downloaded once (then cached) from the hub."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path not in ("huginn-0125", "tomg-group-umd/huginn-0125"):
+        raise FileNotFoundError(f"{name_or_path}: no such folder; give a folder with config.json and "
+                                "*.safetensors, or huginn-0125 to download the released model")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError("downloading huginn-0125 needs: pip install safetensors huggingface_hub") from None
+    # config.json, tokenizer.json, the safetensors shards and their index: ~16 GB (float32)
+    return snapshot_download("tomg-group-umd/huginn-0125", allow_patterns=["*.json", "*.safetensors"])
+
+
+def pretrained_config(folder):
+    """RecurrentConfig from a released config.json; keys it lacks keep our (= the released) defaults."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; a pretrained folder holds config.json and *.safetensors")
+    with open(path) as f:
+        released = json.load(f)
+    for key, value in REQUIRED.items():
+        if released.get(key, value) != value:
+            raise ValueError(f"{path}: {key}={released[key]!r} is not supported here (Huginn-0125 has {value!r})")
+    return RecurrentConfig(**{ours: released[theirs] for ours, theirs in CONFIG_KEYS.items() if theirs in released})
+
+
+def read_tensors(folder, device, dtype):
+    """Every tensor of the checkpoint, shard by shard, cast to dtype on device (the RoPE table stays float32)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("loading pretrained weights needs: pip install safetensors huggingface_hub") from None
+    index = os.path.join(folder, "model.safetensors.index.json")  # present when the weights are sharded
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
+    tensors = {}
+    for shard in shards:
+        for name, tensor in load_file(os.path.join(folder, shard), device=str(device)).items():
+            tensors[name] = tensor if name == "freqs_cis" else tensor.to(dtype)
+    return tensors
+
+
+def from_pretrained(name_or_path, device="cpu", dtype=torch.float32):
+    """RecurrentGPT with the released weights, for inference: eval mode, no gradients."""
+    folder = pretrained_folder(name_or_path)
+    config = pretrained_config(folder)
+    with torch.device("meta"):  # no memory and no random init: the checkpoint's tensors become the parameters
+        model = RecurrentGPT(config)
+    tensors = read_tensors(folder, device, dtype)
+    rope = model_rope(folder, config, tensors.pop("freqs_cis", None), device)
+    if config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # the release stores a second copy of the tied embedding
+    loaded = {}
+    for name, expected in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        if released_name(name) not in tensors:
+            raise KeyError(f"{folder}: checkpoint has no {released_name(name)} (our {name})")
+        loaded[name] = tensors.pop(released_name(name))
+        if loaded[name].shape != expected.shape:
+            raise ValueError(f"{folder}: {released_name(name)} has shape {tuple(loaded[name].shape)}, but "
+                             f"config.json implies {tuple(expected.shape)}")
+    if tensors:
+        raise ValueError(f"{folder}: unexpected tensors in the checkpoint, e.g. {next(iter(tensors))}")
+    if config.tie_embeddings:
+        loaded["lm_head.weight"] = loaded["wte.weight"]
+    model.load_state_dict(loaded, assign=True)  # the loaded tensors become the parameters, no copies
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight  # assign=True gave lm_head its own Parameter: share wte's again
+    model.rope = rope  # the buffer was built on the meta device
+    # inference only: without this, model(idx) outside torch.no_grad() would build a graph over the last k steps
+    return model.requires_grad_(False).eval()
+
+
+def model_rope(folder, config, stored, device):
+    """The RoPE table to run with: the release's own freqs_cis (1, T, 1, hd/2, 2) when it has one, as the reference
+    does (it is a persistent buffer there), else ours. The stored table is checked against ours loosely: a table
+    computed on another device differs in the last bits (far positions magnify one ulp of a frequency), while a
+    wrong block_size or rope_base differs in shape or by far more."""
+    rope = precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base).to(device)  # (T, hd/2, 2)
+    if stored is None:
+        return rope
+    if stored.numel() != rope.numel() or not torch.allclose(stored.float().view_as(rope), rope, atol=1e-2):
+        raise ValueError(f"{folder}: the stored RoPE table freqs_cis {tuple(stored.shape)} does not match "
+                         f"block_size {config.block_size} and rope_base {config.rope_base}")
+    return stored.float().view_as(rope).contiguous()
+
