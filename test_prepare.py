@@ -7,12 +7,13 @@ with one line. The text is generated here (a play-like script of about 50 KB), s
 
 import json
 import os
-import random
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from conftest import play_text
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,34 +21,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 def prepare(*args):
     return subprocess.run([sys.executable, "prepare_data.py", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
-
-
-def play_text(n_chars=50_000, seed=0):
-    """English-like text in the shape of a play: speakers, lines of varied words and punctuation, some numbers.
-    Deterministic (a seeded generator), so every run and every machine tests the same bytes."""
-    rng = random.Random(seed)
-    speakers = ["KING HENRY", "MARGARET", "First Citizen", "O'NEILL", "Lady Anne", "GLOUCESTER", "Nurse"]
-    words = ("the of and to my a that in is not you it with me for be his your this but he have as so will what "
-             "her thou by all shall do no if are we thee our on now lord good sir come more they love how would "
-             "heaven night day well death king queen blood heart eyes time world honour fair sweet gentle "
-             "speak hear tell know stay go away again never ever upon yet though while when where why whence "
-             "Rome London York Warwick Friday September quickly jealous zealous vex quiz jump").split()
-    ends = [".", ".", ".", "!", "?", ";", ":", ",", " --", "..."]
-    out, size = [], 0
-    while size < n_chars:
-        lines = [rng.choice(speakers) + ":"]
-        for _ in range(rng.randint(1, 4)):
-            line = [rng.choice(words) for _ in range(rng.randint(3, 11))]
-            if rng.random() < 0.1:
-                line.insert(rng.randrange(len(line)), str(rng.randint(2, 1999)))
-            if rng.random() < 0.15:
-                line[0] = "'" + line[0]
-                line[-1] += "'"
-            line = " ".join(line)
-            lines.append(line[0].upper() + line[1:] + rng.choice(ends))
-        out.append("\n".join(lines) + "\n\n")
-        size += len(out[-1])
-    return "".join(out)[:n_chars]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """
 Tests for train.py, CPU only: exact resume, crash-safe checkpoints, DDP == gradient accumulation, no recompiles
-as the depth changes, NaN handling, one-line errors, and the accuracy evaluation on aligned-target data.
-Every run is a real subprocess of train.py on a tiny model and a slice of tiny shakespeare.
+as r changes, NaN handling, vocabulary padding, one-line errors.
+Every run is a real subprocess of train.py on a tiny model and the tests' own generated text (conftest.py).
 
     python -m pytest -q test_train.py
 """
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import play_text
+
 REPO = os.path.dirname(os.path.abspath(__file__))
-SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # a 32-wide 1+1+1-block model on 4 x 32 tokens: a step takes milliseconds
@@ -29,10 +30,9 @@ TINY = ["--n_embd=32", "--n_head=2", "--n_layers_prelude=1", "--n_layers_core=1"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """Character-level data from the first 100k characters of tiny shakespeare, made by prepare_data.py."""
+    """Character-level data from 100k characters of generated text, made by prepare_data.py."""
     tmp = tmp_path_factory.mktemp("data")
-    with open(SHAKESPEARE) as f:
-        (tmp / "input.txt").write_text(f.read()[:100_000])
+    (tmp / "input.txt").write_text(play_text(100_000))
     subprocess.run([sys.executable, "prepare_data.py", "shakespeare_char", f"--input={tmp / 'input.txt'}",
                     f"--out_dir={tmp / 'char'}"], cwd=REPO, env=ENV, check=True, capture_output=True)
     return str(tmp / "char")
@@ -62,12 +62,12 @@ def test_resume_is_exact(data_dir, tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train(*common, "--max_iters=20", f"--out_dir={straight}")
     train(*common, "--max_iters=10", f"--out_dir={split}")
-    assert torch.load(os.path.join(split, "ckpt.pt"))["iter_num"] == 10
+    assert torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["iter_num"] == 10
     train(*common, "--max_iters=20", f"--out_dir={split}", "--init_from=resume")
     a, b = train_losses(straight), train_losses(split)
     assert sorted(a) == sorted(b) == list(range(20))
     assert [a[i] for i in range(20)] == [b[i] for i in range(20)]  # bit for bit, not approximately
-    assert len({r["depth"] for r in records(straight) if "depth" in r}) > 1  # the depth really varied
+    assert len({r["r"] for r in records(straight) if "r" in r}) > 1  # r really varied
     final = [r["val_loss"] for r in records(straight) + records(split) if r.get("iter") == 20 and "val_loss" in r]
     assert len(final) == 2 and final[0] == final[1]
 
@@ -108,8 +108,8 @@ def test_kill_during_save_keeps_last_checkpoint(data_dir, tmp_path):
     proc.wait()
     assert os.path.getsize(os.path.join(out_dir, "ckpt.pt.tmp")) > 0  # the torn file exists...
     with pytest.raises(Exception):
-        torch.load(os.path.join(out_dir, "ckpt.pt.tmp"))
-    assert torch.load(os.path.join(out_dir, "ckpt.pt"))["iter_num"] == 4  # ...but the last good one is whole
+        torch.load(os.path.join(out_dir, "ckpt.pt.tmp"), weights_only=True)
+    assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"] == 4  # ...but the last good one is whole
     before = train_losses(out_dir)
     assert sorted(before) == list(range(8))
 
@@ -118,7 +118,7 @@ def test_kill_during_save_keeps_last_checkpoint(data_dir, tmp_path):
     after = train_losses(out_dir)
     assert sorted(after) == list(range(10))
     assert [after[i] for i in range(4, 8)] == [before[i] for i in range(4, 8)]  # continued from iteration 4
-    assert torch.load(os.path.join(out_dir, "ckpt.pt"))["iter_num"] == 10
+    assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"] == 10
 
 
 def test_torchrun_matches_gradient_accumulation(data_dir, tmp_path):
@@ -137,7 +137,7 @@ def test_torchrun_matches_gradient_accumulation(data_dir, tmp_path):
     np.testing.assert_allclose(list(val_b[0].values()), list(val_a[0].values()), rtol=0, atol=1e-5)
 
 
-# runs train.py and prints dynamo's graph count at every optimizer step. The backend is aot_eager: whether a
+# runs train.py and prints dynamo's graph count at every iteration (optimizer step). The backend is aot_eager: whether a
 # call recompiles is decided by dynamo's guards before any backend runs, and inductor would take minutes here.
 COUNT_GRAPHS = """
 import functools, runpy, sys
@@ -154,21 +154,21 @@ print("GRAPHS", graphs)
 """
 
 
-def test_no_recompiles_when_depth_changes(data_dir, tmp_path):
+def test_no_recompiles_when_r_changes(data_dir, tmp_path):
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip("torch.compile is not supported on this Python")
     launcher = tmp_path / "count_graphs.py"
     launcher.write_text(COUNT_GRAPHS)
     out_dir = str(tmp_path / "out")
-    # r_bar 6 with k 2: the first step already has iterations with and without gradients
+    # r_bar 6 with k 2: the first iteration already has steps with and without gradients
     proc = train(*TINY, f"--data_dir={data_dir}", "--compile=True", "--mean_recurrence=6", "--max_iters=20",
                  "--eval_interval=100", f"--out_dir={out_dir}", launcher=str(launcher))
     graphs = eval(proc.stdout.split("GRAPHS")[-1])
-    steps = [r for r in records(out_dir) if "depth" in r]
-    assert steps[0]["depth"] > steps[0]["n_grad"]  # the first step ran both kinds of iteration
-    assert len({r["depth"] for r in steps}) >= 4  # many different depths...
+    iterations = [rec for rec in records(out_dir) if "r" in rec]
+    assert iterations[0]["r"] > iterations[0]["n_grad"]  # the first iteration ran steps with and without grad
+    assert len({rec["r"] for rec in iterations}) >= 4  # many different r...
     assert len(graphs) == 20 and graphs[0] > 0
-    assert graphs[-1] == graphs[0]  # ...and not one graph compiled after the first step
+    assert graphs[-1] == graphs[0]  # ...and not one graph compiled after the first iteration
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
@@ -179,7 +179,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("error: loss is nan at iteration 5")
     assert "Traceback" not in proc.stderr
-    assert torch.load(os.path.join(tmp_path, "ckpt.pt"))["iter_num"] == 4
+    assert torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=True)["iter_num"] == 4
 
 
 def test_bad_input_is_one_line(data_dir, tmp_path):
@@ -192,7 +192,8 @@ def test_bad_input_is_one_line(data_dir, tmp_path):
         np.zeros(64, dtype=np.uint16).tofile(rows / name)
     (rows / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 4, "chars": "abcd", "row_len": 16}))
     cases = {
-        "no train.bin": ["--data_dir=" + str(tmp_path / "missing")],
+        "no meta.json": ["--data_dir=" + str(tmp_path / "missing")],
+        "backprop_depth must be at least 1": ["--backprop_depth=0"],
         "unknown setting --bogus": ["--bogus=1"],
         "batch_size expects int": ["--batch_size=big"],
         "no checkpoint at": ["--init_from=resume", f"--out_dir={tmp_path / 'empty'}"],
@@ -208,78 +209,3 @@ def test_bad_input_is_one_line(data_dir, tmp_path):
         assert proc.returncode != 0, expected
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], stderr
-
-
-def make_prefix_sum_data(path, rng, n_rows):
-    """Aligned-target data in prepare_data.py's format: rows of 16 tokens holding problems "digits ; digits ; ...";
-    the label at each digit is the running sum mod 10 of its problem so far; the difficulty is the problem's
-    length; separators carry no label."""
-    row_len, sep = 16, 10
-    for split in ("train", "val"):
-        x, y, d = [], [], []
-        for _ in range(n_rows):
-            row_x, row_y, row_d = [], [], []
-            while len(row_x) < row_len:
-                n = int(rng.integers(1, 6))
-                digits = rng.integers(0, 10, n)
-                row_x += [*digits.tolist(), sep]
-                row_y += [*(np.cumsum(digits) % 10).tolist(), 65535]
-                row_d += [n] * n + [0]
-            x += row_x[:row_len]
-            y += row_y[:row_len]
-            d += row_d[:row_len]
-        np.array(x, dtype=np.uint16).tofile(path / f"{split}.bin")
-        np.array(y, dtype=np.uint16).tofile(path / f"{split}_targets.bin")
-        if split == "val":
-            np.array(d, dtype=np.uint16).tofile(path / "val_difficulty.bin")
-    (path / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 11, "chars": "0123456789;",
-                                                "row_len": row_len}))
-
-
-def test_accuracy_by_difficulty_and_depth(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    make_prefix_sum_data(data, np.random.default_rng(0), n_rows=150)
-    out_dir = str(tmp_path / "out")
-    common = [*TINY, f"--data_dir={data}", "--block_size=16", f"--out_dir={out_dir}", "--eval_interval=30"]
-    proc = train(*common, "--max_iters=30", "--learning_rate=3e-3", "--accuracy_depths=[1,4]")
-    assert "exact-match accuracy" in proc.stdout  # evaluated at the end of training
-    steps = [r["loss"] for r in records(out_dir) if "loss" in r]
-    assert np.mean(steps[-5:]) < np.mean(steps[:5])  # it learns from the aligned targets
-    # eval_only on the checkpoint, with the zero start state so the test can recompute every number
-    train(*common, "--init_from=resume", "--eval_only", "--init_scale=0", "--accuracy_depths=[1,2,8]")
-    with open(os.path.join(out_dir, "accuracy.json")) as f:
-        result = json.load(f)
-    assert result["depths"] == [1, 2, 8]
-
-    # recompute: every problem by walking the rows, solved when all its positions are predicted right
-    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"))
-    from model import RecurrentConfig, RecurrentGPT
-    model = RecurrentGPT(RecurrentConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    x = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64)).view(-1, 16)
-    y = np.fromfile(data / "val_targets.bin", dtype=np.uint16).reshape(-1, 16)
-    d = np.fromfile(data / "val_difficulty.bin", dtype=np.uint16).reshape(-1, 16)
-    for r in (1, 2, 8):
-        with torch.no_grad():
-            pred = model(x, num_steps=r, init_scale=0.0)[0].argmax(-1).numpy()
-        solved = {}  # difficulty -> list of 0/1
-        for row in range(len(y)):
-            t = 0
-            while t < 16:
-                if y[row, t] == 65535:
-                    t += 1
-                    continue
-                end = t
-                while end < 16 and y[row, end] != 65535 and d[row, end] == d[row, t]:
-                    end += 1
-                solved.setdefault(str(d[row, t]), []).append(int((pred[row, t:end] == y[row, t:end]).all()))
-                t = end
-        everything = sum(solved.values(), [])
-        assert result["problems"]["all"] == len(everything)
-        assert result["accuracy"]["all"][str(r)] == pytest.approx(np.mean(everything), abs=1e-12)
-        for difficulty, values in solved.items():
-            assert result["problems"][difficulty] == len(values)
-            assert result["accuracy"][difficulty][str(r)] == pytest.approx(np.mean(values), abs=1e-12)
-    assert set(result["problems"]) == {"1", "2", "3", "4", "5", "all"}

@@ -1,55 +1,53 @@
 """
-Train the recurrent-depth model. On one CPU, GPU or Mac:
+Train the recurrent-depth model. The defaults are the one-GPU run on FineWeb-Edu (config/train_fineweb_edu.py
+spells them out, with the time it takes):
 
-    python prepare_data.py shakespeare_char
-    python train.py config/train_shakespeare_char.py
-
-On several GPUs of one machine (DDP), or on CPU with gloo:
-
-    torchrun --standalone --nproc_per_node=8 train.py config/train_small_gpu.py
+    python prepare_data.py fineweb_edu && python train.py
+    python prepare_data.py reasoning && python train.py config/train_reasoning_cpu.py       # a CPU, minutes
+    torchrun --standalone --nproc_per_node=8 train.py                                       # 8 GPUs (DDP)
 
 Continue a run exactly where its last checkpoint left off:  python train.py <same config> --init_from=resume
-Evaluate a checkpoint (val loss by depth; accuracy by difficulty for reasoning data):  ... --eval_only
+Evaluate a checkpoint by r (val loss; accuracy by difficulty for reasoning data): python eval.py --out_dir=...
 
-Every step draws a new depth r (paper section 3.3) and back-propagates through only the last k iterations;
-the depth loop stays in Python and only its fixed-shape pieces are compiled, so a new r never recompiles.
+Every iteration draws a new r (paper section 3.3) and back-propagates through the last k steps of the core only;
+the loop over r stays in Python and only its fixed-shape pieces are compiled, so a new r never recompiles.
 """
 
 import json
 import math
 import os
 import pickle
+import re
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure, fail
+from dataloader import TokenData
 from model import RecurrentConfig, RecurrentGPT, sample_num_steps
 
 # -----------------------------------------------------------------------------------------------------------
-# settings (defaults: the ~96M "small" model on one GPU); override with config/*.py and --key=value
+# settings (defaults: the ~96M model on FineWeb-Edu, one GPU); override with config/*.py and --key=value
 # I/O
 out_dir = "out"
 init_from = "scratch"         # "scratch" or "resume" (from out_dir/ckpt.pt)
 eval_interval = 250           # evaluate (and save) every this many iterations, and at the end
 eval_iters = 20               # batches in the fixed validation set
-eval_depths = []              # val loss at these r; [] means 1, 4, r_bar, 2 r_bar
-accuracy_depths = [1, 2, 4, 8, 16, 32, 64]  # exact-match accuracy at these r, for data with val_difficulty.bin
+eval_r = []                   # val loss at these r; [] means 1, r_bar and 2 r_bar
 log_interval = 10
-eval_only = False             # evaluate once and stop
 always_save_checkpoint = True  # else save only when val loss at r_bar improves
 # data
-dataset = "shakespeare"
+dataset = "fineweb_edu"
 data_dir = ""                 # "" means data/<dataset> next to this file
-batch_size = 16               # sequences per micro-step (per process)
+batch_size = 32               # sequences per micro-step (per process)
 block_size = 1024             # tokens per sequence
-gradient_accumulation_steps = 4  # micro-steps per optimizer step, summed over all processes
+gradient_accumulation_steps = 16  # micro-steps per iteration, summed over all processes
+vocab_multiple = 64           # round the vocabulary up to a multiple of this (GPT-2's 50257 -> 50304), for speed
 # model (the fields of RecurrentConfig; vocab_size comes from the data)
 n_embd = 768
 n_head = 12
@@ -59,15 +57,15 @@ n_layers_coda = 2
 intermediate_size = 2048
 mean_recurrence = 8           # r_bar
 backprop_depth = 4            # k
-sigma = 0.5
+sigma = 0.5                   # spread of the r sampler
 rope_base = 50_000.0
 norm_eps = 1e-6
 qk_bias = True
 tie_embeddings = True
-init_scale = 1.0              # std of the noise state s_0, relative to the model's default
+init_scale = 1.0              # std of the noise start s_0, relative to the model's default
 # optimizer: AdamW
 learning_rate = 6e-4
-max_iters = 5000
+max_iters = 3800
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -75,23 +73,29 @@ grad_clip = 1.0               # 0 disables
 # learning-rate schedule: linear warmup, then "cosine" (to min_lr at lr_decay_iters), "wsd" (warmup-stable-decay:
 # constant, then linear to min_lr over the last cooldown_iters) or "constant"
 lr_schedule = "cosine"
-warmup_iters = 100
+warmup_iters = 200
 lr_decay_iters = 0            # 0 means max_iters
 cooldown_iters = 1000
 min_lr = 6e-5
 # system
 device = ""                   # "" picks cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
-dtype = ""                    # "" means bfloat16 autocast on CUDA (if supported), float32 elsewhere
+dtype = ""                    # "" means bfloat16 autocast on GPUs that have bf16 units, float32 elsewhere
 compile = True                # torch.compile the model's fixed-shape pieces
+num_threads = 0               # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
 seed = 1337
 # -----------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
 config = configure(settings, sys.argv[1:])
 globals().update(config)
-for k in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
+for k in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval",
+          "mean_recurrence", "backprop_depth", "vocab_multiple"):
     if config[k] < 1:
         fail(f"{k} must be at least 1, got {config[k]}")
+if lr_schedule not in ("cosine", "wsd", "constant"):
+    fail(f"lr_schedule must be 'cosine', 'wsd' or 'constant', got {lr_schedule!r}")
+if any(type(r) is not int or r < 1 for r in eval_r):
+    fail(f"eval_r must hold whole numbers of steps >= 1, got {eval_r!r}")
 MODEL_KEYS = [k for k in asdict(RecurrentConfig()) if k != "vocab_size"]
 
 # -----------------------------------------------------------------------------------------------------------
@@ -114,9 +118,12 @@ if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 accum = gradient_accumulation_steps // world_size  # micro-steps on this process
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if num_threads or "OMP_NUM_THREADS" not in os.environ:  # torchrun sets OMP_NUM_THREADS=1 per process
+    torch.set_num_threads(num_threads or max(1, os.cpu_count() // 2))
 
-if not dtype:
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if not dtype:  # emulated bf16 (GPUs before Ampere) is slower than float32
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) \
+        else "float32"
 if dtype not in ("bfloat16", "float32"):
     fail(f"dtype must be bfloat16 or float32, got {dtype!r}")
 if dtype == "bfloat16" and device_type != "cuda":
@@ -129,10 +136,10 @@ if device_type == "cuda":
 
 
 def generator(*key, device="cpu"):
-    """A generator seeded from (seed, *key). Every random draw in training comes from one of these, keyed by
-    the iteration (and micro-step), so all ranks agree on the depth, a resumed run draws exactly what the
-    uninterrupted run would have, and iter_num is the whole data position. (hash of a tuple of ints is the
-    same in every Python process; only str hashes are salted.)"""
+    """A generator seeded from (seed, *key). Every random draw in training comes from one of these, keyed by the
+    iteration (and micro-step), so all ranks agree on r, a resumed run draws exactly what the uninterrupted run
+    would have, and iter_num is the whole data position. (The hash of a tuple of ints is the same in every
+    Python process; only str hashes are salted.)"""
     return torch.Generator(device).manual_seed(hash((seed, *key)) % 2**63)
 
 
@@ -151,9 +158,10 @@ if init_from == "resume":
     if not os.path.isfile(ckpt_path):
         fail(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first (--init_from=scratch)")
     try:
-        checkpoint = torch.load(ckpt_path, map_location=device)
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:  # truncated zip, bad pickle
-        fail(f"checkpoint {ckpt_path} is corrupt ({str(e).splitlines()[0].split('. ')[0]}); delete it or restore a copy")
+        fail(f"checkpoint {ckpt_path} is corrupt ({str(e).splitlines()[0].split('. ')[0][:200]}); "
+             "delete it or restore a copy")
     if not isinstance(checkpoint, dict) or not {"model", "model_config", "optimizer", "iter_num"} <= checkpoint.keys():
         fail(f"{ckpt_path} is not a checkpoint written by train.py; delete it or restore a copy")
     for k in MODEL_KEYS:  # the architecture comes from the checkpoint, whatever the settings say
@@ -165,88 +173,34 @@ elif init_from != "scratch":
     fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
 
 # -----------------------------------------------------------------------------------------------------------
-# data: token streams written by prepare_data.py (format in its docstring)
+# data: token files written by prepare_data.py, read as batches of numbered blocks (dataloader.py)
 
-data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-for name in ("train.bin", "val.bin", "meta.json"):
-    if not os.path.isfile(os.path.join(data_dir, name)):
-        fail(f"no {name} in {data_dir}; run: python prepare_data.py {dataset}")
-with open(os.path.join(data_dir, "meta.json")) as f:
-    meta = json.load(f)
-row_len = meta.get("row_len")  # rows of a fixed length (reasoning data): batches are whole rows
-aligned = os.path.isfile(os.path.join(data_dir, "train_targets.bin"))  # targets given per position
-if (aligned or row_len is not None) and not os.path.isfile(os.path.join(data_dir, "val_targets.bin")):
-    fail(f"{data_dir} has rows or aligned targets but no val_targets.bin; prepare the dataset again")
-NO_LOSS = 65535  # the target id that means "no loss here"
+data = TokenData(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset), block_size,
+                 dataset)
+meta = data.meta
 
 
-def tokens(name):
-    # memmap again on every call, as nanoGPT does: a long-lived memmap keeps growing in RAM (nanoGPT #287)
-    return np.memmap(os.path.join(data_dir, name), dtype=np.uint16, mode="r")
-
-
-split_len = {split: len(tokens(f"{split}.bin")) for split in ("train", "val")}
-if row_len is not None and block_size != row_len:
-    fail(f"this dataset is made of rows of {row_len} tokens; set --block_size={row_len}")
-for split, n in split_len.items():
-    if n < block_size + (not aligned):
-        fail(f"block_size={block_size} is too long for {split}.bin ({n} tokens); lower --block_size")
-
-
-def max_start(split):
-    """The last start position of a block in this split: whole rows, or anywhere with room for the targets."""
-    if row_len is not None:
-        return split_len[split] // row_len - 1  # in rows
-    return split_len[split] - block_size - (not aligned)  # the shifted target needs one token more
-
-
-def get_batch(split, starts):
-    """x, y (B, T) int64 for blocks starting at `starts` (row indices when the data is made of rows).
-    y is x shifted by one, or the aligned targets with "no loss" mapped to -1 (cross_entropy's ignore_index)."""
-    if row_len is not None:
-        starts = starts * row_len
-    data = tokens(f"{split}.bin")
-    x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in starts.tolist()])
-    if aligned:
-        targets = tokens(f"{split}_targets.bin")
-        y = torch.stack([torch.from_numpy(targets[i : i + block_size].astype(np.int64)) for i in starts.tolist()])
-        y[y == NO_LOSS] = -1
-    else:
-        y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in starts.tolist()])
+def get_batch(split, blocks):
+    x, y = data.batch(split, blocks)
     if device_type == "cuda":  # pinned memory lets the copy run asynchronously
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
 
-def random_starts(split, key):
-    return torch.randint(max_start(split) + 1, (batch_size,), generator=generator(*key))
-
-
-# the fixed evaluation set: evenly spaced blocks, the same every time, so evals are comparable across a run
-def fixed_batches(split):
-    starts = torch.linspace(0, max_start(split), eval_iters * batch_size).long()
-    return [get_batch(split, s) for s in starts.split(batch_size)]
-
-
-eval_batches = {"val": fixed_batches("val"), "train": fixed_batches("train")}
+# the fixed evaluation set: evenly spaced blocks, the same every time, so evals compare across a run
+eval_batches = {split: [get_batch(split, b) for b in data.evenly_spaced(split, eval_iters * batch_size).split(batch_size)]
+                for split in ("val", "train")}
 
 # -----------------------------------------------------------------------------------------------------------
 # model and optimizer
 
-if mean_recurrence < 1:
-    fail(f"mean_recurrence must be at least 1, got {mean_recurrence}")
-eval_depths = sorted(set(eval_depths or [1, 4, mean_recurrence, 2 * mean_recurrence]) | {mean_recurrence})
-for r in eval_depths + list(accuracy_depths):
-    if not isinstance(r, int) or r < 1:
-        fail(f"depths must be positive integers, got {r!r}")
-if lr_schedule not in ("cosine", "wsd", "constant"):
-    fail(f"lr_schedule must be 'cosine', 'wsd' or 'constant', got {lr_schedule!r}")
-
+eval_r = sorted(set(eval_r or [1, mean_recurrence, 2 * mean_recurrence]) | {mean_recurrence})
 torch.manual_seed(seed)  # the initial weights, the same on every rank
-model_config = RecurrentConfig(vocab_size=meta["vocab_size"], **{k: globals()[k] for k in MODEL_KEYS})
+vocab_size = vocab_multiple * math.ceil(meta["vocab_size"] / vocab_multiple)  # ids above the data's are never seen
+model_config = RecurrentConfig(vocab_size=vocab_size, **{k: globals()[k] for k in MODEL_KEYS})
 if init_from == "resume" and model_config.vocab_size != checkpoint["model_config"]["vocab_size"]:
-    fail(f"the checkpoint's vocabulary ({checkpoint['model_config']['vocab_size']}) is not {dataset}'s "
-         f"({model_config.vocab_size}); resume with the dataset it was trained on")
+    fail(f"the checkpoint's vocabulary ({checkpoint['model_config']['vocab_size']}) is not this data's "
+         f"({model_config.vocab_size}); resume with the dataset and vocab_multiple it was trained with")
 model = RecurrentGPT(model_config).to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == "resume":
@@ -256,15 +210,9 @@ if init_from == "resume":
 raw_model = model  # unwrapped (no DDP): what checkpoints save and evaluation runs
 
 if compile:
-    model.compile_pieces()  # embed, core_step and predict; the depth loop stays in Python, so r never recompiles
+    model.compile_pieces()  # embed, core_step and predict; the loop over r stays in Python, so r never recompiles
 if ddp:
     model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
-
-
-def noise_state(x, key):
-    """s_0 for a batch (B, T, h), from a keyed generator (see `generator`) on the model's device."""
-    template = torch.empty(*x.shape, n_embd, device=device)  # initial_state only reads e's shape
-    return raw_model.initial_state(template, init_scale, generator=generator(*key, device=device))
 
 
 def get_lr(it):
@@ -287,73 +235,21 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over the fixed batches: val at every eval depth, train at r_bar. Each batch gets the same
-    noise start at every depth; batches are shared out over the processes and the sums added up."""
+    """Mean loss over the fixed batches: val at every r of eval_r, train at r_bar. Each batch gets the same noise
+    start at every r; batches are shared out over the processes and the sums added up."""
     raw_model.eval()
     losses = {}
-    for split, depths in (("val", eval_depths), ("train", [mean_recurrence])):
-        for r in depths:
+    for split, rs in (("val", eval_r), ("train", [mean_recurrence])):
+        for r in rs:
             total = torch.zeros((), device=device)
             for i in range(rank, eval_iters, world_size):
                 x, y = eval_batches[split][i]
                 with ctx:
-                    _, loss = raw_model(x, y, num_steps=r, state=noise_state(x, (-1, i)))
+                    _, loss = raw_model(x, y, num_steps=r, generator=generator(-1, i, device=device))
                 total += loss
             losses[(split, r)] = all_reduce_sum(total).item() / eval_iters
     raw_model.train()
     return losses
-
-
-@torch.no_grad()
-def evaluate_accuracy(depths):
-    """Exact-match accuracy by difficulty and test-time depth r over the whole validation set.
-
-    A problem is a maximal run of consecutive labelled positions of one difficulty inside a row; it counts as
-    solved when the argmax prediction is right at every one of its positions (aligned targets: see prepare_data.py).
-    Prints a table and writes it to out_dir/accuracy.json."""
-    length = block_size  # whole rows (block_size == row_len when the data has rows)
-    n_rows = split_len["val"] // length
-    y = tokens("val_targets.bin")[: n_rows * length].astype(np.int64).reshape(n_rows, length)
-    difficulty = tokens("val_difficulty.bin")[: n_rows * length].astype(np.int64).reshape(n_rows, length)
-    labelled = y != NO_LOSS
-    # a problem starts at a labelled position whose left neighbour (same row) is unlabelled or of another difficulty
-    starts = labelled.copy()
-    starts[:, 1:] &= ~labelled[:, :-1] | (difficulty[:, 1:] != difficulty[:, :-1])
-    problem_id = np.cumsum(starts.reshape(-1)) - 1  # (n_rows * length,), valid where labelled
-    problem_difficulty = difficulty.reshape(-1)[starts.reshape(-1)]  # (n_problems,)
-    n_problems = len(problem_difficulty)
-    if n_problems == 0:
-        fail("val_targets.bin has no labelled positions; nothing to score")
-    labelled_ids = torch.from_numpy(problem_id.reshape(n_rows, length)).clamp(min=0)
-    row_batches = torch.arange(n_rows).split(batch_size)
-
-    raw_model.eval()
-    solved = {}
-    for r in depths:
-        wrong = torch.zeros(n_problems, dtype=torch.int64)  # wrong positions per problem
-        for i in range(rank, len(row_batches), world_size):
-            rows = row_batches[i]
-            x, targets = get_batch("val", rows)
-            with ctx:
-                logits, _ = raw_model(x, num_steps=r, state=noise_state(x, (-3, i)))
-            miss = ((logits.argmax(-1) != targets) & (targets >= 0)).cpu()  # (B, T)
-            wrong += torch.bincount(labelled_ids[rows][miss], minlength=n_problems)
-        solved[r] = (all_reduce_sum(wrong.to(device)).cpu() == 0).numpy()
-    raw_model.train()
-
-    result = {"iter": iter_num, "depths": list(depths), "problems": {}, "accuracy": {}}
-    for d in sorted(set(problem_difficulty.tolist())) + ["all"]:
-        mask = problem_difficulty == d if d != "all" else np.ones(n_problems, dtype=bool)
-        result["problems"][str(d)] = int(mask.sum())
-        result["accuracy"][str(d)] = {str(r): float(solved[r][mask].mean()) for r in depths}
-    if master:
-        print(f"exact-match accuracy on {n_problems:,} val problems, by difficulty (rows) and depth r (columns)")
-        print(f"{'difficulty':>10} {'problems':>8} " + " ".join(f"{'r=' + str(r):>6}" for r in depths))
-        for d, accs in result["accuracy"].items():
-            print(f"{d:>10} {result['problems'][d]:>8} " + " ".join(f"{accs[str(r)]:6.3f}" for r in depths))
-        with open(os.path.join(out_dir, "accuracy.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    return result
 
 
 def save_checkpoint():
@@ -384,11 +280,12 @@ def log(record):
             f.write(json.dumps(record) + "\n")
 
 
-# dense bf16 tensor-core peaks from the vendors' datasheets, matched by substring of the device name (first wins)
-PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-                   ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+# dense bf16 tensor-core peaks from the vendors' datasheets, matched as whole words of the device name
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type
-peak_flops = next((p for name, p in PEAK_BF16_FLOPS if name in device_name and dtype == "bfloat16"), None)
+peak_flops = next((p for name, p in PEAK_BF16_FLOPS.items() if re.search(rf"\b{name}\b", device_name)
+                   and dtype == "bfloat16"), None)
 
 
 def format_time(seconds):
@@ -406,47 +303,46 @@ if master:
         print(f"  {k} = {v!r}")
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device_name}, "
           f"{dtype}, {tokens_per_iter:,} tokens per iteration")
-    if init_from == "scratch" and not eval_only:
+    if init_from == "scratch":
         open(os.path.join(out_dir, "log.jsonl"), "w").close()  # a new run starts a new log
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    print(f"eval: loss on {eval_iters * batch_size} fixed blocks; val at r = {eval_depths}, train at r_bar")
-    print("  iter | " + " ".join(f"{'val r=' + str(r):>9}" for r in eval_depths) + " | train r_bar")
+    print(f"eval: loss on {eval_iters * batch_size} fixed blocks; val at r = {eval_r}, train at r_bar")
+    print("  iter | " + " ".join(f"{'val r=' + str(r):>9}" for r in eval_r) + " | train r_bar")
 
 start_iter = iter_num
-has_difficulty = row_len is not None and os.path.isfile(os.path.join(data_dir, "val_difficulty.bin"))
 dt_avg = None
 while True:
-    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
         losses = estimate_loss()
         val_loss = losses[("val", mean_recurrence)]
         if master:
-            print(f"{iter_num:6d} | " + " ".join(f"{losses[('val', r)]:9.4f}" for r in eval_depths)
+            print(f"{iter_num:6d} | " + " ".join(f"{losses[('val', r)]:9.4f}" for r in eval_r)
                   + f" | {losses[('train', mean_recurrence)]:9.4f}")
-            log({"iter": iter_num, "val_loss": {str(r): losses[("val", r)] for r in eval_depths},
+            log({"iter": iter_num, "val_loss": {str(r): losses[("val", r)] for r in eval_r},
                  "train_loss": losses[("train", mean_recurrence)]})
-        if iter_num > start_iter and (val_loss < best_val_loss or always_save_checkpoint) and not eval_only:
+        if iter_num > start_iter and (val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, val_loss)
             if master:
                 save_checkpoint()
                 print(f"saved {ckpt_path} at iteration {iter_num}")
-    if eval_only or iter_num >= max_iters:
+    if iter_num >= max_iters:
         break
 
-    # one optimizer step: the depth is drawn once for the whole step, the same on every rank
+    # one iteration: r is drawn once for all its micro-steps, the same on every rank
     t0 = time.time()
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    n_no_grad, n_grad = sample_num_steps(mean_recurrence, backprop_depth, sigma, generator=generator(iter_num))
+    r = sample_num_steps(mean_recurrence, sigma, generator(iter_num))
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
         key = (iter_num, rank * accum + micro)  # micro-step g of the global batch: 1 process x accum 2 == 2 x 1
-        x, y = get_batch("train", random_starts("train", (*key, 0)))
+        x, y = get_batch("train", torch.randint(data.num_blocks("train"), (batch_size,), generator=generator(*key, 0)))
         if ddp:  # all-reduce the gradients only once, after the last micro-step
             model.require_backward_grad_sync = micro == accum - 1
-        with ctx:
-            _, loss = model(x, y, num_steps=(n_no_grad, n_grad), state=noise_state(x, (*key, 1)))
+        with ctx:  # the noise start s_0 comes from the micro-step's own generator
+            _, loss = model(x, y, num_steps=r, init_scale=init_scale, generator=generator(*key, 1, device=device))
         # the gradient of the mean over micro-steps (and, through DDP's averaging, over processes)
         (loss / accum).backward()
         loss_sum += loss.detach()
@@ -460,23 +356,21 @@ while True:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if device_type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     dt = time.time() - t0
-    if iter_num > start_iter + 2:  # the first steps compile; leave them out of the average
+    if iter_num > start_iter + 2:  # the first iterations compile; leave them out of the average
         dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
 
     if iter_num % log_interval == 0 and master:
-        r = n_no_grad + n_grad
+        n_grad = min(r, backprop_depth)
         flops = raw_model.estimate_flops_per_token(r, block_size, training=True) * tokens_per_iter
         mfu = f"{100 * flops / dt / (peak_flops * world_size):.1f}%" if peak_flops else "n/a"
         eta = format_time((max_iters - iter_num - 1) * (dt_avg or dt))
-        print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, depth {r} ({n_no_grad}+{n_grad}), "
+        print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, r {r} ({r - n_grad}+{n_grad}), "
               f"{dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}, eta {eta}")
-        log({"iter": iter_num, "loss": step_loss, "lr": lr, "depth": r, "n_grad": n_grad,
-             "grad_norm": grad_norm.item(), "ms": dt * 1000, "tok_per_s": tokens_per_iter / dt, "mfu": mfu})
+        log({"iter": iter_num, "loss": step_loss, "lr": lr, "r": r, "n_grad": n_grad, "grad_norm": grad_norm.item(),
+             "ms": dt * 1000, "tok_per_s": tokens_per_iter / dt, "mfu": mfu})
     iter_num += 1
 
-if has_difficulty and (eval_only or iter_num > start_iter):
-    evaluate_accuracy(accuracy_depths)
 if ddp:
     dist.destroy_process_group()

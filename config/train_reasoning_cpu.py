@@ -33,3 +33,5 @@ beta2 = 0.98
 
 device = "cpu"
 compile = False
+num_threads = 1     # the fastest for a model this small, and steady when another program takes a core
+vocab_multiple = 1  # no padding: nothing to gain on a CPU, and the README's figures stay reproducible

@@ -1,8 +1,8 @@
-# The ~96M "small" recurrent model (2 prelude + 4 core + 2 coda blocks, 768 wide, r_bar 8) on tiny shakespeare
-# with GPT-2's BPE, on one GPU. No big download: python prepare_data.py shakespeare && python train.py config/train_small_gpu.py
+# A quick first GPU run (a smoke test, minutes): the ~96M model of train.py's defaults on tiny shakespeare with GPT-2's
+# BPE instead of FineWeb-Edu. python prepare_data.py shakespeare && python train.py config/train_shakespeare_gpu.py
 # 300k training tokens are few for 96M parameters: val loss bottoms out within a few hundred iterations and then
 # rises as the model memorises, so only improvements are saved (the best checkpoint survives).
-out_dir = "out-small-gpu"
+out_dir = "out-shakespeare-gpu"
 dataset = "shakespeare"
 eval_interval = 100
 eval_iters = 5  # the val split is 36k tokens: 5 batches of 16 x 512 cover it about once

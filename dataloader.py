@@ -1,0 +1,85 @@
+"""
+Read the token files that prepare_data.py writes (the format is in its docstring) as batches of blocks. Used by
+train.py, eval.py and latents.py.
+
+A split ("train", "val") is one file, train.bin, or several shards, train_000000.bin, train_000001.bin, ... (uint16
+token ids). Blocks of block_size tokens are numbered over all shards, so a batch is a tensor of block numbers:
+drawn at random for training, evenly spaced for evaluation. Reasoning data comes in rows of row_len tokens (a block
+is a whole row) with a target file aligned with the tokens: the label AT each position, 65535 for no loss.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import torch
+
+from configurator import fail
+
+NO_LOSS = 65535  # the target id that means "no loss here"; it becomes -1, cross_entropy's ignore_index
+
+
+class TokenData:
+
+    def __init__(self, data_dir, block_size, dataset="<dataset>"):
+        self.data_dir, self.block_size = data_dir, block_size
+        hint = f"run: python prepare_data.py {dataset}"
+        if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+            fail(f"no meta.json in {data_dir}; {hint}")
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.shards = {split: sorted(f for f in os.listdir(data_dir) if re.fullmatch(rf"{split}(_\d+)?\.bin", f))
+                       for split in ("train", "val")}
+        for split, files in self.shards.items():
+            if not files:
+                fail(f"no {split}.bin or {split}_*.bin shards in {data_dir}; {hint}")
+            for name in files:  # a shard cut short by a crash or a full disk is caught here, not as a wrong batch
+                expected, size = self.meta.get("shards", {}).get(name), os.path.getsize(os.path.join(data_dir, name))
+                if expected is not None and size != 2 * expected:
+                    fail(f"{os.path.join(data_dir, name)} is truncated ({size // 2:,} of {expected:,} tokens); "
+                         f"delete it and {hint} again")
+        self.row_len = self.meta.get("row_len")  # rows of a fixed length (reasoning data): a block is a row
+        self.aligned = os.path.isfile(os.path.join(data_dir, "train_targets.bin"))  # targets given per position
+        if (self.aligned or self.row_len) and not (self.shards == {"train": ["train.bin"], "val": ["val.bin"]}
+                                                   and os.path.isfile(os.path.join(data_dir, "val_targets.bin"))):
+            fail(f"{data_dir} has rows or aligned targets but not one train.bin and val.bin with their targets; {hint}")
+        if self.row_len is not None and block_size != self.row_len:
+            fail(f"this dataset is made of rows of {self.row_len} tokens; set --block_size={self.row_len}")
+        # block numbers: a shard's blocks start at whole rows, or at any token with room for the shifted target
+        self.first_block = {}
+        for split, files in self.shards.items():
+            lengths = [len(self.tokens(f)) for f in files]
+            blocks = [n // self.row_len if self.row_len else max(0, n - block_size - (not self.aligned) + 1)
+                      for n in lengths]
+            if sum(blocks) == 0:
+                fail(f"block_size={block_size} is too long for the {split} data (longest shard: {max(lengths):,} "
+                     "tokens); lower --block_size")
+            self.first_block[split] = np.cumsum([0] + blocks)  # shard i holds blocks first_block[i] ..
+
+    def tokens(self, name):
+        # memmap again on every call, as nanoGPT does: a long-lived memmap keeps growing in RAM (nanoGPT #287)
+        return np.memmap(os.path.join(self.data_dir, name), dtype=np.uint16, mode="r")
+
+    def num_blocks(self, split):
+        return int(self.first_block[split][-1])
+
+    def evenly_spaced(self, split, n):
+        """n block numbers spread over the whole split: a fixed evaluation set."""
+        return torch.linspace(0, self.num_blocks(split) - 1, n).long()
+
+    def batch(self, split, blocks):
+        """x, y (B, block_size) int64 on the CPU for the numbered blocks: y is x shifted by one, or the aligned
+        targets with "no loss" as -1."""
+        xs, ys = [], []
+        for block in blocks.tolist():
+            i = int(np.searchsorted(self.first_block[split], block, side="right")) - 1  # the shard holding it
+            start = (block - int(self.first_block[split][i])) * (self.row_len or 1)
+            data, end = self.tokens(self.shards[split][i]), start + self.block_size
+            xs.append(torch.from_numpy(data[start:end].astype(np.int64)))
+            if self.aligned:
+                y = torch.from_numpy(self.tokens(f"{split}_targets.bin")[start:end].astype(np.int64))
+                ys.append(y.masked_fill(y == NO_LOSS, -1))
+            else:
+                ys.append(torch.from_numpy(data[start + 1:end + 1].astype(np.int64)))
+        return torch.stack(xs), torch.stack(ys)
