@@ -1,0 +1,157 @@
+"""
+The depth experiment: how a trained checkpoint does at every test-time r.
+
+    python eval.py --out_dir=out-reasoning                              # accuracy by difficulty and r, a picture
+    python eval.py --out_dir=out-shakespeare-char --r="[1,2,4,8,16,32,64]"
+    python eval.py --out_dir=out-reasoning --problem 0123 --r="[1,4,32]"  # your own problem, answered at each r
+
+1. Val loss at every r, on the same fixed validation blocks and noise starts as train.py's evals.
+2. For reasoning data (prepare_data.py reasoning / problems): exact-match accuracy by difficulty and r over the
+   whole val split, printed, written to out_dir/accuracy.json and drawn in out_dir/accuracy.png (if matplotlib is
+   installed; nothing else needs it), then the example problems prepare_data.py saved, answered at each r.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from checkpoints import get_tokenizer, load_checkpoint
+from configurator import configure, fail
+from dataloader import NO_LOSS, TokenData
+
+# -----------------------------------------------------------------------------------------------------------
+out_dir = "out"
+r = []                # the r to evaluate; [] means 1, 2, 4, ... up to 8 r_bar
+data_dir = ""         # "" means the data the checkpoint was trained on
+problem = ""          # reasoning checkpoints: a problem of your own to answer at each r, e.g. --problem 0123
+init_scale = 1.0      # std of the noise start s_0, relative to training (0: the zero state)
+plot = True           # draw out_dir/accuracy.png (needs matplotlib)
+device = "cpu"
+num_threads = 0       # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+config = configure(settings, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------------------------------------
+
+if any(type(n) is not int or n < 1 for n in r):
+    fail(f"--r must list whole numbers of steps >= 1, got {r!r}")
+if num_threads or "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(num_threads or max(1, os.cpu_count() // 2))
+model, checkpoint = load_checkpoint(out_dir, device)
+train_config, meta, r_bar = checkpoint["config"], checkpoint["meta"], model.config.mean_recurrence
+r = sorted(r or [2**i for i in range(int(np.log2(8 * r_bar)) + 1)])
+block_size, batch_size, seed = train_config["block_size"], train_config["batch_size"], train_config["seed"]
+data = TokenData(data_dir or train_config["data_dir"] or
+                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", train_config["dataset"]),
+                 block_size, train_config["dataset"])
+encode, decode = get_tokenizer(meta)
+
+
+def noise(*key):
+    """train.py's keyed generator: the same noise starts s_0 as its evals, so the figures match its log."""
+    return torch.Generator(device).manual_seed(hash((seed, *key)) % 2**63)
+
+
+@torch.no_grad()
+def logits_at(x, num_steps, key):
+    return model(x.to(device), num_steps=num_steps, init_scale=init_scale, generator=noise(*key))[0].cpu()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. val loss by r, on train.py's fixed validation blocks
+
+blocks = data.evenly_spaced("val", train_config["eval_iters"] * batch_size).split(batch_size)
+print(f"{out_dir}: {model.get_num_params() / 1e6:.2f}M parameters, trained {checkpoint['iter_num']} iterations at "
+      f"r_bar {r_bar}; val loss on {len(blocks) * batch_size} fixed blocks of {block_size} tokens")
+val_loss = {}
+for num_steps in r:
+    losses = []
+    for i, b in enumerate(blocks):
+        x, y = data.batch("val", b)
+        losses.append(torch.nn.functional.cross_entropy(logits_at(x, num_steps, (-1, i)).flatten(0, 1), y.flatten(),
+                                                        ignore_index=-1).item())
+    val_loss[num_steps] = sum(losses) / len(losses)
+print("  " + " ".join(f"{'r=' + str(n):>8}" for n in r))
+print("  " + " ".join(f"{val_loss[n]:8.4f}" for n in r))
+result = {"iter": checkpoint["iter_num"], "r": r, "r_bar": r_bar, "val_loss": {str(n): val_loss[n] for n in r}}
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. reasoning data: exact-match accuracy by difficulty and r
+
+if os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin")):
+    # A problem is a maximal run of labelled positions of one difficulty inside a row; it is solved when the
+    # argmax prediction is right at every one of its positions (the targets are aligned: prepare_data.py)
+    n_rows = data.num_blocks("val")
+    targets = data.tokens("val_targets.bin")[:n_rows * block_size].astype(np.int64).reshape(n_rows, block_size)
+    difficulty = data.tokens("val_difficulty.bin")[:n_rows * block_size].astype(np.int64).reshape(n_rows, block_size)
+    labelled = targets != NO_LOSS
+    first = labelled.copy()  # a problem's first position: its left neighbour is unlabelled or of another difficulty
+    first[:, 1:] &= ~labelled[:, :-1] | (difficulty[:, 1:] != difficulty[:, :-1])
+    problem_of = torch.from_numpy(np.cumsum(first.reshape(-1)).reshape(n_rows, block_size) - 1)  # (rows, T)
+    problem_difficulty = difficulty[first]  # (problems,)
+    n_problems = len(problem_difficulty)
+    if n_problems == 0:
+        fail("val_targets.bin has no labelled positions; nothing to score")
+    solved = {}
+    for num_steps in r:
+        wrong = torch.zeros(n_problems, dtype=torch.int64)  # wrong positions per problem
+        for i, rows in enumerate(torch.arange(n_rows).split(batch_size)):
+            x, y = data.batch("val", rows)
+            miss = (logits_at(x, num_steps, (-3, i)).argmax(-1) != y) & (y >= 0)  # (B, T)
+            wrong += torch.bincount(problem_of[rows][miss], minlength=n_problems)
+        solved[num_steps] = (wrong == 0).numpy()
+    result["problems"], result["accuracy"] = {}, {}
+    for d in sorted(set(problem_difficulty.tolist())) + ["all"]:
+        mask = problem_difficulty == d if d != "all" else np.ones(n_problems, dtype=bool)
+        result["problems"][str(d)] = int(mask.sum())
+        result["accuracy"][str(d)] = {str(n): float(solved[n][mask].mean()) for n in r}
+    print(f"\nexact-match accuracy on {n_problems:,} val problems, by difficulty (rows) and r (columns)")
+    print(f"{'difficulty':>10} {'problems':>8} " + " ".join(f"{'r=' + str(n):>6}" for n in r))
+    for d, accuracy in result["accuracy"].items():
+        print(f"{d:>10} {result['problems'][d]:>8} " + " ".join(f"{accuracy[str(n)]:6.3f}" for n in r))
+
+    # the example problems (and --problem), answered at each r; "\n" leads every problem, as in training
+    examples = [(None, problem, "")] if problem else meta.get("examples", [])
+    print()
+    for d, text, answer in examples:
+        ids = torch.tensor([encode("\n" + text)[-block_size:]])
+        print(f"{text}" + (f"  (difficulty {d}, answer {answer})" if answer else ""))
+        for num_steps in r:
+            predicted = decode(logits_at(ids, num_steps, (-4,))[0].argmax(-1).tolist())[-len(answer or text):]
+            verdict = ("right" if predicted == answer else "wrong") if answer else ""
+            print(f"  r={num_steps:<3} {predicted.replace(chr(10), '|')}  {verdict}")
+
+    if plot:
+        try:
+            import matplotlib
+        except ImportError:
+            print("no picture: pip install matplotlib to draw accuracy.png")
+            plot = False
+    if plot:
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        difficulties = [d for d in result["accuracy"] if d != "all"]
+        trained = meta.get("train_max_difficulty")
+        colors = plt.cm.viridis(np.linspace(0, 1, len(difficulties)))
+        for d, color in zip(difficulties, colors):
+            beyond = trained is not None and int(d) > trained
+            ax.plot(r, [result["accuracy"][d][str(n)] for n in r], marker="o", markersize=3, color=color,
+                    linestyle="--" if beyond else "-", label=d + (" (beyond training)" if beyond else ""))
+        ax.plot(r, [result["accuracy"]["all"][str(n)] for n in r], color="black", linewidth=2.5, label="all")
+        ax.axvline(r_bar, color="gray", linestyle=":", label=f"r_bar = {r_bar}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(r, [str(n) for n in r])
+        ax.set(xlabel="test-time r (steps of the core)", ylabel="exact-match accuracy", ylim=(-0.02, 1.02),
+               title=f"accuracy by difficulty and r (iteration {result['iter']})")
+        ax.grid(alpha=0.3)
+        ax.legend(title="difficulty", fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "accuracy.png"))
+        print(f"wrote {os.path.join(out_dir, 'accuracy.png')}")
+
+with open(os.path.join(out_dir, "accuracy.json" if "accuracy" in result else "eval.json"), "w") as f:
+    json.dump(result, f, indent=1)

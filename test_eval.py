@@ -1,0 +1,154 @@
+"""
+Tests for eval.py, the depth experiment: val loss by r equals train.py's evals, exact-match accuracy by difficulty
+and r recomputed by hand, the example problems and one's own answered, the optional picture. CPU only.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import load_checkpoint
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--n_embd=32", "--n_head=2", "--n_layers_prelude=1", "--n_layers_core=1", "--n_layers_coda=1",
+        "--intermediate_size=64", "--mean_recurrence=4", "--backprop_depth=2", "--batch_size=4",
+        "--gradient_accumulation_steps=1", "--eval_iters=2", "--device=cpu", "--compile=False", "--log_interval=1",
+        "--warmup_iters=5", "--num_threads=1"]
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def make_prefix_sum_data(path, rng, n_rows):
+    """Aligned-target data in prepare_data.py's format: rows of 16 tokens holding problems "digits \\n digits ...";
+    the label at each digit is the running sum mod 10 of its problem so far; the difficulty is the problem's
+    length; separators carry no label."""
+    row_len, sep = 16, 10
+    for split in ("train", "val"):
+        x, y, d = [], [], []
+        for _ in range(n_rows):
+            row_x, row_y, row_d = [], [], []
+            while len(row_x) < row_len:
+                n = int(rng.integers(1, 6))
+                digits = rng.integers(0, 10, n)
+                row_x += [*digits.tolist(), sep]
+                row_y += [*(np.cumsum(digits) % 10).tolist(), 65535]
+                row_d += [n] * n + [0]
+            x += row_x[:row_len]
+            y += row_y[:row_len]
+            d += row_d[:row_len]
+        np.array(x, dtype=np.uint16).tofile(path / f"{split}.bin")
+        np.array(y, dtype=np.uint16).tofile(path / f"{split}_targets.bin")
+        if split == "val":
+            np.array(d, dtype=np.uint16).tofile(path / "val_difficulty.bin")
+    (path / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 11, "chars": "0123456789\n",
+                                                "row_len": row_len, "train_max_difficulty": 3,
+                                                "examples": [[4, "1234", "1360"]]}))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for 30 iterations on the prefix-sum problems."""
+    tmp = tmp_path_factory.mktemp("eval")
+    data, out_dir = tmp / "data", tmp / "out"
+    data.mkdir()
+    make_prefix_sum_data(data, np.random.default_rng(0), n_rows=150)
+    proc = run("train.py", *TINY, f"--data_dir={data}", "--block_size=16", f"--out_dir={out_dir}", "--eval_interval=30",
+               "--max_iters=30", "--learning_rate=3e-3", "--eval_r=[1,4]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return data, out_dir
+
+
+def test_val_loss_by_r_matches_train_logs(trained):
+    """eval.py scores the same fixed blocks with the same noise starts as train.py's evals: the same numbers."""
+    data, out_dir = trained
+    proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,4]", "--plot=False")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out_dir / "accuracy.json").read_text())
+    logged = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    final = [rec["val_loss"] for rec in logged if rec.get("iter") == 30 and "val_loss" in rec][0]
+    for r in ("1", "4"):
+        assert result["val_loss"][r] == pytest.approx(final[r], abs=1e-6)
+
+
+def test_accuracy_by_difficulty_and_r(trained):
+    data, out_dir = trained
+    # the zero start state, so the test can recompute every number
+    proc = run("eval.py", f"--out_dir={out_dir}", "--init_scale=0", "--r=[1,2,8]", "--plot=False")
+    assert proc.returncode == 0, proc.stderr
+    assert "exact-match accuracy" in proc.stdout and "1234  (difficulty 4, answer 1360)" in proc.stdout
+    result = json.loads((out_dir / "accuracy.json").read_text())
+    assert result["r"] == [1, 2, 8]
+
+    # recompute: every problem by walking the rows, solved when all its positions are predicted right
+    model, _ = load_checkpoint(str(out_dir))
+    x = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64)).view(-1, 16)
+    y = np.fromfile(data / "val_targets.bin", dtype=np.uint16).reshape(-1, 16)
+    d = np.fromfile(data / "val_difficulty.bin", dtype=np.uint16).reshape(-1, 16)
+    for r in (1, 2, 8):
+        with torch.no_grad():
+            pred = model(x, num_steps=r, init_scale=0.0)[0].argmax(-1).numpy()
+        solved = {}  # difficulty -> list of 0/1
+        for row in range(len(y)):
+            t = 0
+            while t < 16:
+                if y[row, t] == 65535:
+                    t += 1
+                    continue
+                end = t
+                while end < 16 and y[row, end] != 65535 and d[row, end] == d[row, t]:
+                    end += 1
+                solved.setdefault(str(d[row, t]), []).append(int((pred[row, t:end] == y[row, t:end]).all()))
+                t = end
+        everything = sum(solved.values(), [])
+        assert result["problems"]["all"] == len(everything)
+        assert result["accuracy"]["all"][str(r)] == pytest.approx(np.mean(everything), abs=1e-12)
+        for difficulty, values in solved.items():
+            assert result["problems"][difficulty] == len(values)
+            assert result["accuracy"][difficulty][str(r)] == pytest.approx(np.mean(values), abs=1e-12)
+    assert set(result["problems"]) == {"1", "2", "3", "4", "5", "all"}
+
+
+def test_own_problem_and_the_picture(trained):
+    """--problem answers a problem of one's own at each r; the picture is drawn when matplotlib is installed, and
+    without it eval.py says how to get it and still finishes."""
+    data, out_dir = trained
+    proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,3]", "--problem", "98")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index("98")
+    assert lines[at + 1].startswith("  r=1 ") and lines[at + 2].startswith("  r=3 ")
+    assert len(lines[at + 1].split()[1]) == 2  # a label per character of the problem
+    try:
+        import matplotlib  # noqa: F401  (only to learn which outcome to expect)
+    except ImportError:
+        assert "pip install matplotlib" in proc.stdout
+    else:
+        assert (out_dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_text_checkpoint_gets_val_loss_only(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_prefix_sum_data(data, np.random.default_rng(1), n_rows=40)
+    for name in ("train_targets.bin", "val_targets.bin", "val_difficulty.bin"):
+        os.remove(data / name)
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["row_len"]
+    (data / "meta.json").write_text(json.dumps(meta))
+    out_dir = tmp_path / "out"
+    assert run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out_dir}", "--block_size=16",
+               "--eval_interval=4", "--max_iters=4").returncode == 0
+    proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,2]")
+    assert proc.returncode == 0 and "exact-match" not in proc.stdout, proc.stderr
+    assert set(json.loads((out_dir / "eval.json").read_text())["val_loss"]) == {"1", "2"}
+    missing = run("eval.py", f"--out_dir={tmp_path / 'nowhere'}")
+    assert missing.returncode != 0 and missing.stderr.strip().startswith("error: no checkpoint at")
