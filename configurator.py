@@ -68,8 +68,8 @@ def configure(defaults, argv):
         key, sep, text = arg[2:].partition("=")
         if key not in config:
             fail(f"unknown setting --{key} (known: {', '.join(sorted(config))})")
-        if not sep:  # --key value, or a bare --flag for a boolean setting
-            if isinstance(config[key], bool) and (not args or args[0].startswith("--")):
+        if not sep:  # --key value, or a bare --flag (True) for a setting that is a bool or None by default
+            if isinstance(config[key], (bool, type(None))) and (not args or args[0].startswith("--")):
                 text = "True"
             elif not args:
                 fail(f"--{key} needs a value")
