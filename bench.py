@@ -1,17 +1,21 @@
 """
-Measure what the recurrence costs. Prints a short table and writes the same figures to out_dir/bench.json.
+Measure what the recurrence costs. Prints short tables and writes the same figures to out_dir/bench.json.
 
     python bench.py                                       # CPU defaults: a few minutes on 2 cores
+    python bench.py --sections=decode --num_threads=1 --timer=cpu         # decoding only (the README's table)
+    python bench.py --sections=decode --decode_out_dir=out-shakespeare-char   # decoding a trained checkpoint
     python bench.py --device=cuda --preset=small --batch_size=16 --seq_len=1024 --matmul_size=8192
 
-1. Training efficiency: FLOP/s of a recurrent training step (forward over r iterations, backward over the last k)
+1. Memory: peak training memory at r = 8, 32, 128 with k = 8, each in a fresh process (run first, before this
+   process holds any GPU memory). Truncated backprop builds a graph over the last k steps only, so memory should
+   not grow with r.
+2. Training efficiency: FLOP/s of a recurrent training step (forward over r steps, backward over the last k)
    against a plain stack of the same SandwichBlocks doing the same FLOPs per step, and against the machine's own
-   matmul peak timed in the same run (MFU without a table of hardware constants). Eager and compiled.
-2. Compile: the recompilations of the compiled parts while r varies from step to step (should be none).
-3. Memory: peak training memory at r = 8, 32, 128 with k = 8, each in a fresh process. Truncated backprop builds
-   a graph over the last k iterations only, so memory should not grow with r.
-4. Decoding: tokens/s of generate with the KV cache, without it (the whole context again for every token), and
-   with a cache budget, at a given prompt length and r.
+   matmul peak timed in the same run (MFU without a table of hardware constants). Eager and compiled; then the
+   recompilations of the compiled parts while r varies from step to step (should be none).
+3. Decoding, batch 1, greedy, at each r of decode_r: tokens/s of decode.py's generate eager, compiled and
+   self-speculative (compiled), with the compile time, whether the three give the same tokens, and the
+   recompilations; and at the first r, recomputing the whole context for every token (no KV cache).
 """
 
 import copy
@@ -29,7 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure, fail
-from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, generate, precompute_rope
+from checkpoints import load_checkpoint
+from dataloader import TokenData
+from decode import compile_for_decoding, generate
+from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, precompute_rope
 
 # -----------------------------------------------------------------------------------------------------------
 # settings (override with --key=value or --key value)
@@ -37,6 +44,7 @@ device = "cpu"              # "cpu", "cuda", "cuda:1", ...
 dtype = "auto"              # "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32" or "bfloat16"
 num_threads = 0             # CPU threads for torch; 0 keeps torch's default
 timer = "wall"              # "wall" clock, or "cpu": this process's CPU time, steadier on a shared CPU-only machine
+sections = "memory,train,decode"  # which parts to run
 seed = 1337
 out_dir = "out-bench"
 # model: a preset from model.py (e.g. "small", ~96M, for a GPU; the shape below is then ignored), or "" for
@@ -52,28 +60,31 @@ vocab_size = 512
 # training step
 batch_size = 4
 seq_len = 128
-num_steps = 16              # r for the efficiency comparison (fixed, so both models do a known amount of work)
+r = 16                      # steps of the core in the efficiency comparison (fixed: both models do known work)
 backprop_depth = 8          # k
 repeats = 5                 # timed steps per variant, alternating between variants; medians are reported
 matmul_size = 2048          # n of the n x n x n matmul that measures the peak; 8192 suits a big GPU
 compile = True              # also time torch.compile'd steps and count recompilations
 compile_backend = "inductor"  # "eager" only captures graphs: a quick check of recompilations without codegen
-compile_num_steps = [3, 9, 17, 30]  # r of the steps counted for recompilations, after warm-up
+compile_r = [3, 9, 17, 30]  # r of the steps counted for recompilations, after warm-up
 # memory
-memory_num_steps = [8, 32, 128]
+memory_r = [8, 32, 128]
 memory_backprop_depth = 8
 probe_memory_at = 0         # internal: bench.py reruns itself with this set to measure one r in a fresh process
 # decoding (batch 1, greedy)
+decode_out_dir = ""         # "" decodes the random model above; or a checkpoint's out_dir (its val text is the prompt)
 prompt_len = 256
 new_tokens = 32
-decode_num_steps = 8        # r per token
-cache_budget = 0            # core entries kept in the budget run; 0 means n_layers_core: the last iteration only
+decode_r = [8, 32]          # r per token
+draft_steps = 4             # speculative decoding: drafts at this r ...
+lookahead = 4               # ... this many tokens at a time
 decode_repeats = 5
-# -----------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
 config = configure(settings, sys.argv[1:])
 globals().update(config)
 
+if not set(sections.split(",")) <= {"memory", "train", "decode"}:
+    fail(f"--sections is a comma-separated list of memory, train and decode, got {sections!r}")
 if preset and preset not in PRESETS:
     fail(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or leave it empty")
 
@@ -119,7 +130,7 @@ def model_config(k):
     shape = {} if preset else dict(vocab_size=vocab_size, n_embd=n_embd, n_head=n_head, n_layers_prelude=n_layers_prelude,
                                    n_layers_core=n_layers_core, n_layers_coda=n_layers_coda, intermediate_size=intermediate_size)
     # mean_recurrence only sets the init scale here; the benchmark always passes r explicitly
-    run = dict(block_size=max(seq_len, prompt_len + new_tokens), mean_recurrence=num_steps, backprop_depth=k)
+    run = dict(block_size=max(seq_len, prompt_len + new_tokens + lookahead + 1), mean_recurrence=r, backprop_depth=k)
     return config_from_preset(preset, **shape, **run) if preset else RecurrentConfig(**shape, **run)
 
 
@@ -136,7 +147,7 @@ class PlainGPT(nn.Module):
         self.lm_head.weight = self.wte.weight
         self.register_buffer("rope", precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base), persistent=False)
 
-    def forward(self, idx, targets, num_steps=None):  # num_steps is ignored: the depth is fixed
+    def forward(self, idx, targets, num_steps=None):  # num_steps is ignored: a plain stack has no loop
         rope = self.rope[: idx.size(1)]
         x = self.wte(idx) * math.sqrt(self.wte.embedding_dim)  # (B, T, h)
         for block in self.blocks:
@@ -193,18 +204,18 @@ def compile_blocks(plain):
     return plain
 
 
-
-# random tokens: speed and memory do not depend on the data
+# random tokens: speed and memory do not depend on the data (on the device only where a part needs them)
 torch.manual_seed(seed)
 g = torch.Generator().manual_seed(seed)
 cfg = model_config(backprop_depth)
-x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g).to(device)
-y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g).to(device)
+x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g)
+y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g)
 
 # -----------------------------------------------------------------------------------------------------------
 # Memory probe: in the child process, one training step at r, then report the peak and exit
 
 if probe_memory_at > 0:
+    x, y = x.to(device), y.to(device)
     model = RecurrentGPT(model_config(memory_backprop_depth)).to(device)
     optimizer = make_optimizer(model)
     # baseline: weights, gradients and AdamW moments all exist, so the step's peak is its activations on top
@@ -227,150 +238,202 @@ if probe_memory_at > 0:
     sys.exit(0)
 
 # -----------------------------------------------------------------------------------------------------------
-# Setup: the recurrent model and a plain transformer with the same FLOPs per training step
+# 1. Peak training memory against r, each r in a fresh process (a process's peak memory only ever grows). First,
+#    while this process holds no GPU memory of its own: a parent's cache would crowd its children out
 
-model = RecurrentGPT(cfg).to(device)
-r, k = num_steps, min(num_steps, backprop_depth)
-flops_recurrent = model.estimate_flops_per_token(r, seq_len, training=True) * batch_size * seq_len
-# The recurrent step runs prelude and coda 3 times (forward, and backward at 2x) but the core r + 2k times; a
-# plain block runs 3 times. So the plain model needs about (prelude + coda) + (r + 2k)/3 * core layers, plus
-# the adapter's share: solve for the whole number of layers whose FLOPs come nearest.
-head = plain_flops_per_token(cfg, 0, seq_len)  # lm_head only (the embedding is a lookup)
-block_flops = plain_flops_per_token(cfg, 1, seq_len) - head
-n_layer = round((flops_recurrent / (batch_size * seq_len) - head) / block_flops)
-plain = PlainGPT(cfg, n_layer).to(device)
-flops_plain = plain_flops_per_token(cfg, n_layer, seq_len) * batch_size * seq_len
-
-print(f"device {device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {timer} time")
-print(f"recurrent: {model.get_num_params() / 1e6:.2f}M params, prelude {cfg.n_layers_prelude} / core {cfg.n_layers_core} / "
-      f"coda {cfg.n_layers_coda}, h={cfg.n_embd}; plain: {sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
-      f"{n_layer} layers; batch {batch_size} x {seq_len}, r={r}, k={k}")
-print(f"FLOPs per step: recurrent {flops_recurrent / 1e9:.2f} G, plain {flops_plain / 1e9:.2f} G")
+results = {"config": config, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+           "torch": torch.__version__}
+if "memory" in sections:
+    memory = []
+    for r_i in memory_r:
+        child = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--probe_memory_at={r_i}"], capture_output=True, text=True)
+        if child.returncode != 0:
+            fail(f"the memory probe at r={r_i} failed: {(child.stderr.strip() or 'no output').splitlines()[-1]}")
+        memory.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    first, last = memory[0], memory[-1]
+    results["memory"] = {"kind": "torch.cuda.max_memory_allocated" if device_type == "cuda" else "peak RSS",
+                         "backprop_depth": memory_backprop_depth, "probes": memory,
+                         "ratio_peak": last["peak_bytes"] / first["peak_bytes"],
+                         "ratio_above_baseline": (last["peak_bytes"] - last["baseline_bytes"]) / (first["peak_bytes"] - first["baseline_bytes"])}
+    mem = results["memory"]
+    print(f"\npeak training memory, k={memory_backprop_depth} ({mem['kind']})")
+    print("  r              " + "".join(f"{m['r']:>9}" for m in memory) + f"   r={last['r']}/r={first['r']}")
+    print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in memory) + f"   {mem['ratio_peak']:.3f}")
+    print("  step's own MB  " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) +
+          f"   {mem['ratio_above_baseline']:.3f}")
 
 # -----------------------------------------------------------------------------------------------------------
-# 1. The machine's matmul peak, then the training steps, alternating between variants
+# 2. Training: the recurrent model against a plain transformer with the same FLOPs per training step
 
-# the peak is timed in every round with the training steps, so a busy shared machine slows both alike
-a = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
-b = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
-for _ in range(2):
-    a @ b  # warm-up: threads, kernels, clocks
-matmul_times = []
+if "train" in sections:
+    x, y = x.to(device), y.to(device)
+    model = RecurrentGPT(cfg).to(device)
+    k = min(r, backprop_depth)
+    flops_recurrent = model.estimate_flops_per_token(r, seq_len, training=True) * batch_size * seq_len
+    # The recurrent step runs prelude and coda 3 times (forward, and backward at 2x) but the core r + 2k times; a
+    # plain block runs 3 times. So the plain model needs about (prelude + coda) + (r + 2k)/3 * core layers, plus
+    # the adapter's share: solve for the whole number of layers whose FLOPs come nearest.
+    head = plain_flops_per_token(cfg, 0, seq_len)  # lm_head only (the embedding is a lookup)
+    block_flops = plain_flops_per_token(cfg, 1, seq_len) - head
+    n_layer = round((flops_recurrent / (batch_size * seq_len) - head) / block_flops)
+    plain = PlainGPT(cfg, n_layer).to(device)
+    flops_plain = plain_flops_per_token(cfg, n_layer, seq_len) * batch_size * seq_len
 
-variants = {"recurrent": (model, make_optimizer(model), flops_recurrent),
-            "plain": (plain, make_optimizer(plain), flops_plain)}
-if compile:
-    model_c = copy.deepcopy(model).compile_pieces(backend=compile_backend)
-    plain_c = compile_blocks(copy.deepcopy(plain))
-    variants["recurrent compiled"] = (model_c, make_optimizer(model_c), flops_recurrent)
-    variants["plain compiled"] = (plain_c, make_optimizer(plain_c), flops_plain)
-first_step = {}
-for name, (m, opt, _) in variants.items():
-    # warm-up at r > k, so the compiled core has seen both its no-grad and its grad graph; the first step of a
-    # compiled variant includes its compilation (wall clock: inductor compiles in worker processes)
-    t0 = time.perf_counter()
-    train_step(m, opt, x, y, r)
-    first_step[name] = time.perf_counter() - t0
-    train_step(m, opt, x, y, r)
-times = {name: [] for name in variants}
-for _ in range(repeats):
-    matmul_times.append(timed(lambda: a @ b))
+    print(f"device {device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {timer} time")
+    print(f"recurrent: {model.get_num_params() / 1e6:.2f}M params, prelude {cfg.n_layers_prelude} / core {cfg.n_layers_core} / "
+          f"coda {cfg.n_layers_coda}, h={cfg.n_embd}; plain: {sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
+          f"{n_layer} layers; batch {batch_size} x {seq_len}, r={r}, k={k}")
+    print(f"FLOPs per step: recurrent {flops_recurrent / 1e9:.2f} G, plain {flops_plain / 1e9:.2f} G")
+
+    # the machine's matmul peak, then the training steps, alternating between variants
+
+    # the peak is timed in every round with the training steps, so a busy shared machine slows both alike
+    a = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
+    b = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
+    for _ in range(2):
+        a @ b  # warm-up: threads, kernels, clocks
+    matmul_times = []
+
+    variants = {"recurrent": (model, make_optimizer(model), flops_recurrent),
+                "plain": (plain, make_optimizer(plain), flops_plain)}
+    if compile:
+        model_c = copy.deepcopy(model).compile_pieces(backend=compile_backend)
+        plain_c = compile_blocks(copy.deepcopy(plain))
+        variants["recurrent compiled"] = (model_c, make_optimizer(model_c), flops_recurrent)
+        variants["plain compiled"] = (plain_c, make_optimizer(plain_c), flops_plain)
+    first_step = {}
     for name, (m, opt, _) in variants.items():
-        times[name].append(train_step(m, opt, x, y, r))
-peak_flops = 2 * matmul_size**3 / statistics.median(matmul_times)
-del a, b
+        # warm-up at r > k, so the compiled core has seen both its no-grad and its grad graph; the first step of a
+        # compiled variant includes its compilation (wall clock: inductor compiles in worker processes)
+        t0 = time.perf_counter()
+        train_step(m, opt, x, y, r)
+        first_step[name] = time.perf_counter() - t0
+        train_step(m, opt, x, y, r)
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        matmul_times.append(timed(lambda: a @ b))
+        for name, (m, opt, _) in variants.items():
+            times[name].append(train_step(m, opt, x, y, r))
+    peak_flops = 2 * matmul_size**3 / statistics.median(matmul_times)
+    del a, b
 
-results = {"config": config, "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "matmul_peak_flops": peak_flops, "matmul_seconds": matmul_times, "plain_n_layer": n_layer,
-           "flops_per_step": {"recurrent": flops_recurrent, "plain": flops_plain},
-           "train": {}}
-for name, (_, _, flops) in variants.items():
-    fwd_bwd = statistics.median(t[0] for t in times[name])
-    results["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "step_seconds": statistics.median(t[1] for t in times[name]),
-                              "flops_per_s": flops / fwd_bwd, "mfu": flops / fwd_bwd / peak_flops,
-                              "first_step_seconds": first_step[name], "all_seconds": times[name]}
-tr = results["train"]
-results["ratio_recurrent_plain"] = tr["recurrent"]["flops_per_s"] / tr["plain"]["flops_per_s"]
-results["ratio_recurrent_plain_whole_step"] = tr["plain"]["step_seconds"] / tr["recurrent"]["step_seconds"] * flops_recurrent / flops_plain
-if compile:
-    results["ratio_recurrent_plain_compiled"] = tr["recurrent compiled"]["flops_per_s"] / tr["plain compiled"]["flops_per_s"]
-    results["compile_speedup"] = tr["recurrent"]["step_seconds"] / tr["recurrent compiled"]["step_seconds"]
+    results.update({"matmul_peak_flops": peak_flops, "matmul_seconds": matmul_times, "plain_n_layer": n_layer,
+                    "flops_per_step": {"recurrent": flops_recurrent, "plain": flops_plain}, "train": {}})
+    for name, (_, _, flops) in variants.items():
+        fwd_bwd = statistics.median(t[0] for t in times[name])
+        results["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "step_seconds": statistics.median(t[1] for t in times[name]),
+                                  "flops_per_s": flops / fwd_bwd, "mfu": flops / fwd_bwd / peak_flops,
+                                  "first_step_seconds": first_step[name], "all_seconds": times[name]}
+    tr = results["train"]
+    results["ratio_recurrent_plain"] = tr["recurrent"]["flops_per_s"] / tr["plain"]["flops_per_s"]
+    results["ratio_recurrent_plain_whole_step"] = tr["plain"]["step_seconds"] / tr["recurrent"]["step_seconds"] * flops_recurrent / flops_plain
+    if compile:
+        results["ratio_recurrent_plain_compiled"] = tr["recurrent compiled"]["flops_per_s"] / tr["plain compiled"]["flops_per_s"]
+        results["compile_speedup"] = tr["recurrent"]["step_seconds"] / tr["recurrent compiled"]["step_seconds"]
 
-print(f"matmul peak ({matmul_size}^3, {dtype}): {peak_flops / 1e9:.1f} GFLOP/s")
-print(f"\ntraining, median of {repeats} alternating   fwd+bwd ms  GFLOP/s    MFU   step ms  first step s (wall)")
-for name, t in tr.items():
-    print(f"  {name:<36} {t['fwd_bwd_seconds'] * 1e3:10.1f} {t['flops_per_s'] / 1e9:8.2f} {t['mfu']:6.1%} "
-          f"{t['step_seconds'] * 1e3:9.1f} {t['first_step_seconds']:20.1f}")
-print(f"  recurrent / plain FLOP/s (fwd+bwd): {results['ratio_recurrent_plain']:.3f} eager" +
-      (f", {results['ratio_recurrent_plain_compiled']:.3f} compiled" if compile else "") +
-      f"; whole step with AdamW: {results['ratio_recurrent_plain_whole_step']:.3f} eager")
-if compile:
-    print(f"  compile speedup of the recurrent step: {results['compile_speedup']:.2f}x")
+    print(f"matmul peak ({matmul_size}^3, {dtype}): {peak_flops / 1e9:.1f} GFLOP/s")
+    print(f"\ntraining, median of {repeats} alternating   fwd+bwd ms  GFLOP/s    MFU   step ms  first step s (wall)")
+    for name, t in tr.items():
+        print(f"  {name:<36} {t['fwd_bwd_seconds'] * 1e3:10.1f} {t['flops_per_s'] / 1e9:8.2f} {t['mfu']:6.1%} "
+              f"{t['step_seconds'] * 1e3:9.1f} {t['first_step_seconds']:20.1f}")
+    print(f"  recurrent / plain FLOP/s (fwd+bwd): {results['ratio_recurrent_plain']:.3f} eager" +
+          (f", {results['ratio_recurrent_plain_compiled']:.3f} compiled" if compile else "") +
+          f"; whole step with AdamW: {results['ratio_recurrent_plain_whole_step']:.3f} eager")
+    if compile:
+        print(f"  compile speedup of the recurrent step: {results['compile_speedup']:.2f}x")
 
-# -----------------------------------------------------------------------------------------------------------
-# 2. Recompilations: the compiled parts must serve every r with the graphs they already have
+    # recompilations: the compiled parts must serve every r with the graphs they already have
 
-if compile:
-    from torch._dynamo.utils import counters
-    frames_before = counters["frames"]["total"]  # frames dynamo had to (re)compile: each is a cache miss
-    for r_i in compile_num_steps:
-        train_step(model_c, variants["recurrent compiled"][1], x, y, r_i)
-    results["recompiles"] = counters["frames"]["total"] - frames_before
-    results["recompiles_num_steps"] = compile_num_steps
-    print(f"  recompilations over r = {compile_num_steps} after warm-up: {results['recompiles']}")
-del variants, plain
-if compile:
-    del model_c, plain_c
-
-# -----------------------------------------------------------------------------------------------------------
-# 3. Peak training memory against r, each r in a fresh process (a process's peak RSS only ever grows)
-
-memory = []
-for r_i in memory_num_steps:
-    child = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--probe_memory_at={r_i}"], capture_output=True, text=True)
-    if child.returncode != 0:
-        sys.exit(f"error: the memory probe at r={r_i} failed:\n{child.stderr}")
-    memory.append(json.loads(child.stdout.strip().splitlines()[-1]))
-first, last = memory[0], memory[-1]
-results["memory"] = {"kind": "torch.cuda.max_memory_allocated" if device_type == "cuda" else "peak RSS",
-                     "backprop_depth": memory_backprop_depth, "probes": memory,
-                     "ratio_peak": last["peak_bytes"] / first["peak_bytes"],
-                     "ratio_above_baseline": (last["peak_bytes"] - last["baseline_bytes"]) / (first["peak_bytes"] - first["baseline_bytes"])}
-mem = results["memory"]
-print(f"\npeak training memory, k={memory_backprop_depth} ({mem['kind']})")
-print("  r              " + "".join(f"{m['r']:>9}" for m in memory) + f"   r={last['r']}/r={first['r']}")
-print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in memory) + f"   {mem['ratio_peak']:.3f}")
-print("  step's own MB  " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) +
-      f"   {mem['ratio_above_baseline']:.3f}")
+    if compile:
+        from torch._dynamo.utils import counters
+        frames_before = counters["frames"]["total"]  # frames dynamo had to (re)compile: each is a cache miss
+        for r_i in compile_r:
+            train_step(model_c, variants["recurrent compiled"][1], x, y, r_i)
+        results["recompiles"] = counters["frames"]["total"] - frames_before
+        results["recompiles_r"] = compile_r
+        print(f"  recompilations over r = {compile_r} after warm-up: {results['recompiles']}")
+    del variants, plain
+    if compile:
+        del model_c, plain_c
 
 # -----------------------------------------------------------------------------------------------------------
-# 4. Decoding, batch 1, greedy. The rate after the prompt: generating N tokens minus generating 1 (which is the
-#    prompt's pass plus one token), so a long prompt's one-off cost does not hide the per-token cost.
+# 3. Decoding, batch 1, greedy. The rate after the prompt: generating N tokens minus generating 1 (the prompt's
+#    pass plus one token), so a long prompt's one-off cost does not hide the per-token cost. Every variant draws
+#    the same noise starts (one generator seed), so greedy decoding must give the same tokens in all of them.
 
-model.eval()
-prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
-budget = cache_budget or cfg.n_layers_core
-decoders = {"no cache (recompute)": dict(use_cache=False), "KV cache": dict(),
-            f"KV cache, budget {budget}": dict(cache_budget=budget)}
-decode_times = {name: [] for name in decoders}
-for _ in range(decode_repeats):
-    for name, kwargs in decoders.items():
+if "decode" in sections:
+    if decode_out_dir:  # a trained model, prompted with the start of its own validation text
+        dmodel, checkpoint = load_checkpoint(decode_out_dir, device)
+        train_config = checkpoint["config"]
+        data = TokenData(train_config["data_dir"] or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                         train_config["dataset"]), train_config["block_size"], train_config["dataset"])
+        room = dmodel.config.block_size - new_tokens - lookahead - 1
+        prompt = torch.from_numpy(data.tokens(data.shards["val"][0])[:min(prompt_len, room)].astype("int64"))
+        prompt = prompt[None].to(device)
+    else:
+        dmodel = RecurrentGPT(cfg).to(device).eval()
+        prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
+    compiled_model = copy.deepcopy(dmodel)
+    variants = {"eager": (dmodel, dict()), "compiled": (compiled_model, dict(compile=True)),
+                "speculative": (compiled_model, dict(compile=True, draft_steps=draft_steps, lookahead=lookahead)),
+                "compiled, kl exit": (compiled_model, dict(compile=True, exit_criterion="kl"))}
+
+    def decode(m, n, r_i, **kwargs):
         with ctx:
-            first = timed(lambda: generate(model, prompt, 1, decode_num_steps, temperature=0.0, **kwargs))
-            total = timed(lambda: generate(model, prompt, new_tokens, decode_num_steps, temperature=0.0, **kwargs))
-        decode_times[name].append((first, total))
-results["decode"] = {}
-for name, t in decode_times.items():
-    first, total = statistics.median(f for f, _ in t), statistics.median(n for _, n in t)
-    results["decode"][name] = {"tokens_per_s": (new_tokens - 1) / (total - first), "first_token_seconds": first,
-                               "total_seconds": total, "all_seconds": t}
-dec = results["decode"]
-results["decode_speedup"] = dec["KV cache"]["tokens_per_s"] / dec["no cache (recompute)"]["tokens_per_s"]
-print(f"\ndecoding: prompt {prompt_len}, r={decode_num_steps}, batch 1, {new_tokens} tokens (median of {decode_repeats})")
-print(f"  {'':<30} {'tok/s after the prompt':>22} {'first token s':>14}")
-for name, d in dec.items():
-    print(f"  {name:<30} {d['tokens_per_s']:22.1f} {d['first_token_seconds']:14.2f}")
-print(f"  KV cache speedup: {results['decode_speedup']:.1f}x")
+            return generate(m, prompt, n, r_i, temperature=0, generator=torch.Generator(device).manual_seed(seed),
+                            **kwargs)
+
+    def recompute(m, n, r_i):  # no cache: the whole context again for every token, as nanoGPT's generate does
+        idx = prompt
+        with torch.no_grad(), ctx:
+            for _ in range(n):
+                logits, _ = m(idx, num_steps=r_i, generator=torch.Generator(device).manual_seed(seed))
+                idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
+        return idx, {"steps": torch.full((1, n), r_i)}
+
+    # compile: the one-token step, then the speculative check (lookahead + 1 tokens); wall clock, since inductor
+    # compiles in worker processes. Every later call must find its graphs: the recompilations are counted
+    from torch._dynamo.utils import counters
+    compile_for_decoding(compiled_model, compile_backend)
+    results["decode_compile_seconds"] = timed(lambda: decode(compiled_model, 1, decode_r[0], compile=True))
+    speculative_model, speculative_kwargs = variants["speculative"]
+    results["decode_compile_speculative_seconds"] = timed(lambda: decode(speculative_model, 1, decode_r[0],
+                                                                          **speculative_kwargs))
+    graphs = counters["stats"]["unique_graphs"]
+    results["decode"] = {}
+    for i, r_i in enumerate(decode_r):
+        runs = {name: [] for name in variants} | ({"no cache (recompute)": []} if i == 0 else {})
+        for _ in range(decode_repeats):
+            for name in runs:
+                run = (lambda n: recompute(dmodel, n, r_i)) if name == "no cache (recompute)" else \
+                    (lambda n: decode(variants[name][0], n, r_i, **variants[name][1]))
+                first, total = timed(lambda: run(1)), timed(lambda: run(new_tokens))
+                runs[name].append((first, total, *run(new_tokens)))
+        rates = {}
+        for name, t in runs.items():
+            first, total = statistics.median(f for f, *_ in t), statistics.median(n for _, n, *_ in t)
+            tokens, stats = t[0][2], t[0][3]
+            rates[name] = {"tokens_per_s": (new_tokens - 1) / (total - first), "first_token_seconds": first,
+                           "all_seconds": [(f, n) for f, n, *_ in t], "mean_steps": stats["steps"].float().mean().item(),
+                           "same_tokens_as_eager": torch.equal(tokens, runs["eager"][0][2])}
+            if name == "speculative":
+                rates[name]["acceptance"] = stats["accepted"] / stats["drafted"]
+        results["decode"][str(r_i)] = rates
+    results["decode_recompiles"] = counters["stats"]["unique_graphs"] - graphs
+
+    print(f"\ndecoding {decode_out_dir or 'the random model above'}: prompt {prompt.size(1)}, batch 1, greedy, "
+          f"{new_tokens} tokens, median of {decode_repeats}; speculative: {lookahead} drafts at r = {draft_steps}")
+    print(f"  {'r':>4} {'':<22} {'tok/s after the prompt':>22} {'x eager':>8} {'same tokens':>12} {'steps/token':>12}")
+    for r_i, rates in results["decode"].items():
+        for name, d in rates.items():
+            extra = f"   {d['acceptance']:.0%} of drafts accepted" if "acceptance" in d else ""
+            same = "(exits)" if "exit" in name else str(d["same_tokens_as_eager"])  # fewer steps: other tokens
+            speedup = d["tokens_per_s"] / rates["eager"]["tokens_per_s"]
+            print(f"  {r_i:>4} {name:<22} {d['tokens_per_s']:22.1f} {speedup:8.2f} {same:>12} {d['mean_steps']:12.2f}"
+                  + extra)
+    print(f"  compiling: the one-token step {results['decode_compile_seconds']:.1f} s, the speculative check "
+          f"{results['decode_compile_speculative_seconds']:.1f} s more (wall clock, first calls); recompilations "
+          f"over r = {decode_r} afterwards: {results['decode_recompiles']}")
 
 # -----------------------------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""bench.py end to end on a tiny model: the JSON it writes, zero recompilations as r varies, memory flat in r."""
+"""bench.py end to end on a tiny model: the JSON it writes, zero recompilations as r varies, memory flat in r, and
+decoding (eager, compiled, speculative) giving the same tokens."""
 
 import json
 import math
@@ -15,13 +16,14 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench")
     tiny = ["--n_embd=64", "--n_head=2", "--n_layers_prelude=1", "--n_layers_core=1", "--n_layers_coda=1",
-            "--intermediate_size=128", "--vocab_size=64", "--batch_size=8", "--seq_len=64", "--num_steps=6",
+            "--intermediate_size=128", "--vocab_size=64", "--batch_size=8", "--seq_len=64", "--r=6",
             "--backprop_depth=2", "--repeats=2", "--matmul_size=256",
             # the "eager" backend captures graphs as inductor would (same guards, same recompilations), without codegen
-            "--compile_backend=eager", "--compile_num_steps=[1, 2, 5, 11]",
+            "--compile_backend=eager", "--compile_r=[1, 2, 5, 11]",
             # k=2: a graph kept alive by the 30 no-grad iterations would multiply the step's memory many times
-            "--memory_num_steps=[2, 32]", "--memory_backprop_depth=2",
-            "--prompt_len=24", "--new_tokens=4", "--decode_num_steps=3", "--decode_repeats=1",
+            "--memory_r=[2, 32]", "--memory_backprop_depth=2",
+            "--prompt_len=24", "--new_tokens=6", "--decode_r=[3, 5]", "--draft_steps=2", "--lookahead=2",
+            "--decode_repeats=1",
             "--num_threads=1", f"--out_dir={out_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "bench.py", *tiny], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -50,7 +52,7 @@ def test_training_figures_are_sane(results):
 
 
 def test_no_recompilation_across_depths(results):
-    assert results["recompiles_num_steps"] == [1, 2, 5, 11]
+    assert results["recompiles_r"] == [1, 2, 5, 11]
     assert results["recompiles"] == 0
 
 
@@ -63,5 +65,13 @@ def test_memory_flat_in_depth(results):
 
 def test_decoding_figures(results):
     decode = results["decode"]
-    assert set(decode) == {"no cache (recompute)", "KV cache", "KV cache, budget 1"}  # budget 0 -> n_layers_core
-    assert all(d["tokens_per_s"] > 0 and d["first_token_seconds"] > 0 for d in decode.values())
+    assert set(decode) == {"3", "5"}
+    variants = {"eager", "compiled", "speculative", "compiled, kl exit"}
+    assert set(decode["3"]) == variants | {"no cache (recompute)"} and set(decode["5"]) == variants  # recompute: once
+    for r, rates in decode.items():
+        for name, d in rates.items():
+            assert d["tokens_per_s"] > 0 and d["first_token_seconds"] > 0
+            assert d["same_tokens_as_eager"] or name == "compiled, kl exit"  # greedy: the same tokens, but exits
+            assert d["mean_steps"] == int(r) or name == "compiled, kl exit"
+        assert 0 <= rates["speculative"]["acceptance"] <= 1 and rates["compiled, kl exit"]["mean_steps"] <= int(r)
+    assert results["decode_compile_seconds"] > 0 and results["decode_recompiles"] == 0
