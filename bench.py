@@ -9,10 +9,10 @@ Measure what the recurrence costs. Prints short tables and writes the same figur
 1. Memory: peak training memory at r = 8, 32, 128 with k = 8, each in a fresh process (run first, before this
    process holds any GPU memory). Truncated backprop builds a graph over the last k steps only, so memory should
    not grow with r.
-2. Training efficiency: FLOP/s of a recurrent training step (forward over r steps, backward over the last k)
-   against a plain stack of the same SandwichBlocks doing the same FLOPs per step, and against the machine's own
+2. Training efficiency: FLOP/s of a recurrent training iteration (forward over r steps, backward over the last k)
+   against a plain stack of the same SandwichBlocks doing the same FLOPs per iteration, and against the machine's own
    matmul peak timed in the same run (MFU without a table of hardware constants). Eager and compiled; then the
-   recompilations of the compiled parts while r varies from step to step (should be none).
+   recompilations of the compiled parts while r varies from iteration to iteration (should be none).
 3. Decoding, batch 1, greedy, at each r of decode_r: tokens/s of decode.py's generate eager, compiled and
    self-speculative (compiled), with the compile time, whether the three give the same tokens, and the
    recompilations; and at the first r, recomputing the whole context for every token (no KV cache).
@@ -57,16 +57,16 @@ n_layers_core = 2
 n_layers_coda = 1
 intermediate_size = 704
 vocab_size = 512
-# training step
+# training iterations
 batch_size = 4
 seq_len = 128
 r = 16                      # steps of the core in the efficiency comparison (fixed: both models do known work)
 backprop_depth = 8          # k
-repeats = 5                 # timed steps per variant, alternating between variants; medians are reported
+repeats = 5                 # timed iterations per variant, alternating between variants; medians are reported
 matmul_size = 2048          # n of the n x n x n matmul that measures the peak; 8192 suits a big GPU
-compile = True              # also time torch.compile'd steps and count recompilations
+compile = True              # also time torch.compile'd iterations and count recompilations
 compile_backend = "inductor"  # "eager" only captures graphs: a quick check of recompilations without codegen
-compile_r = [3, 9, 17, 30]  # r of the steps counted for recompilations, after warm-up
+compile_r = [3, 9, 17, 30]  # r of the iterations counted for recompilations, after warm-up
 # memory
 memory_r = [8, 32, 128]
 memory_backprop_depth = 8
@@ -164,9 +164,9 @@ def plain_flops_per_token(config, n_layer, T):
     return 3 * (n_layer * block + 2 * h * config.vocab_size)
 
 
-def train_step(model, optimizer, x, y, r):
-    """One optimiser step: forward (r iterations for the recurrent model), backward, AdamW. Returns the seconds
-    of forward + backward (the counted FLOPs) and of the whole step (AdamW's cost grows with the parameters)."""
+def train_iteration(model, optimizer, x, y, r):
+    """One training iteration: forward (r steps for the recurrent model), backward, AdamW. Returns the seconds
+    of forward + backward (the counted FLOPs) and of the whole iteration (AdamW's cost grows with the parameters)."""
     sync()
     t0 = clock()
     with ctx:
@@ -212,13 +212,13 @@ x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g)
 y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g)
 
 # -----------------------------------------------------------------------------------------------------------
-# Memory probe: in the child process, one training step at r, then report the peak and exit
+# Memory probe: in the child process, training iterations at r, then report the peak and exit
 
 if probe_memory_at > 0:
     x, y = x.to(device), y.to(device)
     model = RecurrentGPT(model_config(memory_backprop_depth)).to(device)
     optimizer = make_optimizer(model)
-    # baseline: weights, gradients and AdamW moments all exist, so the step's peak is its activations on top
+    # baseline: weights, gradients and AdamW moments all exist, so the iteration's peak is its activations on top
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -228,8 +228,8 @@ if probe_memory_at > 0:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         base = peak_rss()
-    for _ in range(2):  # the second step runs with all state allocated, as in a long run
-        train_step(model, optimizer, x, y, probe_memory_at)
+    for _ in range(2):  # the second iteration runs with all state allocated, as in a long run
+        train_iteration(model, optimizer, x, y, probe_memory_at)
     if device_type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -259,18 +259,18 @@ if "memory" in sections:
     print(f"\npeak training memory, k={memory_backprop_depth} ({mem['kind']})")
     print("  r              " + "".join(f"{m['r']:>9}" for m in memory) + f"   r={last['r']}/r={first['r']}")
     print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in memory) + f"   {mem['ratio_peak']:.3f}")
-    print("  step's own MB  " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) +
+    print("  its own MB     " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) +
           f"   {mem['ratio_above_baseline']:.3f}")
 
 # -----------------------------------------------------------------------------------------------------------
-# 2. Training: the recurrent model against a plain transformer with the same FLOPs per training step
+# 2. Training: the recurrent model against a plain transformer with the same FLOPs per training iteration
 
 if "train" in sections:
     x, y = x.to(device), y.to(device)
     model = RecurrentGPT(cfg).to(device)
     k = min(r, backprop_depth)
     flops_recurrent = model.estimate_flops_per_token(r, seq_len, training=True) * batch_size * seq_len
-    # The recurrent step runs prelude and coda 3 times (forward, and backward at 2x) but the core r + 2k times; a
+    # The recurrent iteration runs prelude and coda 3 times (forward, and backward at 2x) but the core r + 2k times; a
     # plain block runs 3 times. So the plain model needs about (prelude + coda) + (r + 2k)/3 * core layers, plus
     # the adapter's share: solve for the whole number of layers whose FLOPs come nearest.
     head = plain_flops_per_token(cfg, 0, seq_len)  # lm_head only (the embedding is a lookup)
@@ -283,11 +283,11 @@ if "train" in sections:
     print(f"recurrent: {model.get_num_params() / 1e6:.2f}M params, prelude {cfg.n_layers_prelude} / core {cfg.n_layers_core} / "
           f"coda {cfg.n_layers_coda}, h={cfg.n_embd}; plain: {sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
           f"{n_layer} layers; batch {batch_size} x {seq_len}, r={r}, k={k}")
-    print(f"FLOPs per step: recurrent {flops_recurrent / 1e9:.2f} G, plain {flops_plain / 1e9:.2f} G")
+    print(f"FLOPs per iteration: recurrent {flops_recurrent / 1e9:.2f} G, plain {flops_plain / 1e9:.2f} G")
 
-    # the machine's matmul peak, then the training steps, alternating between variants
+    # the machine's matmul peak, then the training iterations, alternating between variants
 
-    # the peak is timed in every round with the training steps, so a busy shared machine slows both alike
+    # the peak is timed in every round with the training iterations, so a busy shared machine slows both alike
     a = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
     b = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
     for _ in range(2):
@@ -301,46 +301,46 @@ if "train" in sections:
         plain_c = compile_blocks(copy.deepcopy(plain))
         variants["recurrent compiled"] = (model_c, make_optimizer(model_c), flops_recurrent)
         variants["plain compiled"] = (plain_c, make_optimizer(plain_c), flops_plain)
-    first_step = {}
+    first_iteration = {}
     for name, (m, opt, _) in variants.items():
-        # warm-up at r > k, so the compiled core has seen both its no-grad and its grad graph; the first step of a
+        # warm-up at r > k, so the compiled core has seen both its no-grad and its grad graph; the first iteration of a
         # compiled variant includes its compilation (wall clock: inductor compiles in worker processes)
         t0 = time.perf_counter()
-        train_step(m, opt, x, y, r)
-        first_step[name] = time.perf_counter() - t0
-        train_step(m, opt, x, y, r)
+        train_iteration(m, opt, x, y, r)
+        first_iteration[name] = time.perf_counter() - t0
+        train_iteration(m, opt, x, y, r)
     times = {name: [] for name in variants}
     for _ in range(repeats):
         matmul_times.append(timed(lambda: a @ b))
         for name, (m, opt, _) in variants.items():
-            times[name].append(train_step(m, opt, x, y, r))
+            times[name].append(train_iteration(m, opt, x, y, r))
     peak_flops = 2 * matmul_size**3 / statistics.median(matmul_times)
     del a, b
 
     results.update({"matmul_peak_flops": peak_flops, "matmul_seconds": matmul_times, "plain_n_layer": n_layer,
-                    "flops_per_step": {"recurrent": flops_recurrent, "plain": flops_plain}, "train": {}})
+                    "flops_per_iteration": {"recurrent": flops_recurrent, "plain": flops_plain}, "train": {}})
     for name, (_, _, flops) in variants.items():
         fwd_bwd = statistics.median(t[0] for t in times[name])
-        results["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "step_seconds": statistics.median(t[1] for t in times[name]),
+        results["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "iteration_seconds": statistics.median(t[1] for t in times[name]),
                                   "flops_per_s": flops / fwd_bwd, "mfu": flops / fwd_bwd / peak_flops,
-                                  "first_step_seconds": first_step[name], "all_seconds": times[name]}
+                                  "first_iteration_seconds": first_iteration[name], "all_seconds": times[name]}
     tr = results["train"]
     results["ratio_recurrent_plain"] = tr["recurrent"]["flops_per_s"] / tr["plain"]["flops_per_s"]
-    results["ratio_recurrent_plain_whole_step"] = tr["plain"]["step_seconds"] / tr["recurrent"]["step_seconds"] * flops_recurrent / flops_plain
+    results["ratio_recurrent_plain_whole_iteration"] = tr["plain"]["iteration_seconds"] / tr["recurrent"]["iteration_seconds"] * flops_recurrent / flops_plain
     if compile:
         results["ratio_recurrent_plain_compiled"] = tr["recurrent compiled"]["flops_per_s"] / tr["plain compiled"]["flops_per_s"]
-        results["compile_speedup"] = tr["recurrent"]["step_seconds"] / tr["recurrent compiled"]["step_seconds"]
+        results["compile_speedup"] = tr["recurrent"]["iteration_seconds"] / tr["recurrent compiled"]["iteration_seconds"]
 
     print(f"matmul peak ({matmul_size}^3, {dtype}): {peak_flops / 1e9:.1f} GFLOP/s")
-    print(f"\ntraining, median of {repeats} alternating   fwd+bwd ms  GFLOP/s    MFU   step ms  first step s (wall)")
+    print(f"\ntraining, median of {repeats} alternating   fwd+bwd ms  GFLOP/s    MFU   iter ms  first iter s (wall)")
     for name, t in tr.items():
         print(f"  {name:<36} {t['fwd_bwd_seconds'] * 1e3:10.1f} {t['flops_per_s'] / 1e9:8.2f} {t['mfu']:6.1%} "
-              f"{t['step_seconds'] * 1e3:9.1f} {t['first_step_seconds']:20.1f}")
+              f"{t['iteration_seconds'] * 1e3:9.1f} {t['first_iteration_seconds']:20.1f}")
     print(f"  recurrent / plain FLOP/s (fwd+bwd): {results['ratio_recurrent_plain']:.3f} eager" +
           (f", {results['ratio_recurrent_plain_compiled']:.3f} compiled" if compile else "") +
-          f"; whole step with AdamW: {results['ratio_recurrent_plain_whole_step']:.3f} eager")
+          f"; whole iteration with AdamW: {results['ratio_recurrent_plain_whole_iteration']:.3f} eager")
     if compile:
-        print(f"  compile speedup of the recurrent step: {results['compile_speedup']:.2f}x")
+        print(f"  compile speedup of the recurrent iteration: {results['compile_speedup']:.2f}x")
 
     # recompilations: the compiled parts must serve every r with the graphs they already have
 
@@ -348,7 +348,7 @@ if "train" in sections:
         from torch._dynamo.utils import counters
         frames_before = counters["frames"]["total"]  # frames dynamo had to (re)compile: each is a cache miss
         for r_i in compile_r:
-            train_step(model_c, variants["recurrent compiled"][1], x, y, r_i)
+            train_iteration(model_c, variants["recurrent compiled"][1], x, y, r_i)
         results["recompiles"] = counters["frames"]["total"] - frames_before
         results["recompiles_r"] = compile_r
         print(f"  recompilations over r = {compile_r} after warm-up: {results['recompiles']}")

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 # the exit criteria and their default thresholds (the reference's automatic values)
 EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03}
-COMPILED_MAX_T = 8  # compile_for_decoding compiles calls with at most this many new tokens
 
 
 class KVCache:
@@ -95,7 +94,7 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criteri
         if exit_criterion == "none":
             state = new_state
             continue
-        # zero-shot exit: the model was never trained for it (paper section 6)
+        # zero-shot exit: the model was never trained to stop early (the paper's adaptive compute per token)
         if exit_criterion == "latent-diff":  # ||s_i - s_{i-1}|| / ||s_i||
             change = ((new_state - state).norm(dim=-1) / new_state.norm(dim=-1))[:, -1]
         else:  # "kl": KL(p_{i-1} || p_i) of the next-token distributions, p_0 uniform
@@ -129,9 +128,9 @@ def speculative_round(model, idx, cache, noise, num_steps, draft_steps, lookahea
         token = logits[:, -1:].argmax(-1)
         drafts.append(token)
     drafts = torch.cat(drafts, dim=1)  # (B, lookahead)
-    cache.pos = start  # roll back: the check writes these positions again, at full depth
+    cache.pos = start  # roll back: the check writes these positions again, at the full r
     logits, _, _ = forward_cached(model, torch.cat([idx[:, -1:], drafts], dim=1), cache, num_steps, noise)
-    best = logits.argmax(-1)  # (B, lookahead + 1): the full-depth greedy token after each position
+    best = logits.argmax(-1)  # (B, lookahead + 1): the greedy token at the full r after each position
     agree = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)  # leading drafts each row agrees with
     kept = int(agree.min())  # the same for every row, so the rows stay aligned
     cache.pos = start + kept + 1  # roll back the rest: positions past the kept drafts get written again
@@ -150,22 +149,23 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 
 
 def compile_for_decoding(model, backend="inductor"):
-    """torch.compile embed, core_step and predict for a few new tokens at a time: one (T = 1) when decoding, or a
-    speculative check (T = lookahead + 1). The cache's buffers keep their shapes, so one compilation serves every r,
-    position and exit point. Longer inputs (prompts) have a new length each time and run eagerly. The compiled
-    functions shadow the methods on this instance, once."""
-    if getattr(model, "compiled_for_decoding", False):
+    """torch.compile embed, core_step and predict for the lengths that recur: one new token (T = 1), and a
+    speculative check (T = lookahead + 1, added by generate). The cache's buffers keep their shapes, so one
+    compilation serves every r, position and exit point. Other inputs (prompts) have a new length each time and run
+    eagerly. The compiled functions shadow the methods on this instance, once; on a CPU they hold the weights as they
+    are when first called (see generate), so compile a model for decoding once it is trained."""
+    if hasattr(model, "compiled_lengths"):
         return
     options = None
     if backend == "inductor":  # CUDA: a CUDA graph, one launch per step instead of one per kernel. CPU: the best
         # kernels for batch 1 (with the weights frozen into the graphs: see generate)
         options = {"triton.cudagraphs": True} if model.rope.device.type == "cuda" else {"max_autotune": True}
+    model.compiled_lengths = {1}
     for name in ("embed", "core_step", "predict"):
         eager = getattr(model, name)
         compiled = torch.compile(eager, backend=backend, fullgraph=True, options=options)
         setattr(model, name, lambda x, *args, eager=eager, compiled=compiled:
-                (compiled if x.size(1) <= COMPILED_MAX_T else eager)(x, *args))
-    model.compiled_for_decoding = True
+                (compiled if x.size(1) in model.compiled_lengths else eager)(x, *args))
 
 
 def first_stop(new_tokens, stop_ids):
@@ -208,6 +208,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     exit_threshold = EXIT_THRESHOLDS[exit_criterion] if exit_threshold is None else exit_threshold
     if compile:
         compile_for_decoding(model)
+        model.compiled_lengths.add(lookahead + 1 if draft_steps else 1)
     # While decoding on a CPU, inductor may freeze the weights into what it compiles, as constants it can repack
     # for batch 1 (several times faster than the library's matrix-vector product); it does so only without grad
     with torch._inductor.config.patch(freezing=compile and idx.device.type == "cpu"):
@@ -219,7 +220,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                                                 device=idx.device), init_scale, generator)
 
         def prefill(context):
-            """A cache holding context (B, t) but its last token, at full depth (the reference never exits in the
+            """A cache holding context (B, t) but its last token, at the full r (the reference never exits in the
             prefill); the final state of that position, for a warm start."""
             cache.pos = 0
             if context.size(1) == 1:

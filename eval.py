@@ -1,5 +1,5 @@
 """
-The depth experiment: how a trained checkpoint does at every test-time r.
+The test-time scaling experiment: how a trained checkpoint does at every test-time r.
 
     python eval.py --out_dir=out-reasoning                              # accuracy by difficulty and r, a picture
     python eval.py --out_dir=out-shakespeare-char --r="[1,2,4,8,16,32,64]"

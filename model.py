@@ -3,7 +3,7 @@ A recurrent-depth language model, written to be read top to bottom: Geiping et a
 Compute with Latent Reasoning: A Recurrent Depth Approach" (the Huginn-0125 model).
 
 One block of layers, the core, is looped r times in latent space; r is chosen per call, so more test-time
-compute means more steps of the core (paper section 3, equations 1-4):
+compute means more steps of the core (the paper's section 3):
 
     e   = P(x)                            prelude: embedding, then a few blocks           RecurrentGPT.embed
     s_0 ~ TruncNormal(0, 2/5 I)           noise start of the latent state                 RecurrentGPT.initial_state
@@ -140,7 +140,7 @@ class GatedMLP(nn.Module):
 
 
 class SandwichBlock(nn.Module):
-    """Huginn's block: each branch is pre-normed, and the residual sum is normed again (paper section 3.2).
+    """Huginn's block: each branch is pre-normed, and the residual sum is normed again (paper section 3).
     Norming the stream after every add keeps the state on one scale however often the core is looped."""
 
     def __init__(self, config):
@@ -158,7 +158,7 @@ class SandwichBlock(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The r sampler (paper section 3.3; the reference's "poisson-lognormal-filling")
+# The r sampler (paper section 3; the reference's "poisson-lognormal-filling")
 
 
 def sample_num_steps(mean_recurrence, sigma=0.5, generator=None):
@@ -227,7 +227,7 @@ class RecurrentGPT(nn.Module):
     def initial_state(self, e, init_scale=1.0, generator=None):
         # s_0: fresh noise for every position, std sqrt(2/(5h)) cut at 3 std, times sqrt(h) like the embedding,
         # so std sqrt(2/5) * init_scale (0: the zero state). Training from noise teaches the core to reach the
-        # same answer from any start (path independence, section 3.2)
+        # same answer from any start (path independence)
         std = math.sqrt(2 / (5 * self.config.n_embd)) * init_scale
         state = torch.zeros_like(e)  # (B, T, h)
         if std > 0:

@@ -20,7 +20,7 @@ def results(tmp_path_factory):
             "--backprop_depth=2", "--repeats=2", "--matmul_size=256",
             # the "eager" backend captures graphs as inductor would (same guards, same recompilations), without codegen
             "--compile_backend=eager", "--compile_r=[1, 2, 5, 11]",
-            # k=2: a graph kept alive by the 30 no-grad iterations would multiply the step's memory many times
+            # k=2: a graph kept alive by the 30 no-grad iterations would multiply the iteration's memory many times
             "--memory_r=[2, 32]", "--memory_backprop_depth=2",
             "--prompt_len=24", "--new_tokens=6", "--decode_r=[3, 5]", "--draft_steps=2", "--lookahead=2",
             "--decode_repeats=1",
@@ -34,10 +34,10 @@ def results(tmp_path_factory):
 
 
 def test_plain_model_matches_flops(results):
-    """The plain transformer's depth is chosen so its FLOPs per step are within half a block of the recurrent's."""
-    flops = results["flops_per_step"]
+    """The plain transformer's layer count is chosen so its FLOPs per iteration are within half a block of the recurrent's."""
+    flops = results["flops_per_iteration"]
     h, I, T, B = 64, 128, 64, 8
-    block = 3 * (2 * (4 * h * h + 3 * h * I) + 4 * T * h) * B * T  # one block's training FLOPs per step
+    block = 3 * (2 * (4 * h * h + 3 * h * I) + 4 * T * h) * B * T  # one block's training FLOPs per iteration
     assert abs(flops["plain"] - flops["recurrent"]) <= block / 2
     assert results["plain_n_layer"] > 2  # deeper than prelude + coda: the core's r + 2k runs are unrolled
 
@@ -46,21 +46,21 @@ def test_training_figures_are_sane(results):
     assert results["matmul_peak_flops"] > 0
     for name in ("recurrent", "plain", "recurrent compiled", "plain compiled"):
         t = results["train"][name]
-        assert 0 < t["fwd_bwd_seconds"] <= t["step_seconds"]
+        assert 0 < t["fwd_bwd_seconds"] <= t["iteration_seconds"]
         assert math.isclose(t["mfu"], t["flops_per_s"] / results["matmul_peak_flops"])
     assert results["ratio_recurrent_plain"] > 0 and results["compile_speedup"] > 0
 
 
-def test_no_recompilation_across_depths(results):
+def test_no_recompilation_across_r(results):
     assert results["recompiles_r"] == [1, 2, 5, 11]
     assert results["recompiles"] == 0
 
 
-def test_memory_flat_in_depth(results):
+def test_memory_flat_in_r(results):
     memory = results["memory"]
     assert [p["r"] for p in memory["probes"]] == [2, 32]
     assert all(p["peak_bytes"] > p["baseline_bytes"] > 0 for p in memory["probes"])
-    assert memory["ratio_above_baseline"] < 1.5  # 16x the depth, not 16x the activations
+    assert memory["ratio_above_baseline"] < 1.5  # 16x the r, not 16x the activations
 
 
 def test_decoding_figures(results):

@@ -4,13 +4,13 @@ import pytest
 
 from configurator import configure
 
-DEFAULTS = dict(r=8, learning_rate=1e-3, compile=True, device="", start="\n", depths=[1, 4], budget=None)
+DEFAULTS = dict(r=8, learning_rate=1e-3, compile=True, device="", start="\n", eval_r=[1, 4], budget=None)
 
 
 def test_both_flag_forms_and_types():
     config = configure(DEFAULTS, ["--r", "32", "--learning_rate=1", "--compile", "False", "--device=cpu",
-                                  "--start", "123", "--depths=[1,2]", "--budget=4"])
-    assert config == dict(r=32, learning_rate=1.0, compile=False, device="cpu", start="123", depths=[1, 2], budget=4)
+                                  "--start", "123", "--eval_r=[1,2]", "--budget=4"])
+    assert config == dict(r=32, learning_rate=1.0, compile=False, device="cpu", start="123", eval_r=[1, 2], budget=4)
     assert isinstance(config["learning_rate"], float)  # an int is accepted for a float setting
     assert configure(DEFAULTS, ["--compile=False", "--compile"])["compile"] is True  # a bare flag means True
     assert DEFAULTS["r"] == 8  # the defaults are not modified

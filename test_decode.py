@@ -163,7 +163,7 @@ def test_exited_token_is_read_at_its_last_step():
         for step in range(r):
             assert torch.equal(k[step, :, :, :4], k_full[step, :, :, :4])  # earlier tokens: untouched
             assert torch.equal(k[step, :, :, 4], k_full[0, :, :, 4]) and torch.equal(v[step, :, :, 4], v_full[0, :, :, 4])
-        assert not torch.equal(k_full[r - 1, :, :, 4], k_full[0, :, :, 4])  # a full-depth token has its own
+        assert not torch.equal(k_full[r - 1, :, :, 4], k_full[0, :, :, 4])  # a token that ran every step has its own
     # stopping after s = 3 steps: the skipped steps 3 and 4 read step 3's entry (slot 2), the others keep theirs
     before = [k.clone() for k, _ in full.core_kv]
     full.pos = 4

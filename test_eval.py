@@ -1,5 +1,5 @@
 """
-Tests for eval.py, the depth experiment: val loss by r equals train.py's evals, exact-match accuracy by difficulty
+Tests for eval.py, the test-time scaling experiment: val loss by r equals train.py's evals, exact-match accuracy by difficulty
 and r recomputed by hand, the example problems and one's own answered, the optional picture. CPU only.
 """
 

@@ -90,3 +90,15 @@ def test_bad_input_is_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1, proc.stderr
         assert lines[0].startswith("error:") and expected in lines[0], proc.stderr
+
+
+def test_no_file_reads_data_from_outside_the_repository():
+    """Users' clones have nothing beside them: no script, config or test may read data from a folder outside the
+    repository (tiktoken's optional offline cache, in conftest.py, is the one exception)."""
+    outside = ["shared/" + "data", "shared/" + "spec"]  # written in two pieces, so this file does not name them
+    files = [name for name in os.listdir(REPO) if name.endswith((".py", ".md", ".txt"))]
+    files += [os.path.join("config", name) for name in os.listdir(os.path.join(REPO, "config"))]
+    files += [os.path.join(".ci", name) for name in os.listdir(os.path.join(REPO, ".ci"))]
+    for name in files:
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            assert not any(folder in f.read() for folder in outside), f"{name} names a folder outside the repository"

@@ -1,7 +1,7 @@
 """checkpoints.from_pretrained on small checkpoints written in the released Huginn-0125 layout.
 
 The reference's tensor names and shapes are written out here independently of checkpoints.py's name table
-(../shared/spec/huginn_reference.md, section 6), so a wrong entry in that table fails these tests."""
+(from the released checkpoint's file list), so a wrong entry in that table fails these tests."""
 
 import json
 import math

@@ -209,3 +209,16 @@ def test_bad_input_is_one_line(data_dir, tmp_path):
         assert proc.returncode != 0, expected
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], stderr
+
+
+def test_cpu_threads_default_to_half_the_cores(data_dir, tmp_path):
+    """Two compute threads on a 2-core machine with one core busy stall each other for minutes; half the cores (or
+    OMP_NUM_THREADS, or --num_threads) leaves room for whatever else runs."""
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    cases = [({}, [], max(1, os.cpu_count() // 2)), ({"OMP_NUM_THREADS": "1"}, [], 1), ({}, ["--num_threads=3"], 3)]
+    for extra_env, args, threads in cases:
+        proc = subprocess.run([sys.executable, "train.py", *TINY, f"--data_dir={data_dir}", "--max_iters=0",
+                               f"--out_dir={tmp_path}", *args], cwd=REPO, env={**env, **extra_env},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert f"({threads} CPU threads each)" in proc.stdout

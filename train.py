@@ -9,7 +9,7 @@ spells them out, with the time it takes):
 Continue a run exactly where its last checkpoint left off:  python train.py <same config> --init_from=resume
 Evaluate a checkpoint by r (val loss; accuracy by difficulty for reasoning data): python eval.py --out_dir=...
 
-Every iteration draws a new r (paper section 3.3) and back-propagates through the last k steps of the core only;
+Every iteration draws a new r (paper section 3) and back-propagates through the last k steps of the core only;
 the loop over r stays in Python and only its fixed-shape pieces are compiled, so a new r never recompiles.
 """
 
@@ -301,8 +301,8 @@ if master:
     print("settings (a valid config file):")
     for k, v in config.items():
         print(f"  {k} = {v!r}")
-    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device_name}, "
-          f"{dtype}, {tokens_per_iter:,} tokens per iteration")
+    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device_name} "
+          f"({torch.get_num_threads()} CPU threads each), {dtype}, {tokens_per_iter:,} tokens per iteration")
     if init_from == "scratch":
         open(os.path.join(out_dir, "log.jsonl"), "w").close()  # a new run starts a new log
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -1,7 +1,7 @@
 # Test-time scaling you can watch on a laptop CPU: the three-cups state-tracking task (prepare_data.py reasoning).
 # python prepare_data.py reasoning && python train.py config/train_reasoning_cpu.py
-# Trains on problems of 1-8 moves at a mean depth of r_bar = 8, then prints exact-match accuracy by difficulty
-# (1-8, and 12, 16, 24, 32 moves: beyond training) and test-time depth r = 1 ... 64.
+# Trains on problems of 1-8 moves at r_bar = 8; then python eval.py --out_dir=out-reasoning prints exact-match accuracy
+# by difficulty (1-8, and 12, 16, 24, 32 moves: beyond training) and test-time r = 1 ... 64.
 out_dir = "out-reasoning"
 dataset = "reasoning"
 eval_interval = 500
@@ -13,7 +13,7 @@ block_size = 33  # = row_len of the data: whole rows, one or more problems each
 gradient_accumulation_steps = 1
 
 # No prelude and no coda: the whole network is one 64-wide block looped r times. With even one block before and
-# after the loop, the model first learns to solve short problems in that fixed depth and ignores the recurrence
+# after the loop, the model first learns to solve short problems in those fixed blocks and ignores the loop
 # for a long time; with none, the only way to more compute is more iterations.
 n_embd = 64
 n_head = 4
