@@ -62,7 +62,8 @@ prefix = "latents_"   # picture names: <prefix>trajectories.png, <prefix>distanc
 device = "cpu"
 dtype = "float32"     # the released model's weights in float32 or bfloat16
 num_threads = 0       # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, type(None)))}
+settings = {k: v for k, v in globals().items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, type(None)))}
 config = configure(settings, sys.argv[1:])
 globals().update(config)
 # -----------------------------------------------------------------------------------------------------------
@@ -93,8 +94,9 @@ else:
 encode, decode = get_tokenizer(meta)
 reasoning = "row_len" in meta  # aligned targets: an answer at every labelled position
 if think_meter and not reasoning:
-    fail(f"the think-meter needs a reasoning checkpoint (prepare_data.py reasoning or problems); "
-         f"{'this one continues text' if init_from == 'resume' else init_from + ' is a text model'}: drop --think_meter")
+    what = "this one continues text" if init_from == "resume" else f"{init_from} is a text model"
+    fail(f"the think-meter needs a reasoning checkpoint (prepare_data.py reasoning or problems); {what}: "
+         "drop --think_meter")
 think_meter = reasoning if think_meter is None else think_meter
 plot_dir = plot_dir or out_dir
 cfg = model.config
@@ -224,9 +226,13 @@ def exit_signals(step, state, log_probs, memory):
     confident = max_log_prob.exp() >= CONFIDENT
     confident_run = torch.where(confident, torch.where(same, memory["confident_run"], 0) + 1, 0)
     signals = torch.stack([kl, latent_diff, max_log_prob.exp(), entropy, unchanged, confident_run], dim=-1)
-    # the probe's view: kl and latent-diff in log10, top probability, entropy, now and at the HISTORY steps before
-    now = torch.stack([kl.clamp(min=1e-10).log10(), latent_diff.clamp(min=1e-6).log10(), max_log_prob.exp(), entropy], -1)
-    history = now[:, None].repeat(1, HISTORY + 1, 1) if step == 1 else torch.cat([now[:, None], memory["history"][:, :-1]], 1)
+    # the probe's view: kl and latent-diff in log10, top probability, entropy, now and at the HISTORY steps before.
+    # Below 1e-6 and 1e-5 kl and latent-diff are float32 rounding: a cached pass and a full pass differ there by
+    # orders of magnitude, and a probe that learns from those digits fails in decoding (it did: 0.70 right, not 0.999)
+    now = torch.stack([kl.clamp(min=1e-6).log10(), latent_diff.clamp(min=1e-5).log10(), max_log_prob.exp(), entropy],
+                      dim=-1)  # (B, 4)
+    before = now[:, None].repeat(1, HISTORY, 1) if step == 1 else memory["history"][:, :-1]  # step 1 has no past
+    history = torch.cat([now[:, None], before], dim=1)  # (B, HISTORY + 1, 4), newest first
     return signals, {"state": state, "log_probs": log_probs, "argmax": argmax, "unchanged": unchanged,
                      "confident_run": confident_run, "history": history}
 
@@ -440,8 +446,9 @@ if think_meter:
     print("Spearman correlation with the moves so far: " + ", ".join(
         f"{name} {spearman(moves, meter.numpy()):.3f}" for name, meter in meters.items()))
     slope = np.polyfit(moves, settle.numpy(), 1)[0] if max_moves > 1 else float("nan")
-    print(f"argmax-settle rises {slope:.2f} steps per move (least squares), from {settle[moves == 1].float().mean():.2f}"
-          f" at 1 move to {settle[moves == max_moves].float().mean():.2f} at {max_moves}")
+    print(f"argmax-settle rises {slope:.2f} steps per move (least squares), from "
+          f"{settle[moves == 1].float().mean():.2f} at 1 move to {settle[moves == max_moves].float().mean():.2f} "
+          f"at {max_moves}")
     result["think_meter"] = {"moves": moves.tolist(), "groups": groups, "slope_steps_per_move": float(slope),
                              **{name: meter.tolist() for name, meter in meters.items()},
                              "spearman": {name: spearman(moves, meter.numpy()) for name, meter in meters.items()}}
@@ -475,9 +482,10 @@ if think_meter:
     # it sees; offline above, every earlier position ran all r steps
 
     @torch.no_grad()
-    def decode_rows(x, rule, threshold, probe, noise):
+    def decode_rows(x, may_exit, rule, threshold, probe, noise):
         """Exit steps (B, T) and answers (B, T) of rows x (B, T) decoded one token at a time; noise (B, T, h) = s_0.
-        This is forward_cached's loop with the rule's stop (see the report: how generate() would call it)."""
+        Only positions where may_exit (B, T) is True stop early: the others carry no answer and run all r steps, as
+        a prompt does in generate()'s prefill. This is forward_cached's loop with the rule's stop."""
         B, T = x.shape
         cache = KVCache(model, B, T, r)
         steps_used, answers = torch.full((B, T), r), torch.zeros(B, T, dtype=torch.long)
@@ -492,7 +500,7 @@ if think_meter:
                 features_now = probe_features(step, signals_now, memory, new_state[:, -1] if probe_state else None) \
                     if rule == "probe" else None
                 state = torch.where(running[:, None, None], new_state, state)  # stopped rows keep theirs
-                stop = running & stops(rule, threshold, signals_now, features_now, probe)
+                stop = running & may_exit[:, t] & stops(rule, threshold, signals_now, features_now, probe)
                 steps_used[stop.cpu(), t] = step
                 running &= ~stop
                 if not running.any():
@@ -521,7 +529,7 @@ if think_meter:
                     x, y = data.batch("val", rows)
                     noise = model.initial_state(torch.empty(len(rows), row_len, cfg.n_embd, device=device,
                                                             dtype=model.wte.weight.dtype), init_scale, generator)
-                    used, answer = decode_rows(x.to(device), rule, threshold, probes[k], noise)
+                    used, answer = decode_rows(x.to(device), (y >= 0).to(device), rule, threshold, probes[k], noise)
                     where = torch.from_numpy(np.isin(row_of, rows.numpy()))  # these rows' labelled positions
                     steps_used[where] = used[y >= 0]
                     right[where.numpy()] = (answer == y)[y >= 0].numpy()
@@ -641,12 +649,15 @@ if plot:
                        zorder=5, label="settle oracle")
             ax.scatter(best["mean_steps"], error(best), s=200, facecolors="none", edgecolors="red",
                        zorder=5, label="best rule")
+            for i, p in enumerate(result.get("decode_check", [])):  # the same rules, by cached decoding
+                ax.scatter(p["mean_steps"], error(p), marker="x", s=60, color="red", zorder=6,
+                           label="cached decoding" if i == 0 else None)
             ax.axhline(1 - goal_accuracy, color="red", linestyle=":", linewidth=0.8)
             ax.axvline(goal_steps, color="red", linestyle=":", linewidth=0.8)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_ylim(1e-4 * 0.8, 1)
-            ax.set(xlabel="mean steps per position", ylabel="error (1 - accuracy)",
+            ax.set(xlabel="mean steps per position (over all positions)", ylabel="error (1 - accuracy)",
                    title=f"{'all positions' if key == 'accuracy' else hardest + ' moves so far'}")
             ax.grid(alpha=0.3, which="both")
         axes[1].legend(fontsize=7, loc="upper right")
