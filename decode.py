@@ -18,8 +18,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-# the exit criteria and their default thresholds (the reference's automatic values)
-EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03}
+# the exit criteria and their default thresholds: the reference's automatic values for kl and latent-diff (stop below
+# them), and for confident-run the steps in a row it waits (latents.py's think-meter found it, see the README)
+EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03, "confident-run": 6}
+CONFIDENT = 0.9  # confident-run: a prediction is confident at this top probability
 
 
 class KVCache:
@@ -79,7 +81,7 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criteri
 
     The same embed, iterate and predict as model.forward, so the logits equal a full forward pass over the context.
     noise (B, max_len, h) holds s_0 for every position; `state` replaces it (warm start). With an exit criterion
-    (T = 1 only) each row stops once the change between steps is below exit_threshold, and keeps that step's state.
+    (T = 1 only) each row stops once the criterion is met (EXIT_THRESHOLDS), and keeps that step's state.
     Returns the logits (B, T, vocab), the final states (B, T, h) and the steps each row ran (B,)."""
     B, T = idx.shape
     state = noise[:, cache.pos:cache.pos + T] if state is None else state
@@ -89,23 +91,29 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criteri
     e = model.embed(idx, rope, cache.prelude())  # (B, T, h)
     steps = torch.full((B,), num_steps)
     running = torch.ones(B, dtype=torch.bool)
-    log_probs = None
+    log_probs, argmax, run = None, -1, 0  # kl's p_{i-1}; confident-run's last argmax and its run of steps
     for step, new_state in enumerate(model.iterate(state, e, rope, num_steps, cache), start=1):
         if exit_criterion == "none":
             state = new_state
             continue
-        # zero-shot exit: the model was never trained to stop early (the paper's adaptive compute per token)
-        if exit_criterion == "latent-diff":  # ||s_i - s_{i-1}|| / ||s_i||
-            change = ((new_state - state).norm(dim=-1) / new_state.norm(dim=-1))[:, -1]
-        else:  # "kl": KL(p_{i-1} || p_i) of the next-token distributions, p_0 uniform
+        # zero-shot exits: the model was never trained to stop early (the paper's adaptive compute per token)
+        if exit_criterion == "latent-diff":  # ||s_i - s_{i-1}|| / ||s_i|| below the threshold
+            done = ((new_state - state).norm(dim=-1) / new_state.norm(dim=-1))[:, -1] < exit_threshold
+        else:  # kl and confident-run read the next-token distribution after every step
             new_log_probs = F.log_softmax(model.predict(new_state, rope, cache.coda())[:, -1], dim=-1)  # (B, V)
-            if log_probs is None:
-                log_probs = torch.full_like(new_log_probs, -math.log(new_log_probs.size(-1)))
-            # KL >= 0: the clamp stops rounding from making it negative, so a threshold of 0 never exits
-            change = (log_probs.exp() * (log_probs - new_log_probs)).sum(-1).clamp(min=0)
+            if exit_criterion == "kl":  # KL(p_{i-1} || p_i) below the threshold, p_0 uniform
+                if log_probs is None:
+                    log_probs = torch.full_like(new_log_probs, -math.log(new_log_probs.size(-1)))
+                # KL >= 0: the clamp stops rounding from making it negative, so a threshold of 0 never exits
+                done = (log_probs.exp() * (log_probs - new_log_probs)).sum(-1).clamp(min=0) < exit_threshold
+            else:  # confident-run: one argmax, at top probability >= CONFIDENT, for exit_threshold steps in a row
+                top, new_argmax = new_log_probs.max(-1)
+                confident = top.exp() >= CONFIDENT
+                run = torch.where(confident & (new_argmax == argmax), run + 1, confident.long())
+                done, argmax = run >= exit_threshold, new_argmax
             log_probs = new_log_probs
         state = torch.where(running[:, None, None].to(state.device), new_state, state)  # stopped rows keep theirs
-        stop = running & (change < exit_threshold).cpu()
+        stop = running & done.cpu()
         steps[stop] = step
         running &= ~stop
         if not running.any():
@@ -160,6 +168,9 @@ def compile_for_decoding(model, backend="inductor"):
     if backend == "inductor":  # CUDA: a CUDA graph, one launch per step instead of one per kernel. CPU: the best
         # kernels for batch 1 (with the weights frozen into the graphs: see generate)
         options = {"triton.cudagraphs": True} if model.rope.device.type == "cuda" else {"max_autotune": True}
+        # and without a table of every candidate kernel's timing on stderr (older torch has no such settings)
+        quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        options.update({k: v for k, v in quiet.items() if hasattr(torch._inductor.config, k)})
     model.compiled_lengths = {1}
     for name in ("embed", "core_step", "predict"):
         eager = getattr(model, name)
@@ -183,8 +194,8 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
              draft_steps=0, lookahead=4, generator=None):
     """Continue the prompt idx (B, T) by up to max_new_tokens tokens at num_steps (r, default r_bar) steps each.
 
-    exit_criterion "kl" or "latent-diff": a token stops early once its change between steps is below exit_threshold
-    (default: the criterion's own, EXIT_THRESHOLDS). cache_budget=N keeps N core entries (a multiple of
+    exit_criterion "kl" or "latent-diff": a token stops early once its change between steps is below exit_threshold;
+    "confident-run": once its prediction has held for exit_threshold steps (defaults: EXIT_THRESHOLDS). cache_budget=N keeps N core entries (a multiple of
     n_layers_core). warm_start begins each token's state at the previous token's final state instead of noise (the
     reference's continuous_compute). compile=True compiles the one-token step (compile_for_decoding). draft_steps > 0
     decodes greedily by self-speculation (speculative_round). Decoding ends once every row has produced one of

@@ -3,7 +3,7 @@ Sample from a trained recurrent-depth model:
 
     python sample.py --out_dir=out-shakespeare-char --r 32
     python sample.py --out_dir=out-shakespeare-char --r 32 --temperature 0 --compile --draft_steps 4
-    python sample.py --start "FILE:prompt.txt" --exit_criterion kl --warm_start
+    python sample.py --start "FILE:prompt.txt" --exit_criterion confident-run --warm_start
     python sample.py --init_from=huginn-0125 --chat --start "What is 17 * 24?" --r 32   # the released 3.5B model
 
 --r sets the steps of the core per token (more test-time compute); it defaults to the model's r_bar. Decoding
@@ -31,8 +31,8 @@ r = None  # steps of the core per token; None: the model's mean_recurrence r_bar
 temperature = 0.8  # 0: greedy; below 1 sharper, above 1 more random
 top_k = 200  # sample only from the k most likely tokens (0: all)
 seed = 1337
-exit_criterion = "none"  # "kl" or "latent-diff": a token stops early once its prediction has settled
-exit_threshold = None  # None: the criterion's own default (kl 1e-3, latent-diff 0.03, the reference's)
+exit_criterion = "none"  # "kl", "latent-diff" or "confident-run": a token stops early once its prediction settles
+exit_threshold = None  # None: the criterion's own (kl 1e-3, latent-diff 0.03: stop below; confident-run 6 steps)
 cache_budget = None  # keep only this many core entries, a multiple of n_layers_core (None: every step's)
 warm_start = False  # start each token's state at the previous token's final state instead of noise
 init_scale = 1.0  # std of the noise start s_0, relative to training (0: the zero state)

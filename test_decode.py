@@ -3,6 +3,7 @@ the cache budget, warm start, self-speculative decoding and its rollback, the co
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from decode import KVCache, compile_for_decoding, forward_cached, generate
 from model import RecurrentGPT, config_from_preset
@@ -117,7 +118,7 @@ def test_threshold_zero_never_exits(criterion):
     assert fixed_stats["steps"].tolist() == adaptive_stats["steps"].tolist() == [[6] * 32]
 
 
-@pytest.mark.parametrize("criterion", ["kl", "latent-diff"])
+@pytest.mark.parametrize("criterion", ["kl", "latent-diff", "confident-run"])
 def test_default_threshold_exits_early_on_trained_model(trained_model, criterion):
     r = 8
     idx = torch.tensor([PATTERN[:5]])
@@ -323,3 +324,27 @@ def test_generation_stops_once_every_row_has_a_stop_token():
                               draft_steps=draft_steps)
         assert out.size(1) == idx.size(1) + first + 1 and stats["steps"].size(1) == first + 1
         torch.testing.assert_close(out, full[:, :out.size(1)])  # the same tokens up to there
+
+
+def test_confident_run_stops_once_the_prediction_has_held(trained_model):
+    """confident-run stops a token at the first step where the same argmax has had top probability >= 0.9 for m
+    steps in a row. The first new token follows the prompt's full-depth pass, so a plain forward over the prompt
+    shows the prediction at every step."""
+    from decode import CONFIDENT
+    idx, r, m = torch.tensor([PATTERN[:6]]), 16, 3
+    _, stats = generate(trained_model, idx, 1, num_steps=r, temperature=0, init_scale=0, exit_criterion="confident-run",
+                        exit_threshold=m)
+    rope = trained_model.rope[:idx.size(1)]
+    with torch.no_grad():
+        e = trained_model.embed(idx, rope)
+        probs = [F.softmax(trained_model.predict(s, rope)[0, -1], -1)
+                 for s in trained_model.iterate(trained_model.initial_state(e, 0.0), e, rope, r)]
+    run, previous, expected = 0, None, r
+    for step, p in enumerate(probs, start=1):
+        confident = bool(p.max() >= CONFIDENT)
+        run = run + 1 if confident and p.argmax() == previous else int(confident)
+        previous = p.argmax()
+        if run >= m:
+            expected = step
+            break
+    assert expected < r and stats["steps"].tolist() == [[expected]]
