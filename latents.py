@@ -8,7 +8,7 @@ Look inside the loop: the latent state s_i of every position at every step of th
 1. Records s_0 ... s_r of every position of a prompt (--start; for reasoning checkpoints the hardest example
    problem) with model.iterate, the one loop training and decoding use, and saves them to out_dir/latents.pt.
 2. Trajectories: s_0 ... s_r of a few tokens, each projected on its own first two principal directions (the
-   paper's orbits and convergence pictures, section 7).
+   paper's orbits and convergence pictures).
 3. The distance to the final state ||s_i - s_r|| by position and step, the tokens on the axis.
 4. The think-meter (reasoning data only): over the whole val split, the step at which each position's prediction
    settles (its argmax never changes again up to r), and where decode.py's kl and latent-diff exits would stop,
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from checkpoints import from_pretrained, get_tokenizer, load_checkpoint, pretrained_folder
 from configurator import configure, fail
 from dataloader import NO_LOSS, TokenData
-from decode import EXIT_THRESHOLDS, KVCache
+from decode import CONFIDENT, EXIT_THRESHOLDS, KVCache
 
 # -----------------------------------------------------------------------------------------------------------
 init_from = "resume"  # "resume": out_dir/ckpt.pt; "huginn-0125" or a folder in its layout: the released model
@@ -165,7 +165,7 @@ print(f"saved s_0 ... s_{r} {tuple(states.shape)} to {os.path.join(out_dir, 'lat
 # the heatmap as text: the distance to the final state relative to its size, at a few steps
 shown = list(range(max(0, T - 64), T))  # at most the last 64 positions, in the table and the heatmap
 columns = sorted({0, r} | {2**i for i in range(int(math.log2(r)) + 1)})
-print(f"\n||s_i - s_r|| / ||s_r|| by token (rows) and step i (columns); settle: the step from which the argmax "
+print("\n||s_i - s_r|| / ||s_r|| by token (rows) and step i (columns); settle: the step from which the argmax "
       "stays the final one")
 print(f"{'pos':>4} {'token':>8} " + " ".join(f"{'i=' + str(i):>7}" for i in columns) + "  settle")
 relative = distance / states[-1].norm(dim=-1)
@@ -192,11 +192,9 @@ trajectories = {t: pca_2d(states[:, t].numpy().astype(np.float64), fit) for t in
 
 # -----------------------------------------------------------------------------------------------------------
 # the signals an exit rule may look at after each step, the same code offline (4, 5) and in cached decoding (5).
-# decode.py could take exit_signals, probe_features, probe_unsettled, probe_net and load_exit_probe as they are: its
-# forward_cached computes each step's log_probs for "kl" already, and a "probe" criterion's change would be
-# probe_unsettled(...) (stop below the threshold); decode_rows below is that loop
+# The rule that won here without a probe, confident-run, is decode.py's exit_criterion="confident-run" (the same
+# count). The probe stays here: it is fit per checkpoint, and decode_rows below is the decoding loop that runs it
 
-CONFIDENT = 0.9  # a prediction counts as confident at this top probability
 HISTORY = 3      # the probe also sees the scalar signals of the 3 steps before
 SIGNALS = ["kl", "latent-diff", "max-prob", "entropy", "unchanged", "confident-run"]
 
