@@ -243,6 +243,7 @@ if probe_memory_at > 0:
 
 results = {"config": config, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
            "torch": torch.__version__}
+print(f"device {device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {timer} time")
 if "memory" in sections:
     memory = []
     for r_i in memory_r:
@@ -279,7 +280,6 @@ if "train" in sections:
     plain = PlainGPT(cfg, n_layer).to(device)
     flops_plain = plain_flops_per_token(cfg, n_layer, seq_len) * batch_size * seq_len
 
-    print(f"device {device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {timer} time")
     print(f"recurrent: {model.get_num_params() / 1e6:.2f}M params, prelude {cfg.n_layers_prelude} / core {cfg.n_layers_core} / "
           f"coda {cfg.n_layers_coda}, h={cfg.n_embd}; plain: {sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
           f"{n_layer} layers; batch {batch_size} x {seq_len}, r={r}, k={k}")
@@ -395,10 +395,13 @@ if "decode" in sections:
     # compiles in worker processes. Every later call must find its graphs: the recompilations are counted
     from torch._dynamo.utils import counters
     compile_for_decoding(compiled_model, compile_backend)
-    results["decode_compile_seconds"] = timed(lambda: decode(compiled_model, 1, decode_r[0], compile=True))
+    t0 = time.perf_counter()
+    decode(compiled_model, 1, decode_r[0], compile=True)
+    results["decode_compile_seconds"] = time.perf_counter() - t0
     speculative_model, speculative_kwargs = variants["speculative"]
-    results["decode_compile_speculative_seconds"] = timed(lambda: decode(speculative_model, 1, decode_r[0],
-                                                                          **speculative_kwargs))
+    t0 = time.perf_counter()
+    decode(speculative_model, 1, decode_r[0], **speculative_kwargs)
+    results["decode_compile_speculative_seconds"] = time.perf_counter() - t0
     graphs = counters["stats"]["unique_graphs"]
     results["decode"] = {}
     for i, r_i in enumerate(decode_r):
