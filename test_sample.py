@@ -5,6 +5,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -107,10 +108,9 @@ def test_sample_cli_sends_reasoning_checkpoints_to_eval(tmp_path):
 
 
 def test_sample_cli_speculative(out_dir):
-    plain = run_sample(f"--out_dir={out_dir}", "--start", "to be", "--r", "6", "--temperature", "0",
-                       "--max_new_tokens", "20")
-    fast = run_sample(f"--out_dir={out_dir}", "--start", "to be", "--r", "6", "--temperature", "0",
-                      "--max_new_tokens", "20", "--draft_steps", "2", "--lookahead", "3")
+    common = [f"--out_dir={out_dir}", "--start", "to be", "--r", "6", "--temperature", "0", "--max_new_tokens", "20"]
+    with ThreadPoolExecutor(2) as pool:  # both at once: each spends most of its time importing torch
+        plain, fast = pool.map(lambda extra: run_sample(*common, *extra), [[], ["--draft_steps=2", "--lookahead=3"]])
     assert plain.returncode == fast.returncode == 0, fast.stderr
     assert plain.stdout.splitlines()[1] == fast.stdout.splitlines()[1]  # the same text
     assert "drafts accepted" in fast.stdout

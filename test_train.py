@@ -216,9 +216,11 @@ def test_cpu_threads_default_to_half_the_cores(data_dir, tmp_path):
     OMP_NUM_THREADS, or --num_threads) leaves room for whatever else runs."""
     env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
     cases = [({}, [], max(1, os.cpu_count() // 2)), ({"OMP_NUM_THREADS": "1"}, [], 1), ({}, ["--num_threads=3"], 3)]
-    for extra_env, args, threads in cases:
-        proc = subprocess.run([sys.executable, "train.py", *TINY, f"--data_dir={data_dir}", "--max_iters=0",
-                               f"--out_dir={tmp_path}", *args], cwd=REPO, env={**env, **extra_env},
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        assert f"({threads} CPU threads each)" in proc.stdout
+    procs = [subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={data_dir}", "--max_iters=0",
+                               f"--out_dir={tmp_path / str(i)}", *args], cwd=REPO, env={**env, **extra_env},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (extra_env, args, _) in enumerate(cases)]  # all at once: each spends most of its time importing
+    for proc, (_, _, threads) in zip(procs, cases):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        assert f"({threads} CPU threads each)" in stdout
