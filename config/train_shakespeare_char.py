@@ -33,5 +33,6 @@ weight_decay = 0.1
 
 device = "cpu"
 compile = False
-num_threads = 1     # the fastest for a model this small, and steady when another program takes a core
+num_threads = 1     # steady: with another program on one of 2 cores, 2 threads ran 2.8x slower than 1 (on an idle
+                    # machine 1.4x faster); the README's figures were made with 1 (threads change the rounding)
 vocab_multiple = 1  # no padding: nothing to gain on a CPU, and the README's figures stay reproducible
