@@ -79,7 +79,8 @@ decode_r = [8, 32]          # r per token
 draft_steps = 4             # speculative decoding: drafts at this r ...
 lookahead = 4               # ... this many tokens at a time
 decode_repeats = 5
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
+settings = {k: v for k, v in globals().items() if not k.startswith("_")
+            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
 config = configure(settings, sys.argv[1:])
 globals().update(config)
 
@@ -127,8 +128,9 @@ def timed(fn):
 
 
 def model_config(k):
-    shape = {} if preset else dict(vocab_size=vocab_size, n_embd=n_embd, n_head=n_head, n_layers_prelude=n_layers_prelude,
-                                   n_layers_core=n_layers_core, n_layers_coda=n_layers_coda, intermediate_size=intermediate_size)
+    shape = {} if preset else dict(vocab_size=vocab_size, n_embd=n_embd, n_head=n_head, n_layers_core=n_layers_core,
+                                   n_layers_prelude=n_layers_prelude, n_layers_coda=n_layers_coda,
+                                   intermediate_size=intermediate_size)
     # mean_recurrence only sets the init scale here; the benchmark always passes r explicitly
     run = dict(block_size=max(seq_len, prompt_len + new_tokens + lookahead + 1), mean_recurrence=r, backprop_depth=k)
     return config_from_preset(preset, **shape, **run) if preset else RecurrentConfig(**shape, **run)
@@ -145,7 +147,8 @@ class PlainGPT(nn.Module):
         self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
-        self.register_buffer("rope", precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base), persistent=False)
+        rope = precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base)
+        self.register_buffer("rope", rope, persistent=False)
 
     def forward(self, idx, targets, num_steps=None):  # num_steps is ignored: a plain stack has no loop
         rope = self.rope[: idx.size(1)]
@@ -182,7 +185,8 @@ def train_iteration(model, optimizer, x, y, r):
 
 def peak_rss():
     """The process's peak resident memory in bytes. Linux: VmHWM, which starts afresh in an exec'd child;
-    ru_maxrss does not (a child inherits the parent's peak), so it is only the fallback (KiB on Linux, bytes on macOS)."""
+    ru_maxrss does not (a child inherits the parent's peak), so it is only the fallback (KiB on Linux, bytes on
+    macOS)."""
     if os.path.exists("/proc/self/status"):
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
@@ -247,7 +251,8 @@ print(f"device {device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {
 if "memory" in sections:
     memory = []
     for r_i in memory_r:
-        child = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--probe_memory_at={r_i}"], capture_output=True, text=True)
+        child = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--probe_memory_at={r_i}"],
+                               capture_output=True, text=True)
         if child.returncode != 0:
             fail(f"the memory probe at r={r_i} failed: {(child.stderr.strip() or 'no output').splitlines()[-1]}")
         memory.append(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -255,11 +260,13 @@ if "memory" in sections:
     results["memory"] = {"kind": "torch.cuda.max_memory_allocated" if device_type == "cuda" else "peak RSS",
                          "backprop_depth": memory_backprop_depth, "probes": memory,
                          "ratio_peak": last["peak_bytes"] / first["peak_bytes"],
-                         "ratio_above_baseline": (last["peak_bytes"] - last["baseline_bytes"]) / (first["peak_bytes"] - first["baseline_bytes"])}
+                         "ratio_above_baseline": (last["peak_bytes"] - last["baseline_bytes"])
+                         / (first["peak_bytes"] - first["baseline_bytes"])}
     mem = results["memory"]
     print(f"\npeak training memory, k={memory_backprop_depth} ({mem['kind']})")
     print("  r              " + "".join(f"{m['r']:>9}" for m in memory) + f"   r={last['r']}/r={first['r']}")
-    print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in memory) + f"   {mem['ratio_peak']:.3f}")
+    print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in memory)
+          + f"   {mem['ratio_peak']:.3f}")
     print("  its own MB     " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) +
           f"   {mem['ratio_above_baseline']:.3f}")
 
@@ -280,8 +287,9 @@ if "train" in sections:
     plain = PlainGPT(cfg, n_layer).to(device)
     flops_plain = plain_flops_per_token(cfg, n_layer, seq_len) * batch_size * seq_len
 
-    print(f"recurrent: {model.get_num_params() / 1e6:.2f}M params, prelude {cfg.n_layers_prelude} / core {cfg.n_layers_core} / "
-          f"coda {cfg.n_layers_coda}, h={cfg.n_embd}; plain: {sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
+    print(f"recurrent: {model.get_num_params() / 1e6:.2f}M params, prelude {cfg.n_layers_prelude} / core "
+          f"{cfg.n_layers_core} / coda {cfg.n_layers_coda}, h={cfg.n_embd}; plain: "
+          f"{sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
           f"{n_layer} layers; batch {batch_size} x {seq_len}, r={r}, k={k}")
     print(f"FLOPs per iteration: recurrent {flops_recurrent / 1e9:.2f} G, plain {flops_plain / 1e9:.2f} G")
 
@@ -321,15 +329,20 @@ if "train" in sections:
                     "flops_per_iteration": {"recurrent": flops_recurrent, "plain": flops_plain}, "train": {}})
     for name, (_, _, flops) in variants.items():
         fwd_bwd = statistics.median(t[0] for t in times[name])
-        results["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "iteration_seconds": statistics.median(t[1] for t in times[name]),
+        results["train"][name] = {"fwd_bwd_seconds": fwd_bwd,
+                                  "iteration_seconds": statistics.median(t[1] for t in times[name]),
                                   "flops_per_s": flops / fwd_bwd, "mfu": flops / fwd_bwd / peak_flops,
                                   "first_iteration_seconds": first_iteration[name], "all_seconds": times[name]}
     tr = results["train"]
     results["ratio_recurrent_plain"] = tr["recurrent"]["flops_per_s"] / tr["plain"]["flops_per_s"]
-    results["ratio_recurrent_plain_whole_iteration"] = tr["plain"]["iteration_seconds"] / tr["recurrent"]["iteration_seconds"] * flops_recurrent / flops_plain
+    results["ratio_recurrent_plain_whole_iteration"] = (tr["plain"]["iteration_seconds"]
+                                                        / tr["recurrent"]["iteration_seconds"]
+                                                        * flops_recurrent / flops_plain)
     if compile:
-        results["ratio_recurrent_plain_compiled"] = tr["recurrent compiled"]["flops_per_s"] / tr["plain compiled"]["flops_per_s"]
-        results["compile_speedup"] = tr["recurrent"]["iteration_seconds"] / tr["recurrent compiled"]["iteration_seconds"]
+        results["ratio_recurrent_plain_compiled"] = (tr["recurrent compiled"]["flops_per_s"]
+                                                     / tr["plain compiled"]["flops_per_s"])
+        results["compile_speedup"] = (tr["recurrent"]["iteration_seconds"]
+                                      / tr["recurrent compiled"]["iteration_seconds"])
 
     print(f"matmul peak ({matmul_size}^3, {dtype}): {peak_flops / 1e9:.1f} GFLOP/s")
     print(f"\ntraining, median of {repeats} alternating   fwd+bwd ms  GFLOP/s    MFU   iter ms  first iter s (wall)")
@@ -417,7 +430,8 @@ if "decode" in sections:
             first, total = statistics.median(f for f, *_ in t), statistics.median(n for _, n, *_ in t)
             tokens, stats = t[0][2], t[0][3]
             rates[name] = {"tokens_per_s": (new_tokens - 1) / (total - first), "first_token_seconds": first,
-                           "all_seconds": [(f, n) for f, n, *_ in t], "mean_steps": stats["steps"].float().mean().item(),
+                           "all_seconds": [(f, n) for f, n, *_ in t],
+                           "mean_steps": stats["steps"].float().mean().item(),
                            "same_tokens_as_eager": torch.equal(tokens, runs["eager"][0][2])}
             if name == "speculative":
                 rates[name]["acceptance"] = stats["accepted"] / stats["drafted"]

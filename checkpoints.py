@@ -176,7 +176,8 @@ def model_rope(folder, config, stored, device):
     does (it is a persistent buffer there), else ours. The stored table is checked against ours loosely: a table
     computed on another device differs in the last bits (far positions magnify one ulp of a frequency), while a
     wrong block_size or rope_base differs in shape or by far more."""
-    rope = precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base).to(device)  # (T, hd/2, 2)
+    # (T, hd/2, 2), float32
+    rope = precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base).to(device)
     if stored is None:
         return rope
     if stored.numel() != rope.numel() or not torch.allclose(stored.float().view_as(rope), rope, atol=1e-2):

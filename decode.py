@@ -195,12 +195,13 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     """Continue the prompt idx (B, T) by up to max_new_tokens tokens at num_steps (r, default r_bar) steps each.
 
     exit_criterion "kl" or "latent-diff": a token stops early once its change between steps is below exit_threshold;
-    "confident-run": once its prediction has held for exit_threshold steps (defaults: EXIT_THRESHOLDS). cache_budget=N keeps N core entries (a multiple of
-    n_layers_core). warm_start begins each token's state at the previous token's final state instead of noise (the
-    reference's continuous_compute). compile=True compiles the one-token step (compile_for_decoding). draft_steps > 0
-    decodes greedily by self-speculation (speculative_round). Decoding ends once every row has produced one of
-    stop_ids. Returns (idx (B, T + new), stats): stats["steps"] (B, new) the core steps each new token used,
-    stats["drafted"] and stats["accepted"] the speculative drafts, stats["first_token_seconds"]."""
+    "confident-run": once its prediction has held for exit_threshold steps (defaults: EXIT_THRESHOLDS).
+    cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start begins each token's state at the
+    previous token's final state instead of noise (the reference's continuous_compute). compile=True compiles the
+    one-token step (compile_for_decoding). draft_steps > 0 decodes greedily by self-speculation (speculative_round).
+    Decoding ends once every row has produced one of stop_ids. Returns (idx (B, T + new), stats): stats["steps"]
+    (B, new) the core steps each new token used, stats["drafted"] and stats["accepted"] the speculative drafts,
+    stats["first_token_seconds"]."""
     cfg = model.config
     num_steps = cfg.mean_recurrence if num_steps is None else num_steps
     B, T = idx.shape

@@ -31,7 +31,8 @@ init_scale = 1.0      # std of the noise start s_0, relative to training (0: the
 plot = True           # draw out_dir/accuracy.png (needs matplotlib)
 device = "cpu"
 num_threads = 0       # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+settings = {k: v for k, v in globals().items() if not k.startswith("_")
+            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
 config = configure(settings, sys.argv[1:])
 globals().update(config)
 # -----------------------------------------------------------------------------------------------------------

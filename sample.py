@@ -42,7 +42,8 @@ compile = None  # compile the one-token step (minutes of compiling, then several
 device = ""  # "" picks cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
 dtype = ""  # "" means bfloat16 on CUDA (if supported), float32 elsewhere; or float32, bfloat16, float16
 num_threads = 0  # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores (a busy core then slows, not stalls)
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
+settings = {k: v for k, v in globals().items() if not k.startswith("_")
+            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
 config = configure(settings, sys.argv[1:])
 globals().update(config)
 # -----------------------------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ if r is not None and (type(r) is not int or r < 1):
 if exit_criterion not in EXIT_THRESHOLDS:
     fail(f"--exit_criterion must be one of {', '.join(EXIT_THRESHOLDS)}, got {exit_criterion!r}")
 if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start):
-    fail("--draft_steps (speculative decoding) is greedy: add --temperature 0, without --exit_criterion or --warm_start")
+    fail("--draft_steps (speculative decoding) is greedy: add --temperature 0; no --exit_criterion or --warm_start")
 if top_k < 0 or max_new_tokens < 1 or temperature < 0:
     fail("need --top_k >= 0 (0: all), --max_new_tokens >= 1 and --temperature >= 0 (0: greedy)")
 if chat and init_from == "resume":
@@ -64,7 +65,8 @@ device_type = device.split(":")[0]
 if device_type == "cuda" and not torch.cuda.is_available():
     fail(f"--device={device} but CUDA is not available here; use --device=cpu")
 if not dtype:  # emulated bf16 (cards before Ampere) is slower than float32
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    dtype = "bfloat16" if bf16 else "float32"
 if dtype not in ("float32", "bfloat16", "float16"):
     fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
 if num_threads or "OMP_NUM_THREADS" not in os.environ:

@@ -26,7 +26,8 @@ def results(tmp_path_factory):
             "--decode_repeats=1",
             "--num_threads=1", f"--out_dir={out_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "bench.py", *tiny], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "bench.py", *tiny], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "recurrent / plain" in run.stdout  # the table was printed
     with open(out_dir / "bench.json") as f:
@@ -34,7 +35,7 @@ def results(tmp_path_factory):
 
 
 def test_plain_model_matches_flops(results):
-    """The plain transformer's layer count is chosen so its FLOPs per iteration are within half a block of the recurrent's."""
+    """The plain transformer's layer count puts its FLOPs per iteration within half a block of the recurrent's."""
     flops = results["flops_per_iteration"]
     h, I, T, B = 64, 128, 64, 8
     block = 3 * (2 * (4 * h * h + 3 * h * I) + 4 * T * h) * B * T  # one block's training FLOPs per iteration

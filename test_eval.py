@@ -1,6 +1,6 @@
 """
-Tests for eval.py, the test-time scaling experiment: val loss by r equals train.py's evals, exact-match accuracy by difficulty
-and r recomputed by hand, the example problems and one's own answered, the optional picture. CPU only.
+Tests for eval.py, the test-time scaling experiment: val loss by r equals train.py's evals, exact-match accuracy by
+difficulty and r recomputed by hand, the example problems and one's own answered, the optional picture. CPU only.
 """
 
 import json

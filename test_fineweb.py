@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -282,8 +283,10 @@ def test_train_on_shards_with_exact_resume(corpus, tmp_path):
     data = tmp_path / "data"
     assert prepare(f"--input={folder}", f"--out_dir={data}", "--val_tokens=1").returncode == 0
     straight, split = tmp_path / "straight", tmp_path / "split"
-    for out, args in ((straight, []), (split, ["--max_iters=4"]), (split, ["--init_from=resume"])):
-        proc = train(f"--data_dir={data}", f"--out_dir={out}", *args)
+    with ThreadPoolExecutor(2) as pool:  # the straight run and the first half side by side: one thread each
+        first = list(pool.map(lambda args: train(f"--data_dir={data}", *args),
+                              [[f"--out_dir={straight}"], [f"--out_dir={split}", "--max_iters=4"]]))
+    for proc in first + [train(f"--data_dir={data}", f"--out_dir={split}", "--init_from=resume")]:
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert logged_losses(straight) == logged_losses(split) and sorted(logged_losses(straight)) == list(range(8))
     import torch
@@ -296,7 +299,8 @@ def test_train_on_shards_with_exact_resume(corpus, tmp_path):
     assert len(tokens.shards["train"]) == 3 and tokens.num_blocks("train") == sum(
         len(read_shard(data, name)) - 16 for name in tokens.shards["train"])
     shard_of = [int(np.searchsorted(tokens.first_block["train"], b, side="right")) - 1
-                for b in torch.randint(tokens.num_blocks("train"), (200,), generator=torch.Generator().manual_seed(0)).tolist()]
+                for b in torch.randint(tokens.num_blocks("train"), (200,), generator=torch.Generator().manual_seed(0))
+                .tolist()]
     assert set(shard_of) == {0, 1, 2}
     x, y = tokens.batch("train", torch.tensor([tokens.first_block["train"][1]]))  # the first block of shard 1
     assert torch.equal(x[0], torch.from_numpy(read_shard(data, "train_000001.bin")[:16].astype(np.int64)))

@@ -16,7 +16,6 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from checkpoints import load_checkpoint
 from decode import KVCache, forward_cached

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -60,8 +61,9 @@ def train_losses(out_dir):
 def test_resume_is_exact(data_dir, tmp_path):
     common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=10", "--lr_decay_iters=20"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train(*common, "--max_iters=20", f"--out_dir={straight}")
-    train(*common, "--max_iters=10", f"--out_dir={split}")
+    with ThreadPoolExecutor(2) as pool:  # the straight run and the first half side by side: one thread each
+        list(pool.map(lambda args: train(*common, *args), [["--max_iters=20", f"--out_dir={straight}"],
+                                                           ["--max_iters=10", f"--out_dir={split}"]]))
     assert torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["iter_num"] == 10
     train(*common, "--max_iters=20", f"--out_dir={split}", "--init_from=resume")
     a, b = train_losses(straight), train_losses(split)
@@ -109,7 +111,8 @@ def test_kill_during_save_keeps_last_checkpoint(data_dir, tmp_path):
     assert os.path.getsize(os.path.join(out_dir, "ckpt.pt.tmp")) > 0  # the torn file exists...
     with pytest.raises(Exception):
         torch.load(os.path.join(out_dir, "ckpt.pt.tmp"), weights_only=True)
-    assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"] == 4  # ...but the last good one is whole
+    # ...but the last good one is whole
+    assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"] == 4
     before = train_losses(out_dir)
     assert sorted(before) == list(range(8))
 

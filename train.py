@@ -188,8 +188,8 @@ def get_batch(split, blocks):
 
 
 # the fixed evaluation set: evenly spaced blocks, the same every time, so evals compare across a run
-eval_batches = {split: [get_batch(split, b) for b in data.evenly_spaced(split, eval_iters * batch_size).split(batch_size)]
-                for split in ("val", "train")}
+eval_batches = {split: [get_batch(split, blocks) for blocks in data.evenly_spaced(split, eval_iters * batch_size)
+                         .split(batch_size)] for split in ("val", "train")}
 
 # -----------------------------------------------------------------------------------------------------------
 # model and optimizer

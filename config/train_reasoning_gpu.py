@@ -1,6 +1,7 @@
 # The three-cups task on one GPU: a wider model, larger batches and more steps than the CPU config.
 # python prepare_data.py reasoning && python train.py config/train_reasoning_gpu.py
-# Same data and the same evaluation (accuracy by difficulty and r = 1 ... 64, python eval.py) as config/train_reasoning_cpu.py.
+# Same data and the same evaluation (python eval.py: accuracy by difficulty and r = 1 ... 64) as
+# config/train_reasoning_cpu.py.
 out_dir = "out-reasoning-gpu"
 dataset = "reasoning"
 eval_interval = 1000
