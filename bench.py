@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from configurator import configure, fail
 from checkpoints import load_checkpoint
-from dataloader import TokenData
+from dataloader import checkpoint_data
 from decode import compile_for_decoding, generate
 from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, precompute_rope
 
@@ -378,8 +378,7 @@ if "decode" in sections:
     if decode_out_dir:  # a trained model, prompted with the start of its own validation text
         dmodel, checkpoint = load_checkpoint(decode_out_dir, device)
         train_config = checkpoint["config"]
-        data = TokenData(train_config["data_dir"] or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                         train_config["dataset"]), train_config["block_size"], train_config["dataset"])
+        data = checkpoint_data(train_config)
         room = dmodel.config.block_size - new_tokens - lookahead - 1
         prompt = torch.from_numpy(data.tokens(data.shards["val"][0])[:min(prompt_len, room)].astype("int64"))
         prompt = prompt[None].to(device)

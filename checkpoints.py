@@ -171,6 +171,16 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32):
     return model.requires_grad_(False).eval()
 
 
+
+def load_released(name_or_path, device, dtype):
+    """For the scripts: from_pretrained with its errors in one line; the model, and a meta naming its tokenizer."""
+    try:  # needs the extras: pip install safetensors huggingface_hub tokenizers
+        folder = pretrained_folder(name_or_path)
+        model = from_pretrained(folder, device=device, dtype=dtype)
+    except (ImportError, OSError, ValueError, KeyError) as err:
+        fail(str(err.args[0]) if err.args else repr(err))
+    return model, {"tokenizer": "huginn", "folder": folder}
+
 def model_rope(folder, config, stored, device):
     """The RoPE table to run with: the release's own freqs_cis (1, T, 1, hd/2, 2) when it has one, as the reference
     does (it is a persistent buffer there), else ours. The stored table is checked against ours loosely: a table

@@ -20,6 +20,14 @@ from configurator import fail
 NO_LOSS = 65535  # the target id that means "no loss here"; it becomes -1, cross_entropy's ignore_index
 
 
+def checkpoint_data(train_config, data_dir=""):
+    """The data a checkpoint was trained on (train.py's settings, saved in it), or the one in data_dir."""
+    dataset = train_config.get("dataset", "<dataset>")
+    folder = data_dir or train_config.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                       "data", dataset)
+    return TokenData(folder, train_config["block_size"], dataset)
+
+
 class TokenData:
 
     def __init__(self, data_dir, block_size, dataset="<dataset>"):
@@ -67,6 +75,17 @@ class TokenData:
     def evenly_spaced(self, split, n):
         """n block numbers spread over the whole split: a fixed evaluation set."""
         return torch.linspace(0, self.num_blocks(split) - 1, n).long()
+
+    def val_problems(self):
+        """Reasoning data's val split as rows (n_rows, block_size): the targets, each position's difficulty, which
+        positions are labelled, and which begin a problem (a maximal run of labelled positions of one difficulty)."""
+        n = self.num_blocks("val") * self.block_size
+        targets, difficulty = (self.tokens(name)[:n].astype(np.int64).reshape(-1, self.block_size)
+                               for name in ("val_targets.bin", "val_difficulty.bin"))
+        labelled = targets != NO_LOSS
+        first = labelled.copy()  # a problem's first position: its left neighbour is unlabelled or of another difficulty
+        first[:, 1:] &= ~labelled[:, :-1] | (difficulty[:, 1:] != difficulty[:, :-1])
+        return targets, difficulty, labelled, first
 
     def batch(self, split, blocks):
         """x, y (B, block_size) int64 on the CPU for the numbered blocks: y is x shifted by one, or the aligned

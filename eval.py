@@ -20,7 +20,7 @@ import torch
 
 from checkpoints import get_tokenizer, load_checkpoint
 from configurator import configure, fail
-from dataloader import NO_LOSS, TokenData
+from dataloader import checkpoint_data
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = "out"
@@ -45,9 +45,7 @@ model, checkpoint = load_checkpoint(out_dir, device)
 train_config, meta, r_bar = checkpoint["config"], checkpoint["meta"], model.config.mean_recurrence
 r = sorted(r or [2**i for i in range(int(np.log2(8 * r_bar)) + 1)])
 block_size, batch_size, seed = train_config["block_size"], train_config["batch_size"], train_config["seed"]
-data = TokenData(data_dir or train_config["data_dir"] or
-                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", train_config["dataset"]),
-                 block_size, train_config["dataset"])
+data = checkpoint_data(train_config, data_dir)
 encode, decode = get_tokenizer(meta)
 
 
@@ -86,11 +84,7 @@ if os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin")):
     # A problem is a maximal run of labelled positions of one difficulty inside a row; it is solved when the
     # argmax prediction is right at every one of its positions (the targets are aligned: prepare_data.py)
     n_rows = data.num_blocks("val")
-    targets = data.tokens("val_targets.bin")[:n_rows * block_size].astype(np.int64).reshape(n_rows, block_size)
-    difficulty = data.tokens("val_difficulty.bin")[:n_rows * block_size].astype(np.int64).reshape(n_rows, block_size)
-    labelled = targets != NO_LOSS
-    first = labelled.copy()  # a problem's first position: its left neighbour is unlabelled or of another difficulty
-    first[:, 1:] &= ~labelled[:, :-1] | (difficulty[:, 1:] != difficulty[:, :-1])
+    targets, difficulty, labelled, first = data.val_problems()  # (rows, T) each
     problem_of = torch.from_numpy(np.cumsum(first.reshape(-1)).reshape(n_rows, block_size) - 1)  # (rows, T)
     problem_difficulty = difficulty[first]  # (problems,)
     n_problems = len(problem_difficulty)

@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import from_pretrained, get_tokenizer, load_checkpoint, pretrained_folder
+from checkpoints import get_tokenizer, load_checkpoint, load_released
 from configurator import configure, fail
-from dataloader import NO_LOSS, TokenData
+from dataloader import checkpoint_data
 from decode import CONFIDENT, EXIT_THRESHOLDS, KVCache
 
 # -----------------------------------------------------------------------------------------------------------
@@ -84,12 +84,8 @@ if init_from == "resume":
     model, checkpoint = load_checkpoint(out_dir, device)
     meta, train_config = checkpoint["meta"], checkpoint["config"]
 else:
-    try:  # the released layout needs the extras (pip install safetensors huggingface_hub tokenizers)
-        folder = pretrained_folder(init_from)
-        model = from_pretrained(folder, device=device, dtype=getattr(torch, dtype))
-    except (ImportError, OSError, ValueError, KeyError) as err:
-        fail(str(err.args[0]) if err.args else repr(err))
-    meta, train_config = {"tokenizer": "huginn", "folder": folder}, {}
+    model, meta = load_released(init_from, device, getattr(torch, dtype))
+    train_config = {}
     os.makedirs(out_dir, exist_ok=True)  # latents.pt and the pictures go there
 encode, decode = get_tokenizer(meta)
 reasoning = "row_len" in meta  # aligned targets: an answer at every labelled position
@@ -322,20 +318,14 @@ def first_stop(stop):
 
 
 if think_meter:
-    data = TokenData(data_dir or train_config.get("data_dir") or
-                     os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", train_config["dataset"]),
-                     meta["row_len"], train_config.get("dataset", "reasoning"))
+    data = checkpoint_data(train_config, data_dir)
     if not os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin")):
         fail(f"{data.data_dir} has no val_difficulty.bin; run: python prepare_data.py reasoning (or problems)")
     n_rows, row_len = data.num_blocks("val"), meta["row_len"]
-    targets = data.tokens("val_targets.bin")[:n_rows * row_len].astype(np.int64).reshape(n_rows, row_len)
-    difficulty = data.tokens("val_difficulty.bin")[:n_rows * row_len].astype(np.int64).reshape(n_rows, row_len)
-    labelled = targets != NO_LOSS
+    targets, difficulty, labelled, first = data.val_problems()  # (rows, row_len) each
     if not labelled.any():
         fail("val_targets.bin has no labelled positions; nothing to measure")
-    # a problem is a run of labelled positions of one difficulty (as in eval.py); moves so far = index in it + 1
-    first = labelled.copy()
-    first[:, 1:] &= ~labelled[:, :-1] | (difficulty[:, 1:] != difficulty[:, :-1])
+    # moves so far at a labelled position = its index within its problem + 1
     position = np.arange(row_len)
     moves = (position - np.maximum.accumulate(np.where(first, position, 0), axis=1) + 1)[labelled]  # (N,)
     row_of = np.nonzero(labelled)[0]  # (N,) the val row of each labelled position

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from checkpoints import from_pretrained, get_tokenizer, load_checkpoint, pretrained_folder
+from checkpoints import get_tokenizer, load_checkpoint, load_released
 from configurator import configure, fail
 from decode import EXIT_THRESHOLDS, generate
 
@@ -82,14 +82,8 @@ if init_from == "resume":
     meta = checkpoint["meta"]
     if "row_len" in meta:
         fail(f"{out_dir} answers reasoning problems rather than continuing text: python eval.py --out_dir={out_dir}")
-else:
-    try:  # needs the extras (pip install safetensors huggingface_hub tokenizers); errors in one line
-        folder = pretrained_folder(init_from)
-        # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
-        model = from_pretrained(folder, device=device, dtype=ptdtype)
-    except (ImportError, OSError, ValueError, KeyError) as err:
-        fail(str(err.args[0]) if err.args else repr(err))
-    meta = {"tokenizer": "huginn", "folder": folder}
+else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
+    model, meta = load_released(init_from, device, ptdtype)
 encode, decode = get_tokenizer(meta)
 
 # the prompt
