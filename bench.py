@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure, fail
+from common import pick_device, pick_dtype, set_threads, writable_dir
+from configurator import configure, fail, one_of, steps, whole
 from checkpoints import load_checkpoint
 from dataloader import checkpoint_data
 from decode import compile_for_decoding, generate
@@ -41,8 +42,8 @@ from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock
 # -----------------------------------------------------------------------------------------------------------
 # settings (override with --key=value or --key value)
 device = "cpu"              # "cpu", "cuda", "cuda:1", ...
-dtype = "auto"              # "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32" or "bfloat16"
-num_threads = 0             # CPU threads for torch; 0 keeps torch's default
+dtype = ""                  # "" (bfloat16 autocast on CUDA cards with bf16 units, else float32), "float32", "bfloat16"
+num_threads = 0             # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
 timer = "wall"              # "wall" clock, or "cpu": this process's CPU time, steadier on a shared CPU-only machine
 sections = "memory,train,decode"  # which parts to run
 seed = 1337
@@ -70,7 +71,7 @@ compile_r = [3, 9, 17, 30]  # r of the iterations counted for recompilations, af
 # memory
 memory_r = [8, 32, 128]
 memory_backprop_depth = 8
-probe_memory_at = 0         # internal: bench.py reruns itself with this set to measure one r in a fresh process
+probe_memory_at = None      # internal: a child process that measures training memory at this r (never set by hand)
 # decoding (batch 1, greedy)
 decode_out_dir = ""         # "" decodes the random model above; or a checkpoint's out_dir (its val text is the prompt)
 prompt_len = 256
@@ -79,31 +80,43 @@ decode_r = [8, 32]          # r per token
 draft_steps = 4             # speculative decoding: drafts at this r ...
 lookahead = 4               # ... this many tokens at a time
 decode_repeats = 5
-settings = {k: v for k, v in globals().items() if not k.startswith("_")
-            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
-config = configure(settings, sys.argv[1:])
-globals().update(config)
+config = configure(globals())
 
-if not set(sections.split(",")) <= {"memory", "train", "decode"}:
+whole(config, 1, "n_embd", "n_head", "n_layers_core", "intermediate_size", "vocab_size", "batch_size", "seq_len", "r",
+      "backprop_depth", "repeats", "matmul_size", "memory_backprop_depth", "prompt_len", "new_tokens", "draft_steps",
+      "lookahead", "decode_repeats")
+whole(config, 0, "n_layers_prelude", "n_layers_coda", "num_threads", "seed")
+one_of(config, "timer", ("wall", "cpu"))
+one_of(config, "compile_backend", ("inductor", "eager", "aot_eager"))
+steps(config, "compile_r")
+steps(config, "memory_r", allow_empty=False)
+steps(config, "decode_r", allow_empty=False)
+if not sections or not set(sections.split(",")) <= {"memory", "train", "decode"}:
     fail(f"--sections is a comma-separated list of memory, train and decode, got {sections!r}")
 if preset and preset not in PRESETS:
     fail(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or leave it empty")
+if probe_memory_at is not None and (type(probe_memory_at) is not int or probe_memory_at < 1):
+    fail(f"--probe_memory_at is internal (a memory probe at one r >= 1), got {probe_memory_at!r}")
+if draft_steps >= min(decode_r):
+    fail(f"--draft_steps ({draft_steps}) must be below every r of --decode_r ({decode_r}): drafts are the cheap guesses")
+try:  # the model's own checks of the shape (widths, heads)
+    RecurrentConfig(**{k: config[k] for k in ("n_embd", "n_head", "n_layers_prelude", "n_layers_core",
+                                              "n_layers_coda", "intermediate_size", "vocab_size")})
+except ValueError as err:
+    fail(str(err))
+if probe_memory_at is None:
+    writable_dir(out_dir)  # bench.json goes there at the end
 
 # device and precision
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-if device_type == "cuda" and not torch.cuda.is_available():
-    fail(f"--device={device} but torch sees no CUDA GPU; use --device=cpu")
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
-if dtype not in ("float32", "bfloat16"):
-    fail(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+device = pick_device(device)
+device_type = device.split(":")[0]
+dtype = pick_dtype(dtype, device, allowed=("float32", "bfloat16"))
 ptdtype = getattr(torch, dtype)
 ctx = torch.autocast(device_type, dtype=ptdtype) if dtype == "bfloat16" else nullcontext()
-if timer not in ("wall", "cpu") or (timer == "cpu" and device_type == "cuda"):
-    fail(f"--timer must be wall or cpu (cpu only with --device=cpu), got {timer!r}")
+if timer == "cpu" and device_type == "cuda":
+    fail("--timer=cpu times this process's CPU, not the GPU; use --timer=wall with --device=cuda")
 clock = time.perf_counter if timer == "wall" else time.process_time
-if num_threads > 0:
-    torch.set_num_threads(num_threads)
+set_threads(num_threads)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -218,7 +231,7 @@ y = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g)
 # -----------------------------------------------------------------------------------------------------------
 # Memory probe: in the child process, training iterations at r, then report the peak and exit
 
-if probe_memory_at > 0:
+if probe_memory_at is not None:
     x, y = x.to(device), y.to(device)
     model = RecurrentGPT(model_config(memory_backprop_depth)).to(device)
     optimizer = make_optimizer(model)
@@ -376,9 +389,8 @@ if "train" in sections:
 
 if "decode" in sections:
     if decode_out_dir:  # a trained model, prompted with the start of its own validation text
-        dmodel, checkpoint = load_checkpoint(decode_out_dir, device)
-        train_config = checkpoint["config"]
-        data = checkpoint_data(train_config)
+        dmodel, checkpoint = load_checkpoint(decode_out_dir, device, flag="--decode_out_dir")
+        data = checkpoint_data(checkpoint)
         room = dmodel.config.block_size - new_tokens - lookahead - 1
         prompt = torch.from_numpy(data.tokens(data.shards["val"][0])[:min(prompt_len, room)].astype("int64"))
         prompt = prompt[None].to(device)
@@ -453,7 +465,6 @@ if "decode" in sections:
 
 # -----------------------------------------------------------------------------------------------------------
 
-os.makedirs(out_dir, exist_ok=True)
 with open(os.path.join(out_dir, "bench.json"), "w") as f:
     json.dump(results, f, indent=1)
 print(f"\nwrote {os.path.join(out_dir, 'bench.json')}")

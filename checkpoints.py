@@ -10,9 +10,10 @@ Loading the release is renaming: every tensor layout (fused Wqkv, interleaved Ro
 `fc`, the adapter's [state, e] order) is already the reference's. Extras: pip install safetensors huggingface_hub.
 """
 
+import atexit
 import json
 import os
-import pickle
+import socket
 
 import torch
 
@@ -20,19 +21,80 @@ from configurator import fail
 from model import RecurrentConfig, RecurrentGPT, precompute_rope
 
 
-def load_checkpoint(out_dir, device="cpu"):
+TRAIN_KEYS = {"model", "model_config", "meta", "config", "iter_num"}  # what train.py writes into every checkpoint
+
+
+def read_checkpoint(path, device="cpu", flag="--out_dir"):
+    """The dict train.py saved at path, or one line that says why it cannot be read."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}; train one first (python train.py ...) or point {flag} at one")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated zip, random bytes, a foreign pickle: each has its own exception type
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        fail(f"{path} is not a readable checkpoint ({type(err).__name__}{': ' + reason if reason else ''}); "
+             "retrain, or restore a copy")
+    if not isinstance(checkpoint, dict) or not TRAIN_KEYS <= checkpoint.keys():
+        fail(f"{path} is not a checkpoint written by train.py; retrain, or restore a copy")
+    return checkpoint
+
+
+def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
     """The model of out_dir/ckpt.pt in eval mode, and the checkpoint (its meta, train.py's config, ...)."""
     path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}; train one first (python train.py ...) or point --out_dir at one")
-    try:  # a truncated or foreign file: say so in one line instead of a traceback
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, "cpu", flag)
+    try:  # the weights must fit the architecture the checkpoint names
         model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, pickle.UnpicklingError) as err:
-        first_line = str(err).splitlines()[0][:200] if str(err) else ""
-        fail(f"{path} is not a readable checkpoint ({type(err).__name__}: {first_line}); retrain or restore a copy")
+    except (TypeError, ValueError, RuntimeError) as err:
+        fail(f"{path} does not hold a model this code can build ({type(err).__name__}: "
+             f"{(str(err).strip().splitlines() or [''])[0][:200]}); retrain, or restore a copy")
     return model.to(device).eval(), checkpoint
+
+
+def save_checkpoint(checkpoint, path):
+    """Write to a temporary file, then rename: os.replace is atomic, so a crash or kill -9 at any moment leaves
+    either the old checkpoint or the new one, never half a file. A failed write (a full disk) removes its
+    temporary file and stops with one line; the last good checkpoint stays."""
+    tmp_path = path + ".tmp"
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so even a power cut cannot leave a torn file
+        os.replace(tmp_path, path)
+    except OSError as err:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        kept = f"the last good one, {path}, is kept" if os.path.isfile(path) else "there is no earlier one"
+        fail(f"could not save the checkpoint ({err.strerror or err}); {kept}")
+
+
+def lock_run_folder(out_dir):
+    """Keep a second run out of a folder that one is using: an exclusive lock on out_dir/run.lock for the life of
+    this process. The kernel releases it when the process ends, however it ends, so a crash leaves no stale lock
+    (the file still names the dead run, and the next run says it takes over). A POSIX lock (lockf) belongs to the
+    process, so the same process may take it again. Returns the lock file's descriptor; keep it open."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no fcntl: no lock, said once
+        print(f"note: no file locks on this system; make sure no other run uses {out_dir}")
+        return None
+    path = os.path.join(out_dir, "run.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        fail(f"{out_dir} is in use by another run ({holder or 'a running process'}); wait for it to end, or choose "
+             "another --out_dir")
+    if holder:  # a run that ended normally clears the file: this one crashed or was killed
+        print(f"note: taking over {path} from {holder}, which is no longer running")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    atexit.register(os.ftruncate, fd, 0)  # a normal end (or fail()) leaves an empty file: nothing to take over
+    return fd
 
 
 def get_tokenizer(meta):

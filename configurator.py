@@ -1,17 +1,23 @@
 """
-Poor man's configurator, after nanoGPT's: train.py, sample.py and bench.py keep their settings as plain globals
-at the top of the file, and this overrides them from the command line:
+Poor man's configurator, after nanoGPT's, and the checks every script makes before it works. A script keeps its
+settings as plain globals at the top of the file and overrides them from the command line in one call:
 
-    python train.py config/train_shakespeare_char.py --batch_size=32 --compile False
+    config = configure(globals())      # python train.py config/train_shakespeare_char.py --batch_size=32 --compile False
 
 - a bare argument is a config file, run as Python; it may set any of the script's settings
 - `--key=value` or `--key value` sets one setting; the value is read as a Python literal (else as a string)
-- unknown keys and wrong types stop with a one-line error; an int is accepted where a float is expected
+- unknown keys and wrong types stop with a one-line error; an int is accepted where a float is expected, and a
+  single value where a list is expected (--r=8 is --r=[8])
+
+Then the script checks its settings with whole(), number(), one_of() and steps() below, each a one-line error that
+names the flag, before any slow step: bad input never costs a run.
 """
 
 import ast
 import os
 import sys
+
+SETTING_TYPES = (int, float, bool, str, list, tuple, type(None))
 
 
 def fail(message):
@@ -25,7 +31,7 @@ def parse_value(key, text, default):
         return text  # strings are taken as typed: --start 123 is the prompt "123"
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         value = text  # not a literal, e.g. --dtype=bfloat16 where the default is None
     if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
@@ -35,45 +41,90 @@ def parse_value(key, text, default):
 def check_type(key, value, default):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # --learning_rate=1 means 1.0
+    if isinstance(default, list) and isinstance(value, (int, float, str, tuple)) and not isinstance(value, bool):
+        value = list(value) if isinstance(value, tuple) else [value]  # --r=8 means [8]; --r=1,2 means [1, 2]
     if default is not None and type(value) is not type(default):
         fail(f"{key} expects {type(default).__name__} (default {default!r}), got {value!r}")
     return value
 
 
-def configure(defaults, argv):
-    """Return a copy of `defaults` (a script's settings) overridden from argv, applied left to right.
-
-    A script uses it as: config = configure(settings, sys.argv[1:]); globals().update(config)"""
+def configure(namespace, argv=None):
+    """The script's settings (the plain values in `namespace` so far, i.e. its globals()), overridden from argv
+    (default sys.argv[1:]) left to right, written back into the namespace. Returns them as a dict."""
+    defaults = {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
     config = dict(defaults)
-    args = list(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
     while args:
         arg = args.pop(0)
         if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                fail(f"config file {arg!r} not found (settings are given as --key=value)")
-            file_settings = {}
-            with open(arg) as f:
-                source = f.read()
-            try:  # a config file is Python; a mistake in it is the user's to fix, in one line
-                exec(compile(source, arg, "exec"), {}, file_settings)
-            except Exception as err:
-                fail(f"config file {arg}: {type(err).__name__}: {err}")
-            for key, value in file_settings.items():
-                if key.startswith("_") or type(value).__name__ == "module":  # private names, `import math`
-                    continue
-                if key not in config:
-                    fail(f"unknown setting {key!r} in {arg}")
-                config[key] = check_type(key, value, config[key])
+            config.update(read_config_file(arg, config))
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in config:
             fail(f"unknown setting --{key} (known: {', '.join(sorted(config))})")
         if not sep:  # --key value, or a bare --flag (True) for a setting that is a bool or None by default
-            if isinstance(config[key], (bool, type(None))) and (not args or args[0].startswith("--")):
+            if isinstance(defaults[key], (bool, type(None))) and (not args or args[0].startswith("--")):
                 text = "True"
             elif not args:
                 fail(f"--{key} needs a value")
             else:
                 text = args.pop(0)
-        config[key] = parse_value(key, text, config[key])
+        config[key] = parse_value(key, text, defaults[key])
+    namespace.update(config)
     return config
+
+
+def read_config_file(path, config):
+    """The settings a config file (Python) sets, checked against the script's."""
+    if not os.path.isfile(path):
+        fail(f"config file {path!r} not found (settings are given as --key=value)")
+    file_settings = {}
+    try:  # a config file is Python; a mistake in it is the user's to fix, in one line
+        with open(path, encoding="utf-8") as f:
+            exec(compile(f.read(), path, "exec"), {}, file_settings)
+    except Exception as err:
+        fail(f"config file {path}: {type(err).__name__}: {err}")
+    settings = {}
+    for key, value in file_settings.items():
+        if key.startswith("_") or type(value).__name__ == "module":  # private names, `import math`
+            continue
+        if key not in config:
+            fail(f"unknown setting {key!r} in {path}")
+        settings[key] = check_type(key, value, config[key])
+    return settings
+
+
+# -----------------------------------------------------------------------------------------------------------
+# checks of settings: each stops with one line that names the flag
+
+
+def whole(config, low, *keys):
+    """Each setting in keys is a whole number >= low."""
+    for key in keys:
+        value = config[key]
+        if type(value) is not int or value < low:
+            fail(f"--{key} must be a whole number >= {low}, got {value!r}")
+
+
+def number(config, key, low=None, high=None, above=None, below=None):
+    """A real number within [low, high] (inclusive bounds) and (above, below) (exclusive ones)."""
+    value = config[key]
+    ok = type(value) in (int, float) and value == value and abs(value) != float("inf")  # no bool, nan or inf
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    ok = ok and (above is None or value > above) and (below is None or value < below)
+    if not ok:
+        bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
+                  f"<= {high}" if high is not None else "", f"< {below}" if below is not None else ""]
+        fail(f"--{key} must be a number {' and '.join(b for b in bounds if b)}, got {value!r}")
+
+
+def one_of(config, key, choices):
+    if config[key] not in choices:
+        fail(f"--{key} must be one of {', '.join(map(repr, choices))}; got {config[key]!r}")
+
+
+def steps(config, key, allow_empty=True):
+    """A list of r (steps of the core): whole numbers >= 1."""
+    values = config[key]
+    if not allow_empty and not values or any(type(r) is not int or r < 1 for r in values):
+        fail(f"--{key} must list whole numbers of steps >= 1, e.g. --{key}=\"[1,4,8]\"; got {values!r}")

@@ -20,40 +20,56 @@ from configurator import fail
 NO_LOSS = 65535  # the target id that means "no loss here"; it becomes -1, cross_entropy's ignore_index
 
 
-def checkpoint_data(train_config, data_dir=""):
-    """The data a checkpoint was trained on (train.py's settings, saved in it), or the one in data_dir."""
+def checkpoint_data(checkpoint, data_dir=""):
+    """The data a checkpoint was trained on (train.py's settings, saved in it), or the one in data_dir; it must have
+    the checkpoint's vocabulary."""
+    train_config = checkpoint["config"]
     dataset = train_config.get("dataset", "<dataset>")
     folder = data_dir or train_config.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                        "data", dataset)
-    return TokenData(folder, train_config["block_size"], dataset)
+    data = TokenData(folder, train_config["block_size"], dataset)
+    for key in ("tokenizer", "vocab_size", "chars"):
+        if data.meta.get(key) != checkpoint["meta"].get(key):
+            fail(f"the data in {folder} has another vocabulary than the checkpoint ({key} differs); give the data it was "
+                 "trained on with --data_dir")
+    return data
 
 
 class TokenData:
 
-    def __init__(self, data_dir, block_size, dataset="<dataset>"):
+    def __init__(self, data_dir, block_size, dataset="<dataset>", block_size_flag=None):
+        """The splits in data_dir, checked before any batch is read: metadata, file sizes, token ids against the
+        vocabulary, targets, and block_size against the data (block_size_flag: the setting that fixes it; None
+        when it comes from a checkpoint)."""
         self.data_dir, self.block_size = data_dir, block_size
-        hint = f"run: python prepare_data.py {dataset}"
-        if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        hint = self.prepare_hint(dataset)
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.isfile(meta_path):
             fail(f"no meta.json in {data_dir}; {hint}")
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            self.meta = json.load(f)
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                self.meta = json.load(f)
+        except (ValueError, OSError) as err:  # cut short, not JSON, not UTF-8
+            fail(f"{meta_path} is not readable JSON ({err}); {hint} again")
+        if not isinstance(self.meta, dict) or type(self.meta.get("vocab_size")) is not int or \
+                not 1 <= self.meta["vocab_size"] <= 2**16 or "tokenizer" not in self.meta:
+            fail(f"{meta_path} lacks a tokenizer and a vocab_size from 1 to 65536; {hint} again")
         self.shards = {split: sorted(f for f in os.listdir(data_dir) if re.fullmatch(rf"{split}(_\d+)?\.bin", f))
                        for split in ("train", "val")}
-        for split, files in self.shards.items():
-            if not files:
-                fail(f"no {split}.bin or {split}_*.bin shards in {data_dir}; {hint}")
-            for name in files:  # a shard cut short by a crash or a full disk is caught here, not as a wrong batch
-                expected, size = self.meta.get("shards", {}).get(name), os.path.getsize(os.path.join(data_dir, name))
-                if expected is not None and size != 2 * expected:
-                    fail(f"{os.path.join(data_dir, name)} is truncated ({size // 2:,} of {expected:,} tokens); "
-                         f"delete it and {hint} again")
         self.row_len = self.meta.get("row_len")  # rows of a fixed length (reasoning data): a block is a row
         self.aligned = os.path.isfile(os.path.join(data_dir, "train_targets.bin"))  # targets given per position
         if (self.aligned or self.row_len) and not (self.shards == {"train": ["train.bin"], "val": ["val.bin"]}
                                                    and os.path.isfile(os.path.join(data_dir, "val_targets.bin"))):
             fail(f"{data_dir} has rows or aligned targets but not one train.bin and val.bin with their targets; {hint}")
+        for split, files in self.shards.items():
+            if not files:
+                fail(f"no {split}.bin or {split}_*.bin shards in {data_dir}; {hint}")
+            for name in files + ([f"{split}_targets.bin"] if self.aligned else []):
+                self.check_file(name, split, hint)
         if self.row_len is not None and block_size != self.row_len:
-            fail(f"this dataset is made of rows of {self.row_len} tokens; set --block_size={self.row_len}")
+            fix = f"set {block_size_flag}={self.row_len}" if block_size_flag else \
+                f"the checkpoint reads blocks of {block_size}: give the data it was trained on with --data_dir"
+            fail(f"{data_dir} is made of rows of {self.row_len} tokens; {fix}")
         # block numbers: a shard's blocks start at whole rows, or at any token with room for the shifted target
         self.first_block = {}
         for split, files in self.shards.items():
@@ -61,9 +77,41 @@ class TokenData:
             blocks = [n // self.row_len if self.row_len else max(0, n - block_size - (not self.aligned) + 1)
                       for n in lengths]
             if sum(blocks) == 0:
+                fix = "lower --block_size" if block_size_flag else "give more data with --data_dir"
                 fail(f"block_size={block_size} is too long for the {split} data (longest shard: {max(lengths):,} "
-                     "tokens); lower --block_size")
+                     f"tokens); {fix}")
             self.first_block[split] = np.cumsum([0] + blocks)  # shard i holds blocks first_block[i] ..
+
+    @staticmethod
+    def prepare_hint(dataset):
+        """What to run when a dataset's files are missing or broken."""
+        from prepare_data import DATASETS  # its settings and dispatch run only as a script
+        if dataset in DATASETS:
+            return f"run: python prepare_data.py {dataset}"
+        return f"--dataset names a folder under data/ made by prepare_data.py (its datasets: {', '.join(DATASETS)})"
+
+    def check_file(self, name, split, hint):
+        """A token or target file: whole uint16 values, the length meta.json gives, ids inside the vocabulary."""
+        path = os.path.join(self.data_dir, name)
+        size = os.path.getsize(path)
+        expected = self.meta.get("shards", {}).get(name)
+        if size == 0 or size % 2:
+            fail(f"{path} is {'empty' if size == 0 else 'cut short (an odd number of bytes)'}; delete it and {hint}")
+        if expected is not None and size != 2 * expected:  # a shard cut short by a crash or a full disk
+            fail(f"{path} is truncated ({size // 2:,} of {expected:,} tokens); delete it and {hint} again")
+        values = self.tokens(name)
+        if name.endswith("_targets.bin"):
+            if len(values) != len(self.tokens(f"{split}.bin")):
+                fail(f"{path} has {len(values):,} targets for {len(self.tokens(split + '.bin')):,} tokens; {hint} again")
+            labelled = values[values != NO_LOSS]
+            if split == "train" and len(labelled) == 0:
+                fail(f"{path} has no labelled positions: nothing to learn; {hint} with some problems")
+            largest = int(labelled.max()) if len(labelled) else 0
+        else:
+            largest = int(values.max())
+        if largest >= self.meta["vocab_size"]:
+            fail(f"{path} holds token id {largest}, outside the vocabulary of {self.meta['vocab_size']} in meta.json; "
+                 f"{hint} again")
 
     def tokens(self, name):
         # memmap again on every call, as nanoGPT does: a long-lived memmap keeps growing in RAM (nanoGPT #287)

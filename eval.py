@@ -13,13 +13,13 @@ The test-time scaling experiment: how a trained checkpoint does at every test-ti
 
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 
 from checkpoints import get_tokenizer, load_checkpoint
-from configurator import configure, fail
+from common import keyed_generator, pick_device, set_threads, writable_dir
+from configurator import configure, fail, number, steps
 from dataloader import checkpoint_data
 
 # -----------------------------------------------------------------------------------------------------------
@@ -31,27 +31,32 @@ init_scale = 1.0      # std of the noise start s_0, relative to training (0: the
 plot = True           # draw out_dir/accuracy.png (needs matplotlib)
 device = "cpu"
 num_threads = 0       # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
-settings = {k: v for k, v in globals().items() if not k.startswith("_")
-            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
-config = configure(settings, sys.argv[1:])
-globals().update(config)
+config = configure(globals())
 # -----------------------------------------------------------------------------------------------------------
 
-if any(type(n) is not int or n < 1 for n in r):
-    fail(f"--r must list whole numbers of steps >= 1, got {r!r}")
-if num_threads or "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(num_threads or max(1, os.cpu_count() // 2))
+steps(config, "r")
+number(config, "init_scale", low=0)
+device = pick_device(device)
+set_threads(num_threads)
 model, checkpoint = load_checkpoint(out_dir, device)
+writable_dir(out_dir)  # accuracy.json and the picture go there: checked before the work, not after
 train_config, meta, r_bar = checkpoint["config"], checkpoint["meta"], model.config.mean_recurrence
-r = sorted(r or [2**i for i in range(int(np.log2(8 * r_bar)) + 1)])
+r = sorted(set(r or [2**i for i in range(int(np.log2(8 * r_bar)) + 1)]))
 block_size, batch_size, seed = train_config["block_size"], train_config["batch_size"], train_config["seed"]
-data = checkpoint_data(train_config, data_dir)
+data = checkpoint_data(checkpoint, data_dir)
 encode, decode = get_tokenizer(meta)
+reasoning = os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin"))
+if problem and not reasoning:
+    fail(f"--problem is for checkpoints that answer problems (prepare_data.py reasoning or problems); {out_dir} "
+         "continues text: python sample.py --out_dir=... --start=...")
+if problem and len(encode("\n" + problem)) > block_size:
+    fail(f"--problem has {len(problem)} characters; this checkpoint reads at most {block_size - 1} (block_size "
+         f"{block_size}, with the leading newline)")
 
 
 def noise(*key):
     """train.py's keyed generator: the same noise starts s_0 as its evals, so the figures match its log."""
-    return torch.Generator(device).manual_seed(hash((seed, *key)) % 2**63)
+    return keyed_generator(seed, *key, device=device)
 
 
 @torch.no_grad()
@@ -80,7 +85,7 @@ result = {"iter": checkpoint["iter_num"], "r": r, "r_bar": r_bar, "val_loss": {s
 # -----------------------------------------------------------------------------------------------------------
 # 2. reasoning data: exact-match accuracy by difficulty and r
 
-if os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin")):
+if reasoning:
     # A problem is a maximal run of labelled positions of one difficulty inside a row; it is solved when the
     # argmax prediction is right at every one of its positions (the targets are aligned: prepare_data.py)
     n_rows = data.num_blocks("val")
@@ -112,7 +117,7 @@ if os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin")):
     examples = [(None, problem, "")] if problem else meta.get("examples", [])
     print()
     for d, text, answer in examples:
-        ids = torch.tensor([encode("\n" + text)[-block_size:]])
+        ids = torch.tensor([encode("\n" + text)[-block_size:]])  # examples fit: they are val problems
         print(f"{text}" + (f"  (difficulty {d}, answer {answer})" if answer else ""))
         for num_steps in r:
             predicted = decode(logits_at(ids, num_steps, (-4,))[0].argmax(-1).tolist())[-len(answer or text):]

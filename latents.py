@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released
-from configurator import configure, fail
+from common import pick_device, read_prompt, set_threads, writable_dir
+from configurator import configure, fail, number, one_of, whole
 from dataloader import checkpoint_data
 from decode import CONFIDENT, EXIT_THRESHOLDS, KVCache
 
@@ -62,31 +63,33 @@ prefix = "latents_"   # picture names: <prefix>trajectories.png, <prefix>distanc
 device = "cpu"
 dtype = "float32"     # the released model's weights in float32 or bfloat16
 num_threads = 0       # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
-settings = {k: v for k, v in globals().items()
-            if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, type(None)))}
-config = configure(settings, sys.argv[1:])
-globals().update(config)
+config = configure(globals())
 # -----------------------------------------------------------------------------------------------------------
 
-if type(r) is not int or r < 1:
-    fail(f"--r must be a whole number of steps >= 1, got {r!r}")
+whole(config, 1, "r", "probe_epochs", "batch_size")
+whole(config, 0, "probe_hidden", "seed")
+number(config, "goal_accuracy", above=0, high=1)
+number(config, "goal_steps", above=0)
+number(config, "init_scale", low=0)
+one_of(config, "dtype", ("float32", "bfloat16"))
 if any(type(t) is not int for t in tokens):
     fail(f"--tokens must list positions of the prompt (whole numbers), got {tokens!r}")
 if think_meter not in (None, True, False):
     fail(f"--think_meter must be True or False, got {think_meter!r}")
-if dtype not in ("float32", "bfloat16"):
-    fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-if num_threads or "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(num_threads or max(1, os.cpu_count() // 2))
+start = read_prompt(start)
+device = pick_device(device)
+set_threads(num_threads)
+plot_dir = plot_dir or out_dir
+writable_dir(out_dir)  # latents.pt, latents.json and the probe go there, the pictures to plot_dir: checked first
+writable_dir(plot_dir, "--plot_dir")
 
 # the model, its tokenizer, and whether it answers reasoning problems
 if init_from == "resume":
     model, checkpoint = load_checkpoint(out_dir, device)
-    meta, train_config = checkpoint["meta"], checkpoint["config"]
+    meta = checkpoint["meta"]
 else:
     model, meta = load_released(init_from, device, getattr(torch, dtype))
-    train_config = {}
-    os.makedirs(out_dir, exist_ok=True)  # latents.pt and the pictures go there
+    checkpoint = None
 encode, decode = get_tokenizer(meta)
 reasoning = "row_len" in meta  # aligned targets: an answer at every labelled position
 if think_meter and not reasoning:
@@ -94,15 +97,9 @@ if think_meter and not reasoning:
     fail(f"the think-meter needs a reasoning checkpoint (prepare_data.py reasoning or problems); {what}: "
          "drop --think_meter")
 think_meter = reasoning if think_meter is None else think_meter
-plot_dir = plot_dir or out_dir
 cfg = model.config
 
 # the prompt: reasoning problems start with "\n" as in training, the released model's text with <|begin_text|>
-if start.startswith("FILE:"):
-    if not os.path.isfile(start[len("FILE:"):]):
-        fail(f"prompt file {start[len('FILE:'):]!r} not found")
-    with open(start[len("FILE:"):], encoding="utf-8") as f:
-        start = f.read()
 if not start:
     if not reasoning:
         fail("give a prompt to look at with --start (only reasoning checkpoints have example problems)")
@@ -111,7 +108,11 @@ if reasoning and not start.startswith("\n"):
     start = "\n" + start
 if meta["tokenizer"] == "huginn" and not start.startswith("<|begin_text|>"):
     start = "<|begin_text|>" + start
-prompt = encode(start)[-cfg.block_size:]
+prompt = encode(start)
+if len(prompt) > cfg.block_size:
+    print(f"warning: the prompt has {len(prompt)} tokens, more than block_size {cfg.block_size}; keeping the last "
+          f"{cfg.block_size}", file=sys.stderr)
+    prompt = prompt[-cfg.block_size:]
 T = len(prompt)
 if T == 0:
     fail("the prompt is empty; give at least one token with --start")
@@ -318,7 +319,7 @@ def first_stop(stop):
 
 
 if think_meter:
-    data = checkpoint_data(train_config, data_dir)
+    data = checkpoint_data(checkpoint, data_dir)
     if not os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin")):
         fail(f"{data.data_dir} has no val_difficulty.bin; run: python prepare_data.py reasoning (or problems)")
     n_rows, row_len = data.num_blocks("val"), meta["row_len"]

@@ -11,7 +11,7 @@ compute means more steps of the core (the paper's section 3):
     p   = C(s_r)                          coda: ln_f, blocks, ln_f, lm_head               RecurrentGPT.predict
 
 Training draws r per step (sample_num_steps) and back-propagates through the last k steps only. Names, layouts,
-norms and init follow the released Huginn-0125, so its weights load into this file (pretrained.py) and give its
+norms and init follow the released Huginn-0125, so its weights load into this file (checkpoints.py) and give its
 logits. Decoding with a KV cache lives in decode.py; this file is the model.
 """
 
@@ -40,6 +40,19 @@ class RecurrentConfig:
     norm_eps: float = 1e-6
     qk_bias: bool = True            # a learned per-head bias on queries and keys (Huginn)
     tie_embeddings: bool = True
+
+    def __post_init__(self):  # a wrong shape fails here, with its reason, rather than deep inside a layer
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layers_core", "intermediate_size",
+                     "mean_recurrence", "backprop_depth"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if min(self.n_layers_prelude, self.n_layers_coda) < 0:
+            raise ValueError("n_layers_prelude and n_layers_coda must be >= 0")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd ({self.n_embd}) must be n_head ({self.n_head}) times an even head size "
+                             "(RoPE rotates pairs)")
+        if not (self.sigma >= 0 and self.rope_base > 0 and self.norm_eps > 0):
+            raise ValueError("sigma must be >= 0, rope_base and norm_eps > 0")
 
 
 # A tiny model for tests, a ~96M model for one GPU, and the released 3.5B model (the defaults above).
@@ -180,7 +193,6 @@ class RecurrentGPT(nn.Module):
         super().__init__()
         self.config = config
         h = config.n_embd
-        assert h % config.n_head == 0, "n_embd must be divisible by n_head"
         self.wte = nn.Embedding(config.vocab_size, h)
         self.prelude = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_prelude))
         # input injection: every step sees e again, through the adapter on [state, e] (2h -> h)
@@ -242,12 +254,13 @@ class RecurrentGPT(nn.Module):
             x = block(x, rope, kv[i] if kv else None)
         return x
 
-    def predict(self, state, rope, kv=None):
-        # p = C(s_r): ln_f, the coda blocks, ln_f again (the same module), lm_head; logits in float32
+    def predict(self, state, rope, kv=None, last=False):
+        # p = C(s_r): ln_f, the coda blocks, ln_f again (the same module), lm_head; logits in float32. last=True:
+        # the logits of the last position only (a prompt in decoding needs no others; (B, 1, vocab))
         x = self.ln_f(state)
         for i, block in enumerate(self.coda):
             x = block(x, rope, kv[i] if kv else None)
-        return self.lm_head(self.ln_f(x)).float()  # (B, T, vocab)
+        return self.lm_head(self.ln_f(x[:, -1:] if last else x)).float()  # (B, T, vocab)
 
     def iterate(self, state, e, rope, num_steps, cache=None):
         # The loop, yielding s_1 ... s_r: training, evaluation, decoding (with a cache) and latents.py all use it.

@@ -40,7 +40,8 @@ import urllib.request
 
 import numpy as np
 
-from configurator import configure, fail
+from common import format_seconds, read_text, writable_dir
+from configurator import configure, fail, number, whole
 
 # -----------------------------------------------------------------------------------------------------------
 # settings (the dataset name is the first argument; everything else is --key=value)
@@ -61,10 +62,11 @@ download_attempts = 5          # tries per file, with 1, 2, 4, 8 s waits between
 fineweb_url = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"  # + /shard_00000.parquet
 # -----------------------------------------------------------------------------------------------------------
 
+SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
-def read_text(url):
+def source_text(url):
     """The source text: --input if given, else a download (kept as input.txt so it happens once)."""
     path = input
     if not path:
@@ -78,10 +80,7 @@ def read_text(url):
                 fail(f"could not download {url} ({e}); download it yourself and pass --input=FILE")
             with open(path, "wb") as f:
                 f.write(data)
-    if not os.path.isfile(path):
-        fail(f"input file {path!r} not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path, "--input")
     if not text:
         fail(f"input file {path!r} is empty; give a text file with some content")
     return text
@@ -91,7 +90,8 @@ def split_text(text):
     """The first (1 - val_fraction) of the characters train, the rest validate (nanoGPT's split)."""
     n = int(len(text) * (1 - val_fraction))
     if n == 0 or n == len(text):
-        fail(f"the input ({len(text)} characters) is too short to split into train and val")
+        fail(f"--val_fraction={val_fraction} of {len(text)} characters leaves one split empty; give more text or "
+             "another --val_fraction")
     return text[:n], text[n:]
 
 
@@ -127,7 +127,7 @@ def r50k_base():
 
 def prepare_shakespeare_char():
     """Every distinct character is a token, ids in sorted order (tiny shakespeare: 65 of them)."""
-    text = read_text(SHAKESPEARE_URL)
+    text = source_text(SHAKESPEARE_URL)
     chars = "".join(sorted(set(text)))
     stoi = {c: i for i, c in enumerate(chars)}
     train_text, val_text = split_text(text)
@@ -139,7 +139,7 @@ def prepare_shakespeare_char():
 def prepare_shakespeare():
     """GPT-2's BPE (tiktoken calls it r50k_base; the same 50,257 tokens as "gpt2"); ids < 50257 fit in uint16."""
     enc = r50k_base()
-    text = read_text(SHAKESPEARE_URL)
+    text = source_text(SHAKESPEARE_URL)
     train_text, val_text = split_text(text)
     write_split("train", enc.encode_ordinary(train_text), enc.n_vocab)  # tiny shakespeare: 301,966 tokens
     write_split("val", enc.encode_ordinary(val_text), enc.n_vocab)      # 36,059 tokens
@@ -336,11 +336,6 @@ def prepare_fineweb_edu():
           f"{shards['val_000000.bin']:,} val tokens")
 
 
-def format_seconds(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 # -----------------------------------------------------------------------------------------------------------
 # reasoning problems: targets aligned with the inputs, accuracy by difficulty
 #
@@ -373,24 +368,21 @@ def cups_problem(difficulty, rng):
 
 def read_problems(path):
     """The user's problems: one per line, `difficulty<TAB>problem<TAB>answer`; blank lines and # comments skipped."""
-    if not os.path.isfile(path):
-        fail(f"problems file {path!r} not found; give --input=FILE (one per line: difficulty<TAB>problem<TAB>answer)")
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip() or line.startswith("#"):
-                continue
-            fields = line.split("\t")
-            where = f"{path} line {n}"
-            if len(fields) != 3:
-                fail(f"{where}: expected difficulty<TAB>problem<TAB>answer, got {len(fields)} tab-separated fields")
-            difficulty, problem, answer = fields
-            if not difficulty.strip().isdigit() or not 1 <= int(difficulty) < 2**16:
-                fail(f"{where}: difficulty must be an integer from 1 to 65535, got {difficulty!r}")
-            if not answer or len(answer) > len(problem):
-                fail(f"{where}: the answer must have 1 to len(problem) characters (it labels the problem's last ones)")
-            problems.append((int(difficulty), problem, answer))
+    for n, line in enumerate(read_text(path, "--input").split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        where = f"{path} line {n}"
+        if len(fields) != 3:
+            fail(f"{where}: expected difficulty<TAB>problem<TAB>answer, got {len(fields)} tab-separated fields")
+        difficulty, problem, answer = fields
+        if not difficulty.strip().isdigit() or not 1 <= int(difficulty) < 2**16:
+            fail(f"{where}: difficulty must be an integer from 1 to 65535, got {difficulty!r}")
+        if not answer or len(answer) > len(problem):
+            fail(f"{where}: the answer must have 1 to len(problem) characters (it labels the problem's last ones)")
+        problems.append((int(difficulty), problem, answer))
     if not problems:
         fail(f"{path} holds no problems")
     return problems
@@ -470,11 +462,15 @@ if __name__ == "__main__":  # not when fineweb_edu's tokenizer processes import 
     dataset = sys.argv[1]
     if dataset not in DATASETS:
         fail(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
-    settings = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
-                and isinstance(v, (int, float, bool, str)) and k != "dataset"}
-    globals().update(configure(settings, sys.argv[2:]))
-    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-    os.makedirs(out_dir, exist_ok=True)
+    config = configure(SETTINGS, sys.argv[2:])
+    globals().update(config)
+    number(config, "val_fraction", low=0, below=1)
+    whole(config, 1, "train_max_difficulty", "num_train_problems", "val_problems_per_difficulty", "val_tokens",
+          "download_attempts")
+    whole(config, 0, "row_len", "num_workers", "seed")
+    if train_max_difficulty * 4 >= 2**16:
+        fail(f"--train_max_difficulty={train_max_difficulty}: the val split goes to 4x it, which must stay below 65536")
+    out_dir = writable_dir(out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset))
 
     if dataset == "shakespeare_char":
         prepare_shakespeare_char()

@@ -10,14 +10,14 @@ Sample from a trained recurrent-depth model:
 uses decode.py: a KV cache with an entry per (step, core layer), early exit, self-speculation, compilation.
 """
 
-import os
 import sys
 import time
 
 import torch
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released
-from configurator import configure, fail
+from common import pick_device, pick_dtype, read_prompt, set_threads
+from configurator import configure, fail, number, one_of, whole
 from decode import EXIT_THRESHOLDS, generate
 
 # -----------------------------------------------------------------------------------------------------------
@@ -42,35 +42,34 @@ compile = None  # compile the one-token step (minutes of compiling, then several
 device = ""  # "" picks cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
 dtype = ""  # "" means bfloat16 on CUDA (if supported), float32 elsewhere; or float32, bfloat16, float16
 num_threads = 0  # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores (a busy core then slows, not stalls)
-settings = {k: v for k, v in globals().items() if not k.startswith("_")
-            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
-config = configure(settings, sys.argv[1:])
-globals().update(config)
+config = configure(globals())
 # -----------------------------------------------------------------------------------------------------------
 
-# checks on the settings that would otherwise fail deep inside generate
-if r is not None and (type(r) is not int or r < 1):
-    fail(f"--r must be a whole number of steps >= 1, got {r!r}")
-if exit_criterion not in EXIT_THRESHOLDS:
-    fail(f"--exit_criterion must be one of {', '.join(EXIT_THRESHOLDS)}, got {exit_criterion!r}")
+# every setting checked before the model is loaded (the released one takes minutes)
+whole(config, 1, "num_samples", "max_new_tokens", "lookahead")
+whole(config, 0, "top_k", "draft_steps", "seed")
+number(config, "temperature", low=0)
+number(config, "init_scale", low=0)
+one_of(config, "exit_criterion", list(EXIT_THRESHOLDS))
+if r is not None:
+    whole(config, 1, "r")
+if cache_budget is not None:
+    whole(config, 1, "cache_budget")
+if exit_threshold is not None and exit_criterion == "confident-run":  # a count of steps in a row
+    whole(config, 1, "exit_threshold")
+elif exit_threshold is not None:  # kl and latent-diff stop below a number
+    number(config, "exit_threshold", low=0)
+if compile not in (None, True, False):
+    fail(f"--compile must be True or False, got {compile!r}")
 if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start):
     fail("--draft_steps (speculative decoding) is greedy: add --temperature 0; no --exit_criterion or --warm_start")
-if top_k < 0 or max_new_tokens < 1 or temperature < 0:
-    fail("need --top_k >= 0 (0: all), --max_new_tokens >= 1 and --temperature >= 0 (0: greedy)")
 if chat and init_from == "resume":
     fail("--chat is for the released model: add --init_from=huginn-0125 (or a folder in its layout)")
-if not device:
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+start = read_prompt(start)
+device = pick_device(device)
 device_type = device.split(":")[0]
-if device_type == "cuda" and not torch.cuda.is_available():
-    fail(f"--device={device} but CUDA is not available here; use --device=cpu")
-if not dtype:  # emulated bf16 (cards before Ampere) is slower than float32
-    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    dtype = "bfloat16" if bf16 else "float32"
-if dtype not in ("float32", "bfloat16", "float16"):
-    fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
-if num_threads or "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(num_threads or max(1, os.cpu_count() // 2))
+dtype = pick_dtype(dtype, device)
+set_threads(num_threads)
 compile = device_type == "cuda" if compile is None else compile
 torch.manual_seed(seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -87,11 +86,6 @@ else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16)
 encode, decode = get_tokenizer(meta)
 
 # the prompt
-if start.startswith("FILE:"):
-    if not os.path.isfile(start[len("FILE:"):]):
-        fail(f"prompt file {start[len('FILE:'):]!r} not found")
-    with open(start[len("FILE:"):], encoding="utf-8") as f:
-        start = f.read()
 stop_ids = []
 if meta["tokenizer"] == "huginn":  # the released model's text starts with <|begin_text|>; --chat adds a user turn
     if chat:  # the reference's chat template: a header per turn, each turn closed by <|end_turn|>
@@ -106,11 +100,12 @@ if len(start_ids) > model.config.block_size:
     print(f"warning: the prompt has {len(start_ids)} tokens, more than block_size {model.config.block_size}; "
           f"keeping the last {model.config.block_size}", file=sys.stderr)
     start_ids = start_ids[-model.config.block_size:]
-if cache_budget is not None and (type(cache_budget) is not int or cache_budget < 1
-                                 or cache_budget % model.config.n_layers_core):
+if cache_budget is not None and cache_budget % model.config.n_layers_core:
     fail(f"--cache_budget must be a multiple of n_layers_core ({model.config.n_layers_core}), got {cache_budget!r}")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]  # (1, T)
 num_steps = model.config.mean_recurrence if r is None else r
+if draft_steps >= num_steps:
+    fail(f"--draft_steps ({draft_steps}) must be below r ({num_steps}): the drafts are the cheap guesses r checks")
 print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {model.get_num_params() / 1e6:.2f}M parameters, "
       f"r_bar {model.config.mean_recurrence}; decoding at r = {num_steps}, temperature {temperature}, top_k {top_k}, "
       f"exit {exit_criterion}, cache_budget {cache_budget}, warm_start {warm_start}, draft_steps {draft_steps}, "

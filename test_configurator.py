@@ -8,18 +8,19 @@ DEFAULTS = dict(r=8, learning_rate=1e-3, compile=True, device="", start="\n", ev
 
 
 def test_both_flag_forms_and_types():
-    config = configure(DEFAULTS, ["--r", "32", "--learning_rate=1", "--compile", "False", "--device=cpu",
+    namespace = dict(DEFAULTS)
+    config = configure(namespace, ["--r", "32", "--learning_rate=1", "--compile", "False", "--device=cpu",
                                   "--start", "123", "--eval_r=[1,2]", "--budget=4"])
     assert config == dict(r=32, learning_rate=1.0, compile=False, device="cpu", start="123", eval_r=[1, 2], budget=4)
     assert isinstance(config["learning_rate"], float)  # an int is accepted for a float setting
-    assert configure(DEFAULTS, ["--compile=False", "--compile"])["compile"] is True  # a bare flag means True
-    assert DEFAULTS["r"] == 8  # the defaults are not modified
+    assert configure(dict(DEFAULTS), ["--compile=False", "--compile"])["compile"] is True  # a bare flag means True
+    assert namespace == config  # the script's globals hold the resolved settings
 
 
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "run.py"
     path.write_text("import math\nr = 16\nlearning_rate = 3\nstart = 'to be'\n")
-    config = configure(DEFAULTS, [str(path), "--r=4"])
+    config = configure(dict(DEFAULTS), [str(path), "--r=4"])
     assert (config["r"], config["learning_rate"], config["start"]) == (4, 3.0, "to be")
 
 
@@ -31,7 +32,7 @@ def test_config_file_then_flags(tmp_path):
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        configure(DEFAULTS, argv)
+        configure(dict(DEFAULTS), argv)
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
 
 
@@ -39,7 +40,7 @@ def test_broken_config_file(tmp_path):
     path = tmp_path / "broken.py"
     path.write_text("r = (\n")
     with pytest.raises(SystemExit, match="SyntaxError"):
-        configure(DEFAULTS, [str(path)])
+        configure(dict(DEFAULTS), [str(path)])
     path.write_text("bogus = 1\n")
     with pytest.raises(SystemExit, match="unknown setting 'bogus'"):
-        configure(DEFAULTS, [str(path)])
+        configure(dict(DEFAULTS), [str(path)])

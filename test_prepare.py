@@ -64,7 +64,7 @@ def test_default_out_dir_is_next_to_the_script(text_file, tmp_path):
     script_dir, cwd = tmp_path / "repo", tmp_path / "elsewhere"
     script_dir.mkdir()
     cwd.mkdir()
-    for name in ("prepare_data.py", "configurator.py"):
+    for name in ("prepare_data.py", "configurator.py", "common.py"):
         (script_dir / name).write_text(open(os.path.join(REPO, name)).read())
     proc = subprocess.run([sys.executable, str(script_dir / "prepare_data.py"), "shakespeare_char",
                            f"--input={text_file}"], cwd=cwd, capture_output=True, text=True, timeout=120)
@@ -79,8 +79,8 @@ def test_bad_input_is_one_line(tmp_path):
     cases = {
         "unknown dataset 'nope'": ["nope"],
         "name a dataset first": [],
-        "not found": ["shakespeare_char", f"--input={tmp_path / 'missing.txt'}"],
-        "is empty": ["shakespeare_char", f"--input={tmp_path / 'empty.txt'}"],
+        "is not a file": ["shakespeare_char", f"--input={tmp_path / 'missing.txt'}", f"--out_dir={tmp_path / 'out'}"],
+        "is empty": ["shakespeare_char", f"--input={tmp_path / 'empty.txt'}", f"--out_dir={tmp_path / 'out'}"],
         "does not fit in uint16": ["shakespeare_char", f"--input={tmp_path / 'huge_vocab.txt'}",
                                    f"--out_dir={tmp_path / 'out'}"],
         "unknown setting --bogus": ["shakespeare_char", "--bogus=1"],

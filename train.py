@@ -16,9 +16,7 @@ the loop over r stays in Python and only its fixed-shape pieces are compiled, so
 import json
 import math
 import os
-import pickle
 import re
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -27,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, fail
+from checkpoints import lock_run_folder, read_checkpoint, save_checkpoint
+from common import format_seconds, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
+from configurator import configure, fail, number, one_of, steps, whole
 from dataloader import TokenData
 from model import RecurrentConfig, RecurrentGPT, sample_num_steps
 
@@ -36,6 +36,7 @@ from model import RecurrentConfig, RecurrentGPT, sample_num_steps
 # I/O
 out_dir = "out"
 init_from = "scratch"         # "scratch" or "resume" (from out_dir/ckpt.pt)
+overwrite = False             # a scratch run into a folder that holds a checkpoint replaces it (else it stops)
 eval_interval = 250           # evaluate (and save) every this many iterations, and at the end
 eval_iters = 20               # batches in the fixed validation set
 eval_r = []                   # val loss at these r; [] means 1, r_bar and 2 r_bar
@@ -84,26 +85,35 @@ compile = True                # torch.compile the model's fixed-shape pieces
 num_threads = 0               # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
 seed = 1337
 # -----------------------------------------------------------------------------------------------------------
-settings = {k: v for k, v in globals().items() if not k.startswith("_")
-            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
-config = configure(settings, sys.argv[1:])
-globals().update(config)
-for k in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval",
-          "mean_recurrence", "backprop_depth", "vocab_multiple"):
-    if config[k] < 1:
-        fail(f"{k} must be at least 1, got {config[k]}")
-if lr_schedule not in ("cosine", "wsd", "constant"):
-    fail(f"lr_schedule must be 'cosine', 'wsd' or 'constant', got {lr_schedule!r}")
-if any(type(r) is not int or r < 1 for r in eval_r):
-    fail(f"eval_r must hold whole numbers of steps >= 1, got {eval_r!r}")
+config = configure(globals())
+# every setting checked before any data is read or a model built
+whole(config, 1, "batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval",
+      "log_interval", "vocab_multiple", "max_iters")
+whole(config, 0, "warmup_iters", "lr_decay_iters", "cooldown_iters", "seed")
+number(config, "learning_rate", above=0)
+number(config, "min_lr", low=0, high=learning_rate)
+number(config, "weight_decay", low=0)
+number(config, "grad_clip", low=0)
+number(config, "init_scale", low=0)
+for beta in ("beta1", "beta2"):
+    number(config, beta, low=0, below=1)
+one_of(config, "init_from", ("scratch", "resume"))
+one_of(config, "lr_schedule", ("cosine", "wsd", "constant"))
+steps(config, "eval_r")
 MODEL_KEYS = [k for k in asdict(RecurrentConfig()) if k != "vocab_size"]
+try:  # the model's own checks (RecurrentConfig.__post_init__): widths, heads, layers, r_bar, k
+    RecurrentConfig(**{k: config[k] for k in MODEL_KEYS})
+except (TypeError, ValueError) as err:
+    fail(str(err))
+device = pick_device(device)
+dtype = pick_dtype(dtype, device, allowed=("bfloat16", "float32"))
+if dtype == "bfloat16" and not device.startswith("cuda"):
+    fail("bfloat16 autocast is supported here on CUDA only; use --dtype=float32")
 
 # -----------------------------------------------------------------------------------------------------------
 # processes and device
 
 ddp = "RANK" in os.environ  # started by torchrun
-if not device:
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 device_type = device.split(":")[0]
 if ddp:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -118,16 +128,7 @@ if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 accum = gradient_accumulation_steps // world_size  # micro-steps on this process
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-if num_threads or "OMP_NUM_THREADS" not in os.environ:  # torchrun sets OMP_NUM_THREADS=1 per process
-    torch.set_num_threads(num_threads or max(1, os.cpu_count() // 2))
-
-if not dtype:  # emulated bf16 (GPUs before Ampere) is slower than float32
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) \
-        else "float32"
-if dtype not in ("bfloat16", "float32"):
-    fail(f"dtype must be bfloat16 or float32, got {dtype!r}")
-if dtype == "bfloat16" and device_type != "cuda":
-    fail("bfloat16 autocast is supported here on CUDA only; use --dtype=float32")
+set_threads(num_threads)
 # weights stay float32; autocast runs the matmuls in bf16 (RMSNorm, RoPE and the logits stay float32)
 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 if device_type == "cuda":
@@ -136,11 +137,10 @@ if device_type == "cuda":
 
 
 def generator(*key, device="cpu"):
-    """A generator seeded from (seed, *key). Every random draw in training comes from one of these, keyed by the
-    iteration (and micro-step), so all ranks agree on r, a resumed run draws exactly what the uninterrupted run
-    would have, and iter_num is the whole data position. (The hash of a tuple of ints is the same in every
-    Python process; only str hashes are salted.)"""
-    return torch.Generator(device).manual_seed(hash((seed, *key)) % 2**63)
+    """Every random draw in training comes from a generator keyed by the iteration (and micro-step), so all ranks
+    agree on r, a resumed run draws exactly what the uninterrupted run would have, and iter_num is the whole data
+    position."""
+    return keyed_generator(seed, *key, device=device)
 
 
 def all_reduce_sum(t):
@@ -150,33 +150,34 @@ def all_reduce_sum(t):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# where to start: from scratch, or from a checkpoint (which also fixes the architecture, block_size included)
+# the run folder (one run at a time, and never over another run's checkpoint), then where to start: from scratch,
+# or from its checkpoint (which also fixes the architecture, block_size included)
 
 iter_num, best_val_loss = 0, float("inf")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if master:
+    writable_dir(out_dir)
+    lock = lock_run_folder(out_dir)  # held until this process ends
+    if init_from == "scratch" and os.path.exists(ckpt_path) and not overwrite:
+        fail(f"{ckpt_path} holds a trained model; continue it with --init_from=resume, choose another --out_dir, or "
+             "replace it with --overwrite")
 if init_from == "resume":
-    if not os.path.isfile(ckpt_path):
-        fail(f"--init_from=resume: no checkpoint at {ckpt_path}; train from scratch first (--init_from=scratch)")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:  # truncated zip, bad pickle
-        fail(f"checkpoint {ckpt_path} is corrupt ({str(e).splitlines()[0].split('. ')[0][:200]}); "
-             "delete it or restore a copy")
-    if not isinstance(checkpoint, dict) or not {"model", "model_config", "optimizer", "iter_num"} <= checkpoint.keys():
-        fail(f"{ckpt_path} is not a checkpoint written by train.py; delete it or restore a copy")
+    checkpoint = read_checkpoint(ckpt_path, device, flag="--out_dir")
+    if "optimizer" not in checkpoint:
+        fail(f"{ckpt_path} holds a model but no optimizer state to continue from; start a new run in another --out_dir")
     for k in MODEL_KEYS:  # the architecture comes from the checkpoint, whatever the settings say
         if config[k] != checkpoint["model_config"][k] and master:
             print(f"resume: {k} = {checkpoint['model_config'][k]!r} from the checkpoint (settings said {config[k]!r})")
         config[k] = globals()[k] = checkpoint["model_config"][k]
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-elif init_from != "scratch":
-    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+    if iter_num >= max_iters:
+        fail(f"{ckpt_path} is at iteration {iter_num} already, --max_iters={max_iters}; raise --max_iters to train on")
 
 # -----------------------------------------------------------------------------------------------------------
 # data: token files written by prepare_data.py, read as batches of numbered blocks (dataloader.py)
 
 data = TokenData(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset), block_size,
-                 dataset)
+                 dataset, block_size_flag="--block_size")
 meta = data.meta
 
 
@@ -252,25 +253,11 @@ def estimate_loss():
     return losses
 
 
-def save_checkpoint():
-    """Write to a temporary file, then rename: os.replace is atomic, so a crash or kill -9 at any moment
-    leaves either the old checkpoint or the new one, never half a file."""
-    checkpoint = {
-        "model": raw_model.state_dict(),
-        "model_config": asdict(model_config),
-        "meta": meta,
-        "config": config,
-        "iter_num": iter_num,
-        "best_val_loss": best_val_loss,
-        "optimizer": optimizer.state_dict(),
-        # no RNG state is needed: every random draw comes from generator(seed, iter_num, ...)
-    }
-    tmp_path = ckpt_path + ".tmp"
-    with open(tmp_path, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so even a power cut cannot leave a torn file
-    os.replace(tmp_path, ckpt_path)
+def checkpoint_state():
+    """Everything a run needs to continue and a reader needs to use the model. No RNG state: every random draw
+    comes from generator(seed, iter_num, ...)."""
+    return {"model": raw_model.state_dict(), "model_config": asdict(model_config), "meta": meta, "config": config,
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "optimizer": optimizer.state_dict()}
 
 
 def log(record):
@@ -288,16 +275,10 @@ peak_flops = next((p for name, p in PEAK_BF16_FLOPS.items() if re.search(rf"\b{n
                    and dtype == "bfloat16"), None)
 
 
-def format_time(seconds):
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 # -----------------------------------------------------------------------------------------------------------
 # the loop
 
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     print("settings (a valid config file):")
     for k, v in config.items():
         print(f"  {k} = {v!r}")
@@ -324,7 +305,7 @@ while True:
         if iter_num > start_iter and (val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, val_loss)
             if master:
-                save_checkpoint()
+                save_checkpoint(checkpoint_state(), ckpt_path)
                 print(f"saved {ckpt_path} at iteration {iter_num}")
     if iter_num >= max_iters:
         break
@@ -365,7 +346,7 @@ while True:
         n_grad = min(r, backprop_depth)
         flops = raw_model.estimate_flops_per_token(r, block_size, training=True) * tokens_per_iter
         mfu = f"{100 * flops / dt / (peak_flops * world_size):.1f}%" if peak_flops else "n/a"
-        eta = format_time((max_iters - iter_num - 1) * (dt_avg or dt))
+        eta = format_seconds((max_iters - iter_num - 1) * (dt_avg or dt))
         print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, r {r} ({r - n_grad}+{n_grad}), "
               f"{dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}, eta {eta}")
         log({"iter": iter_num, "loss": step_loss, "lr": lr, "r": r, "n_grad": n_grad, "grad_norm": grad_norm.item(),

@@ -1,0 +1,100 @@
+"""
+What every script does the same way, once: the device and dtype, CPU threads, keyed random generators, reading
+text files (prompts, problems), checking an output folder and the time format, with one-line errors
+(configurator.fail). torch is imported where it is needed: prepare_data.py uses this file without it.
+"""
+
+import os
+import tempfile
+
+from configurator import fail
+
+
+def pick_device(device):
+    """"" picks cuda > mps > cpu; a named device must exist here."""
+    import torch
+
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        fail(f"--device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"--device={device} but torch sees no CUDA GPU here; use --device=cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        fail(f"--device={device} but there are {torch.cuda.device_count()} CUDA devices")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device={device} but MPS is not available here; use --device=cpu")
+    return device
+
+
+def pick_dtype(dtype, device, allowed=("float32", "bfloat16", "float16")):
+    """"" means bfloat16 on CUDA cards with bf16 units (emulated bf16 is slower than float32), float32 elsewhere."""
+    import torch
+
+    if not dtype:
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = "bfloat16" if bf16 else "float32"
+    if dtype not in allowed:
+        fail(f"--dtype must be one of {', '.join(allowed)} (or empty for the device's best), got {dtype!r}")
+    return dtype
+
+
+def set_threads(num_threads):
+    """CPU threads for torch; 0: OMP_NUM_THREADS if set (torchrun sets 1 per process), else half the cores, so a
+    busy core slows a run instead of stalling it."""
+    import torch
+
+    if num_threads < 0:
+        fail(f"--num_threads must be >= 0 (0: OMP_NUM_THREADS, else half the cores), got {num_threads}")
+    if num_threads or "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 2) // 2))
+    return torch.get_num_threads()
+
+
+def keyed_generator(seed, *key, device="cpu"):
+    """A generator seeded from (seed, *key): a random draw keyed by what it is for (an iteration, a micro-step, a
+    batch) is the same in every process and on every resume. (The hash of a tuple of ints is the same in every
+    Python process; only str hashes are salted.)"""
+    import torch
+
+    return torch.Generator(device).manual_seed(hash((seed, *key)) % 2**63)
+
+
+def read_text(path, what):
+    """A UTF-8 text file's contents, or one line that says what is wrong with it (`what` names the flag)."""
+    if not os.path.isfile(path):
+        fail(f"{what}: {path!r} is not a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        fail(f"{what}: cannot read {path!r} ({err.strerror})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        fail(f"{what}: {path!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+             "save it as UTF-8")
+
+
+def read_prompt(start):
+    """--start is the prompt itself, or FILE:path to read it from a file."""
+    return read_text(start[len("FILE:"):], "--start") if start.startswith("FILE:") else start
+
+
+def writable_dir(path, what="--out_dir"):
+    """Make the folder if needed and check that files can be written there, before any work that would end in one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{what}={path} is a file, not a folder; choose another {what}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        fail(f"{what}={path} is not writable ({err.strerror}); choose another {what}")
+    return path
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
