@@ -34,9 +34,10 @@ import torch.nn.functional as F
 
 from common import pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, one_of, steps, whole
-from checkpoints import load_checkpoint
+from checkpoints import from_pretrained, load_checkpoint, pretrained_config
 from dataloader import checkpoint_data
 from decode import compile_for_decoding, generate
+from kernels import quantize_int8
 from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, precompute_rope
 
 # -----------------------------------------------------------------------------------------------------------
@@ -73,7 +74,9 @@ memory_r = [8, 32, 128]
 memory_backprop_depth = 8
 probe_memory_at = None      # internal: a child process that measures training memory at this r (never set by hand)
 # decoding (batch 1, greedy)
-decode_out_dir = ""         # "" decodes the random model above; or a checkpoint's out_dir (its val text is the prompt)
+decode_out_dir = ""         # "" decodes the random model above; a checkpoint's out_dir (its val text is the prompt);
+                            # or a folder in the released layout (config.json + *.safetensors: the real size)
+decode_child = ""           # internal: a child process that decodes with one variant at the released size
 prompt_len = 256
 new_tokens = 32
 decode_r = [8, 32]          # r per token
@@ -97,7 +100,9 @@ if preset and preset not in PRESETS:
     fail(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or leave it empty")
 if probe_memory_at is not None and (type(probe_memory_at) is not int or probe_memory_at < 1):
     fail(f"--probe_memory_at is internal (a memory probe at one r >= 1), got {probe_memory_at!r}")
-if draft_steps >= min(decode_r):
+released_folder = decode_out_dir if os.path.isfile(os.path.join(decode_out_dir, "config.json")) else ""
+released_size = "decode" in sections and (preset == "huginn-0125" or bool(released_folder))
+if draft_steps >= min(decode_r) and not released_size:
     fail(f"--draft_steps ({draft_steps}) must be below every r of --decode_r ({decode_r}): drafts are the cheap guesses")
 try:  # the model's own checks of the shape (widths, heads)
     RecurrentConfig(**{k: config[k] for k in ("n_embd", "n_head", "n_layers_prelude", "n_layers_core",
@@ -255,6 +260,79 @@ if probe_memory_at is not None:
     sys.exit(0)
 
 # -----------------------------------------------------------------------------------------------------------
+# Decoding at the released size, section 3 (--preset=huginn-0125: random weights; or --decode_out_dir=<a folder in
+#    the released layout>). Each variant runs in a process of its own, so that its load time and peak memory are its own; the same
+#    prompt and zero noise start in all, so greedy tokens compare. Batch-1 decoding at this size is bound by the
+#    bytes of weights read per token: the table puts each rate beside that bound on this machine.
+
+RELEASED_VARIANTS = {"eager": {}, "compiled": dict(compile=True), "int8": dict(quantize="int8"),
+                     "kl exit": dict(exit_criterion="kl")}
+
+
+def random_released_model():
+    """Huginn-0125's shapes with random weights, made in seconds (uniform with the init's std, rather than its slow
+    truncated normal), for speed and memory only: no download needed."""
+    with torch.device("meta"):
+        model = RecurrentGPT(config_from_preset("huginn-0125"))
+    model = model.to_empty(device=device).requires_grad_(False)
+    model.lm_head.weight = model.wte.weight  # to_empty gave each its own memory: tie them again
+    std = math.sqrt(2 / (5 * model.config.n_embd))
+    generator = torch.Generator(device).manual_seed(seed)
+    for p in model.parameters():
+        p.uniform_(-std * 3**0.5, std * 3**0.5, generator=generator) if p.dim() >= 2 else p.fill_(1.0)
+    model.rope = precompute_rope(model.config.n_embd // model.config.n_head, model.config.block_size,
+                                 model.config.rope_base).to(device)  # to_empty left the buffer unset
+    return model.eval()
+
+
+def memory_gb(key):
+    """VmRSS (now) or VmHWM (peak) of this process in GB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 / 1e9 for line in f if line.startswith(key + ":"))
+
+
+def decode_child_run(variant):
+    """In the child: load, decode with one variant at every r, print the figures as one JSON line."""
+    kwargs = RELEASED_VARIANTS[variant]
+    t0 = time.perf_counter()
+    if released_folder:
+        model = from_pretrained(released_folder, device=device, quantize=kwargs.get("quantize"))
+    else:
+        model = random_released_model()
+    load_seconds = time.perf_counter() - t0
+    if kwargs.get("compile"):  # at this size: the weights packed in place (decode.compile_for_decoding)
+        compile_for_decoding(model, compile_backend, freeze=False)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(device)
+    figures = {"variant": variant, "load_seconds": load_seconds, "rate": {}, "tokens": {}}
+    for r_i in decode_r:
+        run = lambda n: generate(model, prompt, n, r_i, temperature=0, init_scale=0, **kwargs)
+        run(2)  # warm-up: first reads of the weights, and compiling (the second token is the first one-token pass)
+        times = [(timed(lambda: run(1)), timed(lambda: run(new_tokens))) for _ in range(decode_repeats)]
+        first, total = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        figures["rate"][str(r_i)] = (new_tokens - 1) / (total - first)
+        figures["tokens"][str(r_i)] = run(new_tokens)[0][0, prompt_len:].tolist()
+    figures.update(rss_gb=memory_gb("VmRSS"), peak_gb=memory_gb("VmHWM"))
+    print(json.dumps(figures))
+
+
+def stream_bandwidth():
+    """Bytes per second this machine reads from memory: the sum of a 1 GB tensor, best of 5."""
+    x = torch.ones(2**28, device=device)
+    return 4 * 2**28 / min(timed(lambda: x.sum()) for _ in range(5))
+
+
+def released_bytes_per_token(config, r, bytes_per_weight):
+    """Bytes of weights one token reads at r: prelude, coda and lm_head once, the core and the adapter r times."""
+    block = 4 * config.n_embd**2 + 3 * config.n_embd * config.intermediate_size  # Wqkv, proj, fc, mlp.proj
+    once = (config.n_layers_prelude + config.n_layers_coda) * block + config.n_embd * config.vocab_size
+    return bytes_per_weight * (once + r * (config.n_layers_core * block + 2 * config.n_embd**2))
+
+
+if decode_child:
+    decode_child_run(decode_child)
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------------------------------------
 # 1. Peak training memory against r, each r in a fresh process (a process's peak memory only ever grows). First,
 #    while this process holds no GPU memory of its own: a parent's cache would crowd its children out
 
@@ -387,7 +465,30 @@ if "train" in sections:
 #    pass plus one token), so a long prompt's one-off cost does not hide the per-token cost. Every variant draws
 #    the same noise starts (one generator seed), so greedy decoding must give the same tokens in all of them.
 
-if "decode" in sections:
+if released_size:
+    bandwidth = stream_bandwidth()
+    runs = {}
+    for variant in RELEASED_VARIANTS:
+        child = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--decode_child={variant}"],
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            fail(f"decoding ({variant}) failed: {(child.stderr.strip() or 'no output').splitlines()[-1]}")
+        runs[variant] = json.loads(child.stdout.strip().splitlines()[-1])
+    released = config_from_preset("huginn-0125") if not released_folder else pretrained_config(released_folder)
+    results["decode_released"] = {"bandwidth_bytes_per_s": bandwidth, "runs": runs}
+    print(f"\ndecoding at the released size ({released_folder or 'random weights'}), batch 1, greedy, prompt "
+          f"{prompt_len}, {new_tokens} tokens, median of {decode_repeats}; memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"  {'r':>3} {'variant':<10} {'load s':>7} {'peak GB':>8} {'RSS GB':>7} {'tok/s':>7} {'x eager':>8} "
+          f"{'bound tok/s':>12} {'same tokens':>12}")
+    for r_i in map(str, decode_r):
+        for variant, run in runs.items():
+            bound = bandwidth / released_bytes_per_token(released, int(r_i), 1 if variant == "int8" else 4)
+            same = "(exits)" if "exit" in variant else str(run["tokens"][r_i] == runs["eager"]["tokens"][r_i])
+            print(f"  {r_i:>3} {variant:<10} {run['load_seconds']:7.1f} {run['peak_gb']:8.2f} {run['rss_gb']:7.2f} "
+                  f"{run['rate'][r_i]:7.3f} {run['rate'][r_i] / runs['eager']['rate'][r_i]:8.2f} {bound:12.3f} "
+                  f"{same:>12}")
+
+if "decode" in sections and not released_size:
     if decode_out_dir:  # a trained model, prompted with the start of its own validation text
         dmodel, checkpoint = load_checkpoint(decode_out_dir, device, flag="--decode_out_dir")
         data = checkpoint_data(checkpoint)
@@ -397,10 +498,11 @@ if "decode" in sections:
     else:
         dmodel = RecurrentGPT(cfg).to(device).eval()
         prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
-    compiled_model = copy.deepcopy(dmodel)
+    compiled_model, int8_model = copy.deepcopy(dmodel), quantize_int8(copy.deepcopy(dmodel))
     variants = {"eager": (dmodel, dict()), "compiled": (compiled_model, dict(compile=True)),
                 "speculative": (compiled_model, dict(compile=True, draft_steps=draft_steps, lookahead=lookahead)),
-                "compiled, kl exit": (compiled_model, dict(compile=True, exit_criterion="kl"))}
+                "compiled, kl exit": (compiled_model, dict(compile=True, exit_criterion="kl")),
+                "int8": (int8_model, dict())}
 
     def decode(m, n, r_i, **kwargs):
         with ctx:
@@ -420,7 +522,7 @@ if "decode" in sections:
     from torch._dynamo.utils import counters
     compile_for_decoding(compiled_model, compile_backend)
     t0 = time.perf_counter()
-    decode(compiled_model, 1, decode_r[0], compile=True)
+    decode(compiled_model, 2, decode_r[0], compile=True)  # the second token is the first one-token pass
     results["decode_compile_seconds"] = time.perf_counter() - t0
     speculative_model, speculative_kwargs = variants["speculative"]
     t0 = time.perf_counter()
@@ -455,7 +557,8 @@ if "decode" in sections:
     for r_i, rates in results["decode"].items():
         for name, d in rates.items():
             extra = f"   {d['acceptance']:.0%} of drafts accepted" if "acceptance" in d else ""
-            same = "(exits)" if "exit" in name else str(d["same_tokens_as_eager"])  # fewer steps: other tokens
+            # fewer steps, or rounded weights: other tokens may be right
+            same = "(exits)" if "exit" in name else "(int8)" if name == "int8" else str(d["same_tokens_as_eager"])
             speedup = d["tokens_per_s"] / rates["eager"]["tokens_per_s"]
             print(f"  {r_i:>4} {name:<22} {d['tokens_per_s']:22.1f} {speedup:8.2f} {same:>12} {d['mean_steps']:12.2f}"
                   + extra)

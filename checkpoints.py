@@ -7,7 +7,8 @@ Huginn-0125 (Hugging Face `tomg-group-umd/huginn-0125`, or any folder in its lay
     logits, _ = model(idx, num_steps=32)
 
 Loading the release is renaming: every tensor layout (fused Wqkv, interleaved RoPE pairs, qk_bias, gate-then-value
-`fc`, the adapter's [state, e] order) is already the reference's. Extras: pip install safetensors huggingface_hub.
+`fc`, the adapter's [state, e] order) is already the reference's. Extras: pip install huggingface_hub (to download)
+and tokenizers (to read its tokenizer).
 """
 
 import atexit
@@ -16,8 +17,10 @@ import os
 import socket
 
 import torch
+import torch.nn as nn
 
 from configurator import fail
+from kernels import quantize_int8
 from model import RecurrentConfig, RecurrentGPT, precompute_rope
 
 
@@ -162,7 +165,7 @@ def pretrained_folder(name_or_path):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ImportError("downloading huginn-0125 needs: pip install safetensors huggingface_hub") from None
+        raise ImportError("downloading huginn-0125 needs: pip install huggingface_hub") from None
     # config.json, tokenizer.json, the safetensors shards and their index: ~16 GB (float32)
     return snapshot_download("tomg-group-umd/huginn-0125", allow_patterns=["*.json", "*.safetensors"])
 
@@ -180,12 +183,35 @@ def pretrained_config(folder):
     return RecurrentConfig(**{ours: released[theirs] for ours, theirs in CONFIG_KEYS.items() if theirs in released})
 
 
-def read_tensors(folder, device, dtype):
-    """Every tensor of the checkpoint, shard by shard, cast to dtype on device (the RoPE table stays float32)."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError("loading pretrained weights needs: pip install safetensors huggingface_hub") from None
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def read_safetensors(path):
+    """(name, tensor) for every tensor of a .safetensors file, each read into memory of its own. The format is 8
+    bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' bytes. Read here
+    rather than memory-mapped by the safetensors package: no file stays mapped, so a tensor that is converted
+    (kernels.py: int8, packed) or dropped frees its memory at once, and the process holds one copy of the weights."""
+    with open(path, "rb") as f:
+        try:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except (ValueError, MemoryError, OverflowError):  # not JSON: a broken or foreign file
+            raise ValueError(f"{path} is not a safetensors file (its header does not read)") from None
+        start = f.tell()
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info.get("dtype") not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: {name} has dtype {info.get('dtype')}, not one of {list(SAFETENSORS_DTYPES)}")
+            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            f.seek(start + begin)
+            if end - begin != tensor.nbytes or f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.nbytes:
+                raise ValueError(f"{path}: {name} is cut short or its size does not match its shape; download it again")
+            yield name, tensor
+
+
+def stored_tensors(folder):
+    """(name, tensor) of every tensor of a released checkpoint, shard by shard, one tensor at a time."""
     index = os.path.join(folder, "model.safetensors.index.json")  # present when the weights are sharded
     if os.path.isfile(index):
         with open(index) as f:
@@ -194,54 +220,59 @@ def read_tensors(folder, device, dtype):
         shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not shards:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
-    tensors = {}
     for shard in shards:
-        for name, tensor in load_file(os.path.join(folder, shard), device=str(device)).items():
-            tensors[name] = tensor if name == "freqs_cis" else tensor.to(dtype)
-    return tensors
+        yield from read_safetensors(os.path.join(folder, shard))
 
 
-def from_pretrained(name_or_path, device="cpu", dtype=torch.float32):
-    """RecurrentGPT with the released weights, for inference: eval mode, no gradients."""
+def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, quantize=None):
+    """RecurrentGPT with the released weights, for inference: eval mode, no gradients. quantize="int8": int8 weights
+    (kernels.py), each Linear quantized as soon as it is read, so the float copy never exists all at once."""
     folder = pretrained_folder(name_or_path)
     config = pretrained_config(folder)
     with torch.device("meta"):  # no memory and no random init: the checkpoint's tensors become the parameters
         model = RecurrentGPT(config)
-    tensors = read_tensors(folder, device, dtype)
-    rope = model_rope(folder, config, tensors.pop("freqs_cis", None), device)
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # the release stores a second copy of the tied embedding
-    loaded = {}
-    for name, expected in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_embeddings:
+    ours = {released_name(name): name for name in model.state_dict()}
+    missing = set(ours.values()) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    rope = None
+    for stored, tensor in stored_tensors(folder):
+        if stored == "freqs_cis":
+            rope = model_rope(folder, config, tensor, device)
             continue
-        if released_name(name) not in tensors:
-            raise KeyError(f"{folder}: checkpoint has no {released_name(name)} (our {name})")
-        loaded[name] = tensors.pop(released_name(name))
-        if loaded[name].shape != expected.shape:
-            raise ValueError(f"{folder}: {released_name(name)} has shape {tuple(loaded[name].shape)}, but "
-                             f"config.json implies {tuple(expected.shape)}")
-    if tensors:
-        raise ValueError(f"{folder}: unexpected tensors in the checkpoint, e.g. {next(iter(tensors))}")
+        if stored == "lm_head.weight" and config.tie_embeddings:
+            continue  # the release stores a second copy of the tied embedding
+        if stored not in ours:
+            raise ValueError(f"{folder}: unexpected tensor {stored} in the checkpoint")
+        name = ours[stored]
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        expected = getattr(module, attribute).shape
+        if tensor.shape != expected:
+            raise ValueError(f"{folder}: {stored} has shape {tuple(tensor.shape)}, but config.json implies "
+                             f"{tuple(expected)}")
+        setattr(module, attribute, nn.Parameter(tensor.to(device, dtype), requires_grad=False))
+        missing.discard(name)
+        if quantize and isinstance(module, nn.Linear) and module_name != "lm_head":
+            quantize_int8(model, names=[module_name])
+    if missing:
+        raise KeyError(f"{folder}: checkpoint has no {released_name(sorted(missing)[0])} (our {sorted(missing)[0]})")
     if config.tie_embeddings:
-        loaded["lm_head.weight"] = loaded["wte.weight"]
-    model.load_state_dict(loaded, assign=True)  # the loaded tensors become the parameters, no copies
-    if config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight  # assign=True gave lm_head its own Parameter: share wte's again
-    model.rope = rope  # the buffer was built on the meta device
+        model.lm_head.weight = model.wte.weight
+    model.rope = rope if rope is not None else model_rope(folder, config, None, device)  # built on the meta device
+    if quantize:
+        quantize_int8(model, names=["lm_head"])  # and a tied embedding reads it
     # inference only: without this, model(idx) outside torch.no_grad() would build a graph over the last k steps
     return model.requires_grad_(False).eval()
 
 
-
-def load_released(name_or_path, device, dtype):
+def load_released(name_or_path, device, dtype, quantize=None):
     """For the scripts: from_pretrained with its errors in one line; the model, and a meta naming its tokenizer."""
-    try:  # needs the extras: pip install safetensors huggingface_hub tokenizers
+    try:  # needs the extras: pip install huggingface_hub (to download) tokenizers (to read the tokenizer)
         folder = pretrained_folder(name_or_path)
-        model = from_pretrained(folder, device=device, dtype=dtype)
+        model = from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
     except (ImportError, OSError, ValueError, KeyError) as err:
         fail(str(err.args[0]) if err.args else repr(err))
     return model, {"tokenizer": "huginn", "folder": folder}
+
 
 def model_rope(folder, config, stored, device):
     """The RoPE table to run with: the release's own freqs_cis (1, T, 1, hd/2, 2) when it has one, as the reference

@@ -13,10 +13,13 @@ position and exit point. The reference's inference features are summarised in th
 """
 
 import math
+import os
 import time
 
 import torch
 import torch.nn.functional as F
+
+from kernels import Int8Linear, pack_linears, quantize_int8
 
 # the exit criteria and their default thresholds: the reference's automatic values for kl and latent-diff (stop below
 # them), and for confident-run the steps in a row it waits (latents.py's think-meter found it, see the README)
@@ -40,7 +43,7 @@ class KVCache:
         # the dtype attention computes in: autocast's, or the weights'
         device = model.rope.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
-            model.wte.weight.dtype
+            model.ln_f.weight.dtype
         zeros = lambda *slots: torch.zeros(*slots, *shape, dtype=dtype, device=device)
         self.prelude_kv = [(zeros(), zeros()) for _ in range(cfg.n_layers_prelude)]
         self.core_kv = [(zeros(self.steps_kept), zeros(self.steps_kept)) for _ in range(cfg.n_layers_core)]
@@ -76,13 +79,15 @@ class KVCache:
                 buffer[skipped, row, :, new] = buffer[last, row, :, new]
 
 
-def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criterion="none", exit_threshold=0.0):
+def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criterion="none", exit_threshold=0.0,
+                   last=False):
     """Run new tokens idx (B, T) at positions cache.pos .. through the model, reading and filling the cache.
 
     The same embed, iterate and predict as model.forward, so the logits equal a full forward pass over the context.
     noise (B, max_len, h) holds s_0 for every position; `state` replaces it (warm start). With an exit criterion
     (T = 1 only) each row stops once the criterion is met (EXIT_THRESHOLDS), and keeps that step's state.
-    Returns the logits (B, T, vocab), the final states (B, T, h) and the steps each row ran (B,)."""
+    Returns the logits (B, T, vocab) (last=True: (B, 1, vocab), the last position's only), the final states
+    (B, T, h) and the steps each row ran (B,)."""
     B, T = idx.shape
     state = noise[:, cache.pos:cache.pos + T] if state is None else state
     # copies with standard strides: a slice (of the noise, of a longer sequence) has others, new shapes to compile
@@ -120,29 +125,32 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criteri
             break
     for row in (steps < num_steps).nonzero().flatten().tolist():
         cache.fill_after_exit(row, int(steps[row]), num_steps)
-    logits = model.predict(state, rope, cache.coda())  # each row from its own last state
+    logits = model.predict(state, rope, cache.coda(), last)  # each row from its own last state
     cache.pos += T
     return logits, state, steps
 
 
-def speculative_round(model, idx, cache, noise, num_steps, draft_steps, lookahead):
-    """Self-speculative decoding (greedy): the model drafts `lookahead` tokens cheaply at draft_steps steps, then
-    checks them all in one pass at the full num_steps and keeps the drafts it agrees with, plus its own next token.
-    Returns the new tokens (B, kept + 1) and `kept`; the output is exactly greedy decoding at num_steps."""
+def speculative_round(model, logits, cache, noise, num_steps, draft_steps, lookahead):
+    """Self-speculative decoding (greedy): the next token is the argmax of logits (B, vocab), the model's own at the
+    full r. From it the model drafts `lookahead` more tokens cheaply at draft_steps steps, then checks them all in
+    one pass at the full num_steps and keeps the drafts it agrees with. Returns the new tokens (B, kept + 1), the
+    full-r logits of the token after them (B, vocab) and `kept`; the output is exactly greedy decoding at num_steps.
+    The cache holds every token before the new ones, and after the round every new one."""
     start = cache.pos
-    token, drafts = idx[:, -1:], []
+    token, drafts = logits.argmax(-1, keepdim=True), []  # (B, 1): certain, the full r chose it
+    first = token
     for _ in range(lookahead):
-        logits, _, _ = forward_cached(model, token, cache, draft_steps, noise)
-        token = logits[:, -1:].argmax(-1)
+        draft_logits, _, _ = forward_cached(model, token, cache, draft_steps, noise)
+        token = draft_logits[:, -1:].argmax(-1)
         drafts.append(token)
     drafts = torch.cat(drafts, dim=1)  # (B, lookahead)
     cache.pos = start  # roll back: the check writes these positions again, at the full r
-    logits, _, _ = forward_cached(model, torch.cat([idx[:, -1:], drafts], dim=1), cache, num_steps, noise)
-    best = logits.argmax(-1)  # (B, lookahead + 1): the greedy token at the full r after each position
+    check, _, _ = forward_cached(model, torch.cat([first, drafts], dim=1), cache, num_steps, noise)
+    best = check.argmax(-1)  # (B, lookahead + 1): the greedy token at the full r after each position
     agree = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)  # leading drafts each row agrees with
     kept = int(agree.min())  # the same for every row, so the rows stay aligned
     cache.pos = start + kept + 1  # roll back the rest: positions past the kept drafts get written again
-    return best[:, :kept + 1], kept
+    return torch.cat([first, drafts[:, :kept]], dim=1), check[:, kept], kept
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
@@ -156,27 +164,53 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
-def compile_for_decoding(model, backend="inductor"):
-    """torch.compile embed, core_step and predict for the lengths that recur: one new token (T = 1), and a
-    speculative check (T = lookahead + 1, added by generate). The cache's buffers keep their shapes, so one
-    compilation serves every r, position and exit point. Other inputs (prompts) have a new length each time and run
-    eagerly. The compiled functions shadow the methods on this instance, once; on a CPU they hold the weights as they
-    are when first called (see generate), so compile a model for decoding once it is trained."""
+def compile_for_decoding(model, backend="inductor", freeze=None):
+    """Prepare model for fast decoding, once, in place: torch.compile embed, core_step and predict for the lengths
+    that recur, one new token (T = 1) and a speculative check (T = lookahead + 1, added by generate). The cache's
+    buffers keep their shapes, so one compilation serves every r, position and exit point; prompts have a new
+    length each time and run eagerly. The compiled functions shadow the methods on this instance.
+
+    On CUDA: a CUDA graph per step. On a CPU: inductor freezes the weights into the graphs as constants it repacks
+    for batch 1 (3-5x faster on small models; compile a model once it is trained). Frozen constants are a second
+    copy of the weights, so freeze=None freezes only a model whose weights fit three times in the machine's memory.
+    A larger one (the released 3.5B) has its Linear weights packed in place for oneDNN instead, one copy and no
+    compiling (inductor cannot compile around packed weights): kernels.pack_linears."""
     if hasattr(model, "compiled_lengths"):
         return
+    model.compiled_lengths = {1}
+    cuda = model.rope.device.type == "cuda"
+    if not cuda:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if not (3 * weight_bytes < memory_bytes() if freeze is None else freeze):
+            pack_linears(model)
+            return
     options = None
-    if backend == "inductor":  # CUDA: a CUDA graph, one launch per step instead of one per kernel. CPU: the best
-        # kernels for batch 1 (with the weights frozen into the graphs: see generate)
-        options = {"triton.cudagraphs": True} if model.rope.device.type == "cuda" else {"max_autotune": True}
+    if backend == "inductor":  # CUDA graphs: one launch per step instead of one per kernel. CPU: the best kernels
+        # for batch 1, which need the weights frozen in (inductor freezes only what runs without grad: generate)
+        options = {"triton.cudagraphs": True} if cuda else {"max_autotune": True, "freezing": True}
         # and without a table of every candidate kernel's timing on stderr (older torch has no such settings)
         quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         options.update({k: v for k, v in quiet.items() if hasattr(torch._inductor.config, k)})
-    model.compiled_lengths = {1}
     for name in ("embed", "core_step", "predict"):
         eager = getattr(model, name)
         compiled = torch.compile(eager, backend=backend, fullgraph=True, options=options)
         setattr(model, name, lambda x, *args, eager=eager, compiled=compiled:
                 (compiled if x.size(1) in model.compiled_lengths else eager)(x, *args))
+
+
+def memory_bytes():
+    """This machine's memory (POSIX; elsewhere nothing is known, and a model is taken to fit)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+def stopped(new_tokens, stop_ids):
+    """(B,) whether each row of new_tokens (B, n) has produced one of stop_ids."""
+    if not stop_ids:
+        return torch.zeros(new_tokens.size(0), dtype=torch.bool)
+    return torch.isin(new_tokens, torch.tensor(list(stop_ids), device=new_tokens.device)).any(dim=1).cpu()
 
 
 def first_stop(new_tokens, stop_ids):
@@ -191,17 +225,19 @@ def first_stop(new_tokens, stop_ids):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_criterion="none",
              exit_threshold=None, cache_budget=None, warm_start=False, init_scale=1.0, stop_ids=(), compile=False,
-             draft_steps=0, lookahead=4, generator=None):
+             quantize=None, draft_steps=0, lookahead=4, generator=None):
     """Continue the prompt idx (B, T) by up to max_new_tokens tokens at num_steps (r, default r_bar) steps each.
 
     exit_criterion "kl" or "latent-diff": a token stops early once its change between steps is below exit_threshold;
     "confident-run": once its prediction has held for exit_threshold steps (defaults: EXIT_THRESHOLDS).
     cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start begins each token's state at the
     previous token's final state instead of noise (the reference's continuous_compute). compile=True compiles the
-    one-token step (compile_for_decoding). draft_steps > 0 decodes greedily by self-speculation (speculative_round).
+    one-token step (compile_for_decoding). quantize="int8" gives the model int8 weights, in place (kernels.py).
+    draft_steps > 0 decodes greedily by self-speculation (speculative_round).
     Decoding ends once every row has produced one of stop_ids. Returns (idx (B, T + new), stats): stats["steps"]
-    (B, new) the core steps each new token used, stats["drafted"] and stats["accepted"] the speculative drafts,
-    stats["first_token_seconds"]."""
+    (B, new) the core steps each new token used (the first comes from the prompt's pass, at the full r),
+    stats["drafted"] and stats["accepted"] the speculative drafts, stats["first_step_seconds"] the first pass after
+    the prompt's (with compile=True, compiling included)."""
     cfg = model.config
     num_steps = cfg.mean_recurrence if num_steps is None else num_steps
     B, T = idx.shape
@@ -214,53 +250,66 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                          f"steps; got {cache_budget}")
     if not 1 <= T <= cfg.block_size:
         raise ValueError(f"the prompt has {T} tokens; give 1 to block_size ({cfg.block_size}), cropping it")
-    if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start or lookahead < 1):
+    if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start or not
+                        1 <= lookahead < cfg.block_size // 2):
         raise ValueError("speculative decoding (draft_steps > 0) is greedy: temperature 0, no exit criterion, "
-                         "no warm start, lookahead >= 1")
+                         "no warm start, 1 <= lookahead < block_size / 2")
+    if quantize not in (None, "int8") or (quantize and compile):
+        raise ValueError(f"quantize is None or 'int8' (not with compile=True); got {quantize!r}")
     exit_threshold = EXIT_THRESHOLDS[exit_criterion] if exit_threshold is None else exit_threshold
+    if quantize and not isinstance(model.lm_head, Int8Linear):
+        quantize_int8(model)
     if compile:
         compile_for_decoding(model)
         model.compiled_lengths.add(lookahead + 1 if draft_steps else 1)
-    # While decoding on a CPU, inductor may freeze the weights into what it compiles, as constants it can repack
-    # for batch 1 (several times faster than the library's matrix-vector product); it does so only without grad
-    with torch._inductor.config.patch(freezing=compile and idx.device.type == "cpu"):
-        chunk = lookahead + 1 if draft_steps else 1  # positions one round writes
-        max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
-        cache = KVCache(model, B, max_len, num_steps, cache_budget)
-        # s_0 of every position, drawn once: a position's noise is the same however it is decoded
-        noise = model.initial_state(torch.empty(B, max_len, cfg.n_embd, dtype=model.wte.weight.dtype,
-                                                device=idx.device), init_scale, generator)
+    chunk = lookahead + 1 if draft_steps else 1  # positions one pass after the prompt writes
+    max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
+    cache = KVCache(model, B, max_len, num_steps, cache_budget)
+    # s_0 of every position, drawn once: a position's noise is the same however it is decoded
+    noise = model.initial_state(torch.empty(B, max_len, cfg.n_embd, dtype=model.ln_f.weight.dtype,
+                                            device=idx.device), init_scale, generator)
 
-        def prefill(context):
-            """A cache holding context (B, t) but its last token, at the full r (the reference never exits in the
-            prefill); the final state of that position, for a warm start."""
-            cache.pos = 0
-            if context.size(1) == 1:
-                return None
-            _, state, _ = forward_cached(model, context[:, :-1], cache, num_steps, noise)
-            return state[:, -1:]
+    def prefill(context):
+        """A cache holding context (B, t), at the full r (the reference never exits in the prefill): the next
+        token's logits (B, vocab), and the final state of the last position, for a warm start."""
+        cache.pos = 0
+        logits, state, _ = forward_cached(model, context, cache, num_steps, noise, last=True)
+        return logits[:, -1], state[:, -1:]
 
-        state = prefill(idx)
-        steps, drafted, accepted, first_token_seconds = [], 0, 0, None
-        while idx.size(1) - T < max_new_tokens and first_stop(idx[:, T:], stop_ids) == idx.size(1) - T:
-            if cache.pos + chunk > max_len:  # the context is full: start again from its last half (nanoGPT crops too)
-                state = prefill(idx[:, -(max_len // 2):])
+    # The loop keeps one invariant: the cache holds every token of idx, and logits are the next token's. So the
+    # prompt takes one pass (as many reads of the weights as a token), and the last new token none
+    logits, state = prefill(idx)
+    # the first new token comes from the prompt's pass, at the full r (speculative rounds count their own)
+    steps = [] if draft_steps else [torch.full((B, 1), num_steps)]
+    drafted, accepted, first_step_seconds = 0, 0, None
+    while True:
+        if draft_steps:
+            if cache.pos + chunk > max_len:  # the context is full: start again from its last half (nanoGPT crops)
+                logits, state = prefill(idx[:, -(max_len // 2):])
             t0 = time.perf_counter()
-            if draft_steps:
-                new, kept = speculative_round(model, idx, cache, noise, num_steps, draft_steps, lookahead)
-                drafted, accepted = drafted + lookahead, accepted + kept
-                steps.append(torch.full(new.shape, num_steps))
-            else:
-                logits, final, used = forward_cached(model, idx[:, -1:], cache, num_steps, noise,
-                                                     state if warm_start else None, exit_criterion, exit_threshold)
-                new, state = sample_next(logits[:, -1], temperature, top_k, generator), final[:, -1:]
-                steps.append(used[:, None])
-            idx = torch.cat([idx, new], dim=1)
-            if first_token_seconds is None:  # with compile=True this includes compiling
-                if idx.is_cuda:
-                    torch.cuda.synchronize(idx.device)
-                first_token_seconds = time.perf_counter() - t0
-        keep = min(max_new_tokens, first_stop(idx[:, T:], stop_ids))
-        stats = {"steps": torch.cat(steps, dim=1)[:, :keep], "drafted": drafted, "accepted": accepted,
-                 "first_token_seconds": first_token_seconds}
-        return idx[:, :T + keep], stats
+            new, logits, kept = speculative_round(model, logits, cache, noise, num_steps, draft_steps, lookahead)
+            drafted, accepted = drafted + lookahead, accepted + kept
+            steps.append(torch.full(new.shape, num_steps))
+        else:
+            new = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+        idx = torch.cat([idx, new], dim=1)
+        if idx.size(1) - T >= max_new_tokens or stopped(idx[:, T:], stop_ids).all():
+            break
+        if not draft_steps:  # the new token's pass: its cache entries and the next token's logits
+            if cache.pos + chunk > max_len:
+                logits, state = prefill(idx[:, -(max_len // 2):])
+                steps.append(torch.full((B, 1), num_steps))
+                continue
+            t0 = time.perf_counter()
+            logits, final, used = forward_cached(model, new, cache, num_steps, noise,
+                                                 state if warm_start else None, exit_criterion, exit_threshold)
+            logits, state = logits[:, -1], final[:, -1:]
+            steps.append(used[:, None])
+        if first_step_seconds is None:  # with compile=True this includes compiling
+            if idx.is_cuda:
+                torch.cuda.synchronize(idx.device)
+            first_step_seconds = time.perf_counter() - t0
+    keep = min(max_new_tokens, first_stop(idx[:, T:], stop_ids))
+    stats = {"steps": torch.cat(steps, dim=1)[:, :keep], "drafted": drafted, "accepted": accepted,
+             "first_step_seconds": first_step_seconds}
+    return idx[:, :T + keep], stats

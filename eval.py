@@ -11,6 +11,7 @@ The test-time scaling experiment: how a trained checkpoint does at every test-ti
    installed; nothing else needs it), then the example problems prepare_data.py saved, answered at each r.
 """
 
+import copy
 import json
 import os
 
@@ -19,8 +20,9 @@ import torch
 
 from checkpoints import get_tokenizer, load_checkpoint
 from common import keyed_generator, pick_device, set_threads, writable_dir
-from configurator import configure, fail, number, steps
+from configurator import configure, fail, number, one_of, steps
 from dataloader import checkpoint_data
+from kernels import quantize_int8
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = "out"
@@ -29,6 +31,7 @@ data_dir = ""         # "" means the data the checkpoint was trained on
 problem = ""          # reasoning checkpoints: a problem of your own to answer at each r, e.g. --problem 0123
 init_scale = 1.0      # std of the noise start s_0, relative to training (0: the zero state)
 plot = True           # draw out_dir/accuracy.png (needs matplotlib)
+quantize = ""         # "int8": evaluate with int8 weights (kernels.py), and say how often they agree with float32
 device = "cpu"
 num_threads = 0       # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
 config = configure(globals())
@@ -36,6 +39,7 @@ config = configure(globals())
 
 steps(config, "r")
 number(config, "init_scale", low=0)
+one_of(config, "quantize", ("", "int8"))
 device = pick_device(device)
 set_threads(num_threads)
 model, checkpoint = load_checkpoint(out_dir, device)
@@ -46,6 +50,10 @@ block_size, batch_size, seed = train_config["block_size"], train_config["batch_s
 data = checkpoint_data(checkpoint, data_dir)
 encode, decode = get_tokenizer(meta)
 reasoning = os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin"))
+float_model = copy.deepcopy(model) if quantize else None  # kept to compare with, before quantizing in place
+if quantize:
+    quantize_int8(model)
+suffix = f"_{quantize}" if quantize else ""  # accuracy_int8.json beside the float results, not over them
 if problem and not reasoning:
     fail(f"--problem is for checkpoints that answer problems (prepare_data.py reasoning or problems); {out_dir} "
          "continues text: python sample.py --out_dir=... --start=...")
@@ -60,8 +68,8 @@ def noise(*key):
 
 
 @torch.no_grad()
-def logits_at(x, num_steps, key):
-    return model(x.to(device), num_steps=num_steps, init_scale=init_scale, generator=noise(*key))[0].cpu()
+def logits_at(x, num_steps, key, of=None):
+    return (of or model)(x.to(device), num_steps=num_steps, init_scale=init_scale, generator=noise(*key))[0].cpu()
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -70,17 +78,25 @@ def logits_at(x, num_steps, key):
 blocks = data.evenly_spaced("val", train_config["eval_iters"] * batch_size).split(batch_size)
 print(f"{out_dir}: {model.get_num_params() / 1e6:.2f}M parameters, trained {checkpoint['iter_num']} iterations at "
       f"r_bar {r_bar}; val loss on {len(blocks) * batch_size} fixed blocks of {block_size} tokens")
-val_loss = {}
+val_loss, agreement = {}, {}
 for num_steps in r:
-    losses = []
+    losses, agree, positions = [], 0, 0
     for i, b in enumerate(blocks):
         x, y = data.batch("val", b)
-        losses.append(torch.nn.functional.cross_entropy(logits_at(x, num_steps, (-1, i)).flatten(0, 1), y.flatten(),
-                                                        ignore_index=-1).item())
+        logits = logits_at(x, num_steps, (-1, i))
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1).item())
+        if quantize:  # top-1 agreement with the float model, on the positions that carry a target
+            same = logits.argmax(-1) == logits_at(x, num_steps, (-1, i), of=float_model).argmax(-1)
+            agree, positions = agree + int(same[y >= 0].sum()), positions + int((y >= 0).sum())
     val_loss[num_steps] = sum(losses) / len(losses)
+    agreement[num_steps] = agree / max(positions, 1)
 print("  " + " ".join(f"{'r=' + str(n):>8}" for n in r))
 print("  " + " ".join(f"{val_loss[n]:8.4f}" for n in r))
 result = {"iter": checkpoint["iter_num"], "r": r, "r_bar": r_bar, "val_loss": {str(n): val_loss[n] for n in r}}
+if quantize:
+    print(f"  {quantize}: top-1 agreement with float32 on the targets of those blocks")
+    print("  " + " ".join(f"{agreement[n]:8.4f}" for n in r))
+    result["quantize"], result["agreement"] = quantize, {str(n): agreement[n] for n in r}
 
 # -----------------------------------------------------------------------------------------------------------
 # 2. reasoning data: exact-match accuracy by difficulty and r
@@ -150,8 +166,8 @@ if reasoning:
         ax.grid(alpha=0.3)
         ax.legend(title="difficulty", fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "accuracy.png"))
-        print(f"wrote {os.path.join(out_dir, 'accuracy.png')}")
+        fig.savefig(os.path.join(out_dir, f"accuracy{suffix}.png"))
+        print(f"wrote {os.path.join(out_dir, f'accuracy{suffix}.png')}")
 
-with open(os.path.join(out_dir, "accuracy.json" if "accuracy" in result else "eval.json"), "w") as f:
+with open(os.path.join(out_dir, ("accuracy" if "accuracy" in result else "eval") + suffix + ".json"), "w") as f:
     json.dump(result, f, indent=1)

@@ -517,7 +517,7 @@ if think_meter:
                 for rows in torch.arange(k, n_rows, 2).split(batch_size):
                     x, y = data.batch("val", rows)
                     noise = model.initial_state(torch.empty(len(rows), row_len, cfg.n_embd, device=device,
-                                                            dtype=model.wte.weight.dtype), init_scale, generator)
+                                                            dtype=model.ln_f.weight.dtype), init_scale, generator)
                     used, answer = decode_rows(x.to(device), (y >= 0).to(device), rule, threshold, probes[k], noise)
                     where = torch.from_numpy(np.isin(row_of, rows.numpy()))  # these rows' labelled positions
                     steps_used[where] = used[y >= 0]

@@ -106,6 +106,21 @@ def apply_rope(x, rope):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+class Linear(nn.Linear):
+    """A Linear layer without bias. A product with a few rows (a prompt or a batch of tokens being decoded) is taken
+    as (W x^T)^T: the same product, but on a CPU the BLAS streams a wide weight far better as the left operand (a
+    16-token prompt of Huginn-0125 ran 2.1x faster, README). Many rows (training) take the usual path."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        rows = x.numel() // self.in_features
+        if x.device.type != "cpu" or not 1 < rows <= self.out_features // 4:
+            return F.linear(x, self.weight)
+        return (self.weight @ x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], self.out_features)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -113,10 +128,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         # one fused projection for queries, keys and values, rows Q | K | V
-        self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.Wqkv = Linear(config.n_embd, 3 * config.n_embd)
         # per-head biases on q (row 0) and k (row 1), added before RoPE
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, self.n_head, self.head_dim)) if config.qk_bias else None
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.proj = Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, rope, kv=None):
         B, T, C = x.shape
@@ -144,8 +159,8 @@ class GatedMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         # SwiGLU with one fused input projection: the gate is the first half of `fc`, the value the second
-        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.fc = Linear(config.n_embd, 2 * config.intermediate_size)
+        self.proj = Linear(config.intermediate_size, config.n_embd)
 
     def forward(self, x):
         gate, value = self.fc(x).chunk(2, dim=-1)  # (B, T, I) each
@@ -196,11 +211,11 @@ class RecurrentGPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, h)
         self.prelude = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_prelude))
         # input injection: every step sees e again, through the adapter on [state, e] (2h -> h)
-        self.adapter = nn.Linear(2 * h, h, bias=False)
+        self.adapter = Linear(2 * h, h)
         self.core = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_core))
         self.coda = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_coda))
         self.ln_f = RMSNorm(h, config.norm_eps)  # one module, used twice: before and after the coda
-        self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.lm_head = Linear(h, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         rope = precompute_rope(h // config.n_head, config.block_size, config.rope_base)  # (block_size, hd/2, 2)

@@ -470,6 +470,8 @@ if __name__ == "__main__":  # not when fineweb_edu's tokenizer processes import 
     whole(config, 0, "row_len", "num_workers", "seed")
     if train_max_difficulty * 4 >= 2**16:
         fail(f"--train_max_difficulty={train_max_difficulty}: the val split goes to 4x it, which must stay below 65536")
+    if input and dataset == "reasoning":
+        fail("reasoning is generated from --seed and reads no --input; for your own problems: prepare_data.py problems")
     out_dir = writable_dir(out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset))
 
     if dataset == "shakespeare_char":

@@ -19,6 +19,7 @@ from checkpoints import get_tokenizer, load_checkpoint, load_released
 from common import pick_device, pick_dtype, read_prompt, set_threads
 from configurator import configure, fail, number, one_of, whole
 from decode import EXIT_THRESHOLDS, generate
+from kernels import quantize_int8
 
 # -----------------------------------------------------------------------------------------------------------
 init_from = "resume"  # "resume": out_dir/ckpt.pt; "huginn-0125" or a folder in its layout: the released model
@@ -39,6 +40,7 @@ init_scale = 1.0  # std of the noise start s_0, relative to training (0: the zer
 draft_steps = 0  # > 0: self-speculative greedy decoding, drafting at this r and checking at --r
 lookahead = 4  # tokens drafted per check
 compile = None  # compile the one-token step (minutes of compiling, then several times faster); None: on CUDA
+quantize = ""  # "int8": int8 weights, a quarter of float32's bytes (kernels.py); made from the float weights at load
 device = ""  # "" picks cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
 dtype = ""  # "" means bfloat16 on CUDA (if supported), float32 elsewhere; or float32, bfloat16, float16
 num_threads = 0  # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores (a busy core then slows, not stalls)
@@ -61,6 +63,9 @@ elif exit_threshold is not None:  # kl and latent-diff stop below a number
     number(config, "exit_threshold", low=0)
 if compile not in (None, True, False):
     fail(f"--compile must be True or False, got {compile!r}")
+one_of(config, "quantize", ("", "int8"))
+if quantize and compile:
+    fail("--quantize int8 runs eagerly: drop --compile")
 if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start):
     fail("--draft_steps (speculative decoding) is greedy: add --temperature 0; no --exit_criterion or --warm_start")
 if chat and init_from == "resume":
@@ -70,7 +75,7 @@ device = pick_device(device)
 device_type = device.split(":")[0]
 dtype = pick_dtype(dtype, device)
 set_threads(num_threads)
-compile = device_type == "cuda" if compile is None else compile
+compile = device_type == "cuda" and not quantize if compile is None else compile
 torch.manual_seed(seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
@@ -79,10 +84,12 @@ autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.f
 if init_from == "resume":
     model, checkpoint = load_checkpoint(out_dir, device)
     meta = checkpoint["meta"]
+    if quantize:
+        quantize_int8(model)
     if "row_len" in meta:
         fail(f"{out_dir} answers reasoning problems rather than continuing text: python eval.py --out_dir={out_dir}")
 else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
-    model, meta = load_released(init_from, device, ptdtype)
+    model, meta = load_released(init_from, device, ptdtype, quantize or None)
 encode, decode = get_tokenizer(meta)
 
 # the prompt
@@ -106,10 +113,12 @@ x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]  # (1, T)
 num_steps = model.config.mean_recurrence if r is None else r
 if draft_steps >= num_steps:
     fail(f"--draft_steps ({draft_steps}) must be below r ({num_steps}): the drafts are the cheap guesses r checks")
+if draft_steps and lookahead + 1 > model.config.block_size // 2:
+    fail(f"--lookahead ({lookahead}) must be below half of block_size ({model.config.block_size})")
 print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {model.get_num_params() / 1e6:.2f}M parameters, "
       f"r_bar {model.config.mean_recurrence}; decoding at r = {num_steps}, temperature {temperature}, top_k {top_k}, "
       f"exit {exit_criterion}, cache_budget {cache_budget}, warm_start {warm_start}, draft_steps {draft_steps}, "
-      f"compile {compile}")
+      f"compile {compile}, quantize {quantize or None}")
 
 # sampling
 for k in range(num_samples):
@@ -130,5 +139,5 @@ for k in range(num_samples):
     if draft_steps:
         line += f", {stats['accepted']} of {stats['drafted']} drafts accepted"
     if compile and k == 0:
-        line += f"; the first token took {stats['first_token_seconds']:.1f} s (compiling)"
+        line += f"; the first step took {stats['first_step_seconds']:.1f} s (compiling)"
     print(line)

@@ -156,6 +156,8 @@ CASES = [
     ("sample.py", ["--cache_budget=3", "--out_dir={tmp}/text"], "multiple of n_layers_core"),
     ("sample.py", ["--draft_steps=8", "--r=4", "--temperature=0", "--out_dir={tmp}/text"], "must be below r (4)"),
     ("sample.py", ["--draft_steps=2"], "--temperature 0"),
+    ("sample.py", ["--draft_steps=2", "--r=4", "--temperature=0", "--lookahead=20", "--out_dir={tmp}/text"],
+     "--lookahead (20) must be below half of block_size (32)"),
     ("sample.py", ["--start=FILE:{tmp}/latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 24)"),
     ("sample.py", ["--start=FILE:{tmp}/missing.txt"], "--start: '{tmp}/missing.txt' is not a file"),
     ("sample.py", ["--chat"], "--chat is for the released model"),
@@ -197,6 +199,7 @@ CASES = [
     ("prepare_data.py", ["problems", "--input={tmp}/problems-latin1.txt", "--out_dir={tmp}/prepared"], "is not UTF-8 text (byte 0xe9 at offset"),
     ("prepare_data.py", ["shakespeare_char", "--input={tmp}/play.txt", "--out_dir={tmp}/a-file"], "is a file"),
     ("prepare_data.py", ["nonexistent"], "unknown dataset 'nonexistent'"),
+    ("prepare_data.py", ["reasoning", "--input={tmp}/play.txt"], "reasoning is generated from --seed"),
     ("prepare_data.py", ["--input=x"], "name a dataset first"),
     # bench.py
     ("bench.py", ["--sections=memory", "--memory_r=[0]"], "--memory_r must list whole numbers of steps >= 1"),

@@ -67,12 +67,31 @@ def test_memory_flat_in_r(results):
 def test_decoding_figures(results):
     decode = results["decode"]
     assert set(decode) == {"3", "5"}
-    variants = {"eager", "compiled", "speculative", "compiled, kl exit"}
+    variants = {"eager", "compiled", "speculative", "compiled, kl exit", "int8"}
     assert set(decode["3"]) == variants | {"no cache (recompute)"} and set(decode["5"]) == variants  # recompute: once
     for r, rates in decode.items():
         for name, d in rates.items():
             assert d["tokens_per_s"] > 0 and d["first_token_seconds"] > 0
-            assert d["same_tokens_as_eager"] or name == "compiled, kl exit"  # greedy: the same tokens, but exits
+            assert d["same_tokens_as_eager"] or name in ("compiled, kl exit", "int8")  # but exits and rounding
             assert d["mean_steps"] == int(r) or name == "compiled, kl exit"
         assert 0 <= rates["speculative"]["acceptance"] <= 1 and rates["compiled, kl exit"]["mean_steps"] <= int(r)
     assert results["decode_compile_seconds"] > 0 and results["decode_recompiles"] == 0
+
+
+def test_released_size_variants_run_in_processes_of_their_own(tmp_path):
+    """--decode_out_dir=<a folder in the released layout>: every variant in a child process, with its load time,
+    memory and rate beside the bandwidth bound; packed (compiled) weights give eager's tokens."""
+    from test_pretrained import reference_tensors, tiny, write_checkpoint
+    write_checkpoint(tmp_path / "released", tiny(), reference_tensors(tiny()), shards=2)
+    run = subprocess.run([sys.executable, "bench.py", "--sections=decode", f"--decode_out_dir={tmp_path / 'released'}",
+                          "--decode_r=[2]", "--prompt_len=8", "--new_tokens=4", "--decode_repeats=1", "--num_threads=1",
+                          f"--out_dir={tmp_path}"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "bench.json") as f:
+        released = json.load(f)["decode_released"]
+    assert released["bandwidth_bytes_per_s"] > 0 and set(released["runs"]) == {"eager", "compiled", "int8", "kl exit"}
+    for name, figures in released["runs"].items():
+        assert figures["rate"]["2"] > 0 and figures["peak_gb"] >= figures["rss_gb"] > 0 and len(figures["tokens"]["2"]) == 4
+    assert released["runs"]["compiled"]["tokens"] == released["runs"]["eager"]["tokens"]
+    assert "bound tok/s" in run.stdout

@@ -135,7 +135,7 @@ def test_default_threshold_exits_early_on_trained_model(trained_model, criterion
 def test_each_row_of_a_batch_exits_on_its_own(trained_model, criterion):
     """Two rows decoded together give what each gives alone: the same tokens and the same steps per token, each
     row with the logits of its own exit step (not the slowest row's)."""
-    rows = torch.tensor([PATTERN[:5], [15, 14, 0, 10, 12]])  # a familiar start and a strange one
+    rows = torch.tensor([PATTERN[:5], [0, 0, 0, 0, 0]])  # a familiar start and a strange one
     kwargs = dict(num_steps=8, temperature=0, exit_criterion=criterion, init_scale=0)
     together, together_stats = generate(trained_model, rows, 24, **kwargs)
     steps_differ = False
@@ -219,9 +219,9 @@ def test_warm_start_begins_at_previous_final_state(warm_start):
 
     model.core_step = recording_core_step
     generate(model, idx, 5, num_steps=r, warm_start=warm_start)
-    # the prefill (positions 0..2) makes r calls, then each of the 5 tokens makes r calls
-    assert len(calls) == r * 6 and all(calls[r * i][0].size(1) == 1 for i in range(1, 6))
-    for i in range(1, 6):
+    # the prompt's pass (4 positions) makes r calls and gives the first token; each of the next 4 makes r calls
+    assert len(calls) == r * 5 and all(calls[r * i][0].size(1) == 1 for i in range(1, 5))
+    for i in range(1, 5):
         first_input, previous_final = calls[r * i][0], calls[r * i - 1][1][:, -1:]
         assert torch.equal(first_input, previous_final) == warm_start
 
@@ -258,16 +258,16 @@ def test_rollback_after_a_rejected_draft_leaves_the_cache_of_plain_decoding():
     spec, plain = KVCache(model, 1, 64, r), KVCache(model, 1, 64, r)
     rejected = 0
     with torch.no_grad():
-        forward_cached(model, idx[:, :-1], spec, r, noise)
-        forward_cached(model, idx[:, :-1], plain, r, noise)
-        tokens = idx
+        logits, _, _ = forward_cached(model, idx, spec, r, noise, last=True)
+        forward_cached(model, idx, plain, r, noise)
+        tokens, logits = idx, logits[:, -1]
         for _ in range(6):
-            new, kept = speculative_round(model, tokens, spec, noise, r, draft_steps=1, lookahead=4)
+            new, logits, kept = speculative_round(model, logits, spec, noise, r, draft_steps=1, lookahead=4)
             rejected += kept < 4
             tokens = torch.cat([tokens, new], dim=1)
-        for t in range(idx.size(1) - 1, tokens.size(1) - 1):  # plain decoding of the same tokens
+        for t in range(idx.size(1), tokens.size(1)):  # plain decoding of the same tokens
             forward_cached(model, tokens[:, t:t + 1], plain, r, noise)
-    assert rejected > 0 and spec.pos == plain.pos == tokens.size(1) - 1
+    assert rejected > 0 and spec.pos == plain.pos == tokens.size(1)
     for (k, v), (k_plain, v_plain) in zip(spec.prelude_kv + spec.core_kv + spec.coda_kv,
                                           plain.prelude_kv + plain.core_kv + plain.coda_kv):
         torch.testing.assert_close(k[..., :spec.pos, :], k_plain[..., :plain.pos, :], atol=1e-5, rtol=0)
@@ -330,12 +330,14 @@ def test_generation_stops_once_every_row_has_a_stop_token():
 
 def test_confident_run_stops_once_the_prediction_has_held(trained_model):
     """confident-run stops a token at the first step where the same argmax has had top probability >= 0.9 for m
-    steps in a row. The first new token follows the prompt's full-depth pass, so a plain forward over the prompt
-    shows the prediction at every step."""
+    steps in a row. The first new token comes from the prompt's full-depth pass; the second from the first new
+    token's pass, which may exit, and a plain forward over the prompt and that token shows its prediction at every
+    step."""
     from decode import CONFIDENT
-    idx, r, m = torch.tensor([PATTERN[:6]]), 16, 3
-    _, stats = generate(trained_model, idx, 1, num_steps=r, temperature=0, init_scale=0, exit_criterion="confident-run",
-                        exit_threshold=m)
+    r, m = 16, 3
+    out, stats = generate(trained_model, torch.tensor([PATTERN[:6]]), 2, num_steps=r, temperature=0, init_scale=0,
+                          exit_criterion="confident-run", exit_threshold=m)
+    idx = out[:, :7]
     rope = trained_model.rope[:idx.size(1)]
     with torch.no_grad():
         e = trained_model.embed(idx, rope)
@@ -349,4 +351,4 @@ def test_confident_run_stops_once_the_prediction_has_held(trained_model):
         if run >= m:
             expected = step
             break
-    assert expected < r and stats["steps"].tolist() == [[expected]]
+    assert expected < r and stats["steps"].tolist() == [[r, expected]]

@@ -1,0 +1,110 @@
+"""
+The Linear layers in the forms fast batch-1 kernels want, for decoding: float32 weights packed for oneDNN, and int8
+weights. Each replaces a model's nn.Linear layers in place, layer by layer, so the float weights of a layer are
+freed as soon as its new form exists: the model never holds two copies.
+
+Batch-1 decoding reads every weight once per step of the core, so at the released size its speed is bytes read per
+second (README, "decoding at full size"):
+- pack_linears: oneDNN's blocked layout streams a wide float32 weight faster than the plain one (1.5-1.9x for the
+  released model's matrices on a 2-core CPU). decode.compile_for_decoding uses it where inductor's weight
+  freezing would keep a second copy of a large model.
+- quantize_int8: int8 weights are a quarter of float32's bytes. Each output channel (a row of the weight) gets its
+  own scale, max |w| / 127. On a CPU the fast int8 kernel is fbgemm's dynamic linear, which rounds the input to
+  8 bits too; each token is rounded on a grid of its own (see Int8Linear), so a token gives the same result alone
+  (decoding) as in a batch (a full forward pass). Elsewhere (CUDA) the int8 weights are expanded per call.
+"""
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PackedLinear(nn.Module):
+    """A float Linear (no bias) whose weight is held only in oneDNN's packed layout (CPU)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # for batch 1 and up
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def int8_rows(weight):
+    """Per-output-channel symmetric int8: weight (out, in) -> int8 (out, in) and the scale (out,) of each row."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        int8, scale = int8_rows(linear.weight)
+        self.register_buffer("scale", scale)  # (out,)
+        self.packed = self.int8 = None
+        if int8.device.type == "cpu":  # fbgemm's packed copy of the int8 weights is the only one kept
+            with warnings.catch_warnings():  # torch 2.13 marks quantized tensors for removal; see the README
+                warnings.simplefilter("ignore", UserWarning)
+                quantized = torch.quantize_per_channel(linear.weight.detach().float(), scale.double(),
+                                                       torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+            # one row with the values 1 and -1, appended to every input (see forward)
+            self.register_buffer("pin", F.pad(torch.tensor([[1.0, -1.0]]), (0, self.in_features - 2)), False)
+        else:
+            self.register_buffer("int8", int8)  # (out, in)
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features)  # (N, in): a row per token
+        if self.packed is None:  # the int8 weights expanded for this call only, in x's dtype
+            y = F.linear(rows, self.int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        else:
+            # fbgemm rounds its whole input with one scale, from the input's min and max. Scale every row to
+            # max |x| = 1 and append the row [1, -1, 0, ...]: the input's range is then always [-1, 1], so each row
+            # is rounded on the same grid whatever else is in the batch; its own max |x| is multiplied back after
+            row_max = rows.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
+            y = torch.ops.quantized.linear_dynamic(torch.cat([rows.float() / row_max, self.pin]), self.packed,
+                                                   reduce_range=True)[:-1] * row_max
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding with int8 rows: row idx times its scale (the same rounding as the tied lm_head's)."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        int8, scale = int8_rows(embedding.weight)
+        self.register_buffer("int8", int8)  # (vocab, h)
+        self.register_buffer("scale", scale)  # (vocab,)
+
+    def forward(self, idx):
+        return self.int8[idx].float() * self.scale[idx, None]
+
+
+def replace_linears(model, form, names=None):
+    """Every nn.Linear of model (or those whose names are given) -> form(linear), in place, one at a time: only
+    names are kept between layers, so each layer's float weight is freed once its new form exists."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+             and (names is None or name in names)]
+    for name in names:
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, form(model.get_submodule(name)))
+    return model
+
+
+def pack_linears(model):
+    return replace_linears(model, PackedLinear)
+
+
+def quantize_int8(model, names=None):
+    """int8 weights for every Linear (the lm_head too); a tied embedding then gets int8 rows as well, so the float
+    matrix is freed. `names`: only these Linear layers (a loader quantizes each as it is read)."""
+    replace_linears(model, Int8Linear, names)
+    if isinstance(model.lm_head, Int8Linear) and model.config.tie_embeddings and isinstance(model.wte, nn.Embedding):
+        model.wte = Int8Embedding(model.wte)
+    return model

@@ -1,0 +1,135 @@
+"""kernels.py and model.Linear: the forms of the Linear layers decoding uses (int8 weights, oneDNN-packed float
+weights, few-row products), each against the plain model. CPU only."""
+
+import copy
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import decode
+from decode import KVCache, compile_for_decoding, forward_cached, generate
+from kernels import Int8Embedding, Int8Linear, PackedLinear, quantize_int8
+from model import Linear, RecurrentGPT, config_from_preset
+
+torch.set_num_threads(1)
+PATTERN = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RecurrentGPT(config_from_preset("tiny", **{"n_layers_core": 2, "block_size": 128, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """The tiny model trained briefly to continue PATTERN (as in test_decode.py)."""
+    model = tiny_model(vocab_size=16)
+    model.train()
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    stream, g = torch.tensor(PATTERN).repeat(50), torch.Generator().manual_seed(0)
+    for _ in range(80):
+        ix = torch.randint(0, len(stream) - 33, (16,), generator=g)
+        _, loss = model(torch.stack([stream[i:i + 32] for i in ix]), torch.stack([stream[i + 1:i + 33] for i in ix]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_few_row_product_is_the_plain_product():
+    """model.Linear takes (W x^T)^T for a few rows: the same numbers as F.linear, gradients included."""
+    layer = Linear(64, 256)
+    for rows in (1, 2, 7, 64, 65):  # 1 and > out/4 take F.linear itself
+        x = torch.randn(1, rows, 64, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (1, rows, 256) and y.is_contiguous()
+        torch.testing.assert_close(y, F.linear(x, layer.weight), atol=1e-5, rtol=0)
+        y.square().sum().backward()
+        expected = torch.autograd.grad(F.linear(x, layer.weight).square().sum(), x)[0]
+        torch.testing.assert_close(x.grad, expected, atol=1e-4, rtol=0)
+
+
+def test_int8_rows_do_not_depend_on_the_batch():
+    """fbgemm rounds its whole input with one scale; Int8Linear gives every row its own grid, so a token's result
+    is the same alone as beside others of very different size."""
+    linear = nn.Linear(96, 40, bias=False)
+    layer = Int8Linear(linear)
+    x = torch.randn(6, 96) * torch.tensor([1e-3, 1, 10, 100, 0.1, 5])[:, None]
+    together = layer(x)
+    alone = torch.cat([layer(row[None]) for row in x])
+    torch.testing.assert_close(together, alone, atol=0, rtol=1e-6)
+    # and near the float product: what is lost is the rounding of weights and inputs
+    exact = F.linear(x, linear.weight)
+    assert ((together - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.05
+
+
+def test_int8_is_close_to_float(trained_model):
+    model = copy.deepcopy(trained_model)
+    quantize_int8(model)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())  # every Linear, lm_head included
+    assert isinstance(model.wte, Int8Embedding)  # the tied embedding's float matrix is gone too
+    idx = torch.tensor([PATTERN * 4])
+    for r in (1, 4, 8):
+        full, _ = trained_model(idx, num_steps=r, init_scale=0)
+        low, _ = model(idx, num_steps=r, init_scale=0)
+        assert (full.argmax(-1) == low.argmax(-1)).float().mean() > 0.97
+        assert (full - low).abs().max() < 0.1 * (full.max() - full.min())
+
+
+def test_int8_decoding_equals_its_own_full_forward(trained_model):
+    """The int8 model decoded through the cache gives what its own full forward pass gives (per-token rounding):
+    logits within float tolerance, the same greedy tokens."""
+    model = quantize_int8(copy.deepcopy(trained_model))
+    idx = torch.tensor([PATTERN[:5]])
+    out, _ = generate(model, idx, 24, num_steps=6, temperature=0, init_scale=0)
+    recomputed = idx
+    with torch.no_grad():
+        for _ in range(24):
+            logits, _ = model(recomputed, num_steps=6, init_scale=0)
+            recomputed = torch.cat([recomputed, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, recomputed)
+    noise = torch.zeros(1, 64, model.config.n_embd)
+    cache = KVCache(model, 1, 64, 6)
+    full, _ = model(out, num_steps=6, init_scale=0)
+    with torch.no_grad():
+        logits, _, _ = forward_cached(model, out[:, :10], cache, 6, noise)
+        torch.testing.assert_close(logits, full[:, :10], atol=1e-4, rtol=0)
+        for t in range(10, out.size(1)):
+            logits, _, _ = forward_cached(model, out[:, t:t + 1], cache, 6, noise)
+            torch.testing.assert_close(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
+
+
+def test_generate_quantizes_in_place(trained_model):
+    model = copy.deepcopy(trained_model)
+    out, _ = generate(model, torch.tensor([PATTERN[:5]]), 12, num_steps=8, temperature=0, quantize="int8")
+    assert isinstance(model.lm_head, Int8Linear)
+    assert out[0, 5:].tolist() == (PATTERN * 2)[5:17]  # the int8 model still continues the pattern
+    with pytest.raises(ValueError, match="quantize"):
+        generate(model, torch.tensor([PATTERN[:5]]), 1, quantize="int4")
+
+
+def test_packed_decoding_holds_one_copy_of_the_weights(monkeypatch):
+    """A model too large to freeze twice (here: a machine said to have no memory to spare) is compiled for decoding
+    by packing its Linear weights in place: the same tokens as eager, and every plain weight freed (only the
+    embedding, tied to lm_head, keeps its float matrix for lookups)."""
+    model = tiny_model()
+    idx = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(1))
+    eager, _ = generate(model, idx, 16, num_steps=4, temperature=0, init_scale=0)
+    weights = {name: weakref.ref(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    monkeypatch.setattr(decode, "memory_bytes", lambda: 0)
+    packed, _ = generate(model, idx, 16, num_steps=4, temperature=0, init_scale=0, compile=True)
+    assert torch.equal(eager, packed)
+    assert all(isinstance(m, PackedLinear) for m in (model.lm_head, model.adapter, model.core[0].mlp.fc))
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    alive = [name for name, ref in weights.items() if ref() is not None]
+    assert alive == ["lm_head"]  # its weight is wte's, still the embedding
+
+
+def test_small_models_are_frozen_by_inductor(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(decode, "memory_bytes", lambda: 10**15)
+    compile_for_decoding(model, freeze=None)
+    assert isinstance(model.lm_head, nn.Linear) and model.compiled_lengths == {1}
