@@ -28,15 +28,17 @@ CONFIDENT = 0.9  # confident-run: a prediction is confident at this top probabil
 
 
 class KVCache:
-    """Keys and values of every attention layer for positions 0 .. pos-1, in buffers of a fixed length max_len.
+    """Keys and values of every attention layer for the tokens at buffer indices 0 .. pos-1, in buffers of a fixed
+    length max_len, for a batch of B rows. A row may start later than index 0 (its prompt was shorter: left
+    padding); `first` (B,) is the index of each row's first token, its position 0 for RoPE.
 
     Prelude and coda layers run once per token: one buffer each. The core runs r times and step i of a new token
     attends to the earlier tokens' keys of step i, so each core layer keeps one buffer per step (the reference's
-    HuginnDynamicCache). A cache_budget of N entries keeps N / n_layers_core steps per core layer, step i in slot
-    i mod that, so later steps overwrite earlier ones (the reference's compress-sN; N = n_layers_core keeps the last
-    step only: the memory of a plain transformer of the same width)."""
+    HuginnDynamicCache). A cache_budget of N entries keeps N / n_layers_core steps per core layer, step i in
+    buffer i mod that, so later steps overwrite earlier ones (the reference's compress-sN; N = n_layers_core keeps
+    the last step only: the memory of a plain transformer of the same width)."""
 
-    def __init__(self, model, batch_size, max_len, num_steps, cache_budget=None):
+    def __init__(self, model, batch_size, max_len, num_steps, cache_budget=None, first=None):
         cfg = model.config
         self.steps_kept = num_steps if cache_budget is None else cache_budget // cfg.n_layers_core
         shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)  # (B, nh, max_len, hd)
@@ -44,36 +46,54 @@ class KVCache:
         device = model.rope.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
             model.ln_f.weight.dtype
-        zeros = lambda *slots: torch.zeros(*slots, *shape, dtype=dtype, device=device)
+        zeros = lambda *steps: torch.zeros(*steps, *shape, dtype=dtype, device=device)
         self.prelude_kv = [(zeros(), zeros()) for _ in range(cfg.n_layers_prelude)]
         self.core_kv = [(zeros(self.steps_kept), zeros(self.steps_kept)) for _ in range(cfg.n_layers_core)]
         self.coda_kv = [(zeros(), zeros()) for _ in range(cfg.n_layers_coda)]
         self.max_len, self.rope = max_len, model.rope
-        self.pos = 0            # positions 0 .. pos-1 are cached; forward_cached writes from here
-        self.positions = None   # (T,) the positions the current forward_cached writes, a tensor
+        self.first = torch.zeros(batch_size, dtype=torch.long, device=device) if first is None else first.to(device)
+        self.pos = 0  # indices 0 .. pos-1 are cached; the next forward_cached writes from here
+        self.index = self.mask = None  # set by start(): where the current tokens go, what each may attend to
 
     def start(self, T):
-        """Begin writing T new tokens at pos; their rows of the RoPE table (T, hd/2, 2)."""
-        self.positions = torch.arange(self.pos, self.pos + T, device=self.rope.device)
-        return self.rope[self.positions]
+        """Begin writing T new tokens at indices pos .. pos+T-1: their rows of the RoPE table (B, T, hd/2, 2), each
+        row at its own positions, and the mask every attention layer applies."""
+        self.index = torch.arange(self.pos, self.pos + T, device=self.rope.device)  # (T,)
+        keys = torch.arange(self.max_len, device=self.rope.device)
+        # a token sees its own row's tokens up to itself, from the row's first on; a padding slot before the first
+        # sees only itself (never nothing: an empty softmax would be nan)
+        own = keys == self.index[:, None]  # (T, max_len)
+        self.mask = (keys <= self.index[:, None]) & (keys >= self.first[:, None, None]) | own  # (B, T, max_len)
+        self.mask = self.mask[:, None]  # (B, 1, T, max_len): the same for every head
+        positions = (self.index[None] - self.first[:, None]).clamp(min=0)  # (B, T)
+        return self.rope[positions]
 
-    # what each layer's attention gets: its buffers and where to write (see CausalSelfAttention)
+    def advance(self, T):
+        """The T tokens of start() are in: the next ones go after them."""
+        self.pos += T
+
+    def rollback(self, pos):
+        """Forget every index from pos on (speculative decoding's rejected drafts, a new prefill): they are written
+        again before anything reads them."""
+        self.pos = pos
+
+    # what each layer's attention gets: its buffers, where to write and what it may read (CausalSelfAttention)
     def prelude(self):
-        return [(k, v, self.positions) for k, v in self.prelude_kv]
+        return [(k, v, self.index, self.mask) for k, v in self.prelude_kv]
 
     def core(self, step):
-        slot = step % self.steps_kept
-        return [(k[slot], v[slot], self.positions) for k, v in self.core_kv]
+        kept = step % self.steps_kept
+        return [(k[kept], v[kept], self.index, self.mask) for k, v in self.core_kv]
 
     def coda(self):
-        return [(k, v, self.positions) for k, v in self.coda_kv]
+        return [(k, v, self.index, self.mask) for k, v in self.coda_kv]
 
     def fill_after_exit(self, row, steps_run, num_steps):
         """A token that stopped after steps_run < r steps has no keys for the steps it skipped. Later tokens read its
         last step's keys and values there, of the same core layer (the reference's "latest-m4")."""
         last = (steps_run - 1) % self.steps_kept
         skipped = sorted({step % self.steps_kept for step in range(steps_run, num_steps)} - {last})
-        new = slice(self.pos, self.pos + len(self.positions))
+        new = slice(self.pos, self.pos + len(self.index))
         for k, v in self.core_kv:
             for buffer in (k, v):  # (steps_kept, B, nh, max_len, hd)
                 buffer[skipped, row, :, new] = buffer[last, row, :, new]
@@ -126,7 +146,7 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criteri
     for row in (steps < num_steps).nonzero().flatten().tolist():
         cache.fill_after_exit(row, int(steps[row]), num_steps)
     logits = model.predict(state, rope, cache.coda(), last)  # each row from its own last state
-    cache.pos += T
+    cache.advance(T)
     return logits, state, steps
 
 
@@ -144,12 +164,12 @@ def speculative_round(model, logits, cache, noise, num_steps, draft_steps, looka
         token = draft_logits[:, -1:].argmax(-1)
         drafts.append(token)
     drafts = torch.cat(drafts, dim=1)  # (B, lookahead)
-    cache.pos = start  # roll back: the check writes these positions again, at the full r
+    cache.rollback(start)  # the check writes these positions again, at the full r
     check, _, _ = forward_cached(model, torch.cat([first, drafts], dim=1), cache, num_steps, noise)
     best = check.argmax(-1)  # (B, lookahead + 1): the greedy token at the full r after each position
     agree = (best[:, :-1] == drafts).long().cumprod(dim=1).sum(dim=1)  # leading drafts each row agrees with
     kept = int(agree.min())  # the same for every row, so the rows stay aligned
-    cache.pos = start + kept + 1  # roll back the rest: positions past the kept drafts get written again
+    cache.rollback(start + kept + 1)  # positions past the kept drafts get written again
     return torch.cat([first, drafts[:, :kept]], dim=1), check[:, kept], kept
 
 
@@ -206,41 +226,31 @@ def memory_bytes():
         return float("inf")
 
 
-def stopped(new_tokens, stop_ids):
-    """(B,) whether each row of new_tokens (B, n) has produced one of stop_ids."""
-    if not stop_ids:
-        return torch.zeros(new_tokens.size(0), dtype=torch.bool)
-    return torch.isin(new_tokens, torch.tensor(list(stop_ids), device=new_tokens.device)).any(dim=1).cpu()
-
-
-def first_stop(new_tokens, stop_ids):
-    """How many of new_tokens (B, n) to keep: up to where every row has produced one of stop_ids (else all n)."""
-    if not stop_ids or new_tokens.size(1) == 0:
-        return new_tokens.size(1)
-    seen = torch.isin(new_tokens, torch.tensor(list(stop_ids), device=new_tokens.device)).cummax(dim=1).values
-    done = seen.all(dim=0).nonzero()
-    return int(done[0]) + 1 if len(done) else new_tokens.size(1)
-
-
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_criterion="none",
              exit_threshold=None, cache_budget=None, warm_start=False, init_scale=1.0, stop_ids=(), compile=False,
-             quantize=None, draft_steps=0, lookahead=4, generator=None):
-    """Continue the prompt idx (B, T) by up to max_new_tokens tokens at num_steps (r, default r_bar) steps each.
+             quantize=None, draft_steps=0, lookahead=4, generator=None, lengths=None):
+    """Continue the prompts idx (B, T) by up to max_new_tokens tokens at num_steps (r, default r_bar) steps each.
 
-    exit_criterion "kl" or "latent-diff": a token stops early once its change between steps is below exit_threshold;
-    "confident-run": once its prediction has held for exit_threshold steps (defaults: EXIT_THRESHOLDS).
-    cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start begins each token's state at the
-    previous token's final state instead of noise (the reference's continuous_compute). compile=True compiles the
-    one-token step (compile_for_decoding). quantize="int8" gives the model int8 weights, in place (kernels.py).
-    draft_steps > 0 decodes greedily by self-speculation (speculative_round).
-    Decoding ends once every row has produced one of stop_ids. Returns (idx (B, T + new), stats): stats["steps"]
+    Prompts of different lengths: pad them on the left to T and give lengths (B,), each row's own length
+    (pad_prompts makes both); every row then decodes as it would alone (its own positions, no attention to the
+    padding, its own exits and stop). exit_criterion "kl" or "latent-diff": a token stops early once its change
+    between steps is below exit_threshold; "confident-run": once its prediction has held for exit_threshold steps
+    (defaults: EXIT_THRESHOLDS). cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start
+    begins each token's state at the previous token's final state instead of noise (the reference's
+    continuous_compute). compile=True compiles the one-token step (compile_for_decoding). quantize="int8" gives the
+    model int8 weights, in place (kernels.py). draft_steps > 0 decodes greedily by self-speculation
+    (speculative_round; rows of one length only). A row ends at the first of stop_ids it produces (it is padded
+    with that id after), and decoding once every row has. Returns (idx (B, T + new), stats): stats["steps"]
     (B, new) the core steps each new token used (the first comes from the prompt's pass, at the full r),
-    stats["drafted"] and stats["accepted"] the speculative drafts, stats["first_step_seconds"] the first pass after
-    the prompt's (with compile=True, compiling included)."""
+    stats["lengths"] (B,) the new tokens of each row up to and with its stop, stats["drafted"] and
+    stats["accepted"] the speculative drafts, stats["first_step_seconds"] the first pass after the prompt's (with
+    compile=True, compiling included)."""
+    # 1. check the request, and prepare the model (int8 weights, compiled step) once
     cfg = model.config
     num_steps = cfg.mean_recurrence if num_steps is None else num_steps
     B, T = idx.shape
+    lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths).cpu()
     if num_steps < 1:
         raise ValueError(f"num_steps (r) must be at least 1, got {num_steps}")
     if exit_criterion not in EXIT_THRESHOLDS:
@@ -250,10 +260,12 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                          f"steps; got {cache_budget}")
     if not 1 <= T <= cfg.block_size:
         raise ValueError(f"the prompt has {T} tokens; give 1 to block_size ({cfg.block_size}), cropping it")
+    if lengths.shape != (B,) or not ((1 <= lengths) & (lengths <= T)).all():
+        raise ValueError(f"lengths must give each of the {B} rows a length from 1 to {T}, got {lengths.tolist()}")
     if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start or not
-                        1 <= lookahead < cfg.block_size // 2):
+                        1 <= lookahead < cfg.block_size // 2 or (lengths < T).any()):
         raise ValueError("speculative decoding (draft_steps > 0) is greedy: temperature 0, no exit criterion, "
-                         "no warm start, 1 <= lookahead < block_size / 2")
+                         "no warm start, 1 <= lookahead < block_size / 2, and prompts of one length")
     if quantize not in (None, "int8") or (quantize and compile):
         raise ValueError(f"quantize is None or 'int8' (not with compile=True); got {quantize!r}")
     exit_threshold = EXIT_THRESHOLDS[exit_criterion] if exit_threshold is None else exit_threshold
@@ -262,23 +274,29 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     if compile:
         compile_for_decoding(model)
         model.compiled_lengths.add(lookahead + 1 if draft_steps else 1)
+
+    # 2. the cache, the noise starts, and the prompts' pass
     chunk = lookahead + 1 if draft_steps else 1  # positions one pass after the prompt writes
     max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
-    cache = KVCache(model, B, max_len, num_steps, cache_budget)
+    cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)
     # s_0 of every position, drawn once: a position's noise is the same however it is decoded
     noise = model.initial_state(torch.empty(B, max_len, cfg.n_embd, dtype=model.ln_f.weight.dtype,
                                             device=idx.device), init_scale, generator)
 
     def prefill(context):
         """A cache holding context (B, t), at the full r (the reference never exits in the prefill): the next
-        token's logits (B, vocab), and the final state of the last position, for a warm start."""
-        cache.pos = 0
+        token's logits (B, vocab), and the final state of the last position, for a warm start. The rows' padding
+        shrinks by what was cut off the front."""
+        cache.first = (cache.first - (idx.size(1) - context.size(1))).clamp(min=0)
+        cache.rollback(0)
         logits, state, _ = forward_cached(model, context, cache, num_steps, noise, last=True)
         return logits[:, -1], state[:, -1:]
 
-    # The loop keeps one invariant: the cache holds every token of idx, and logits are the next token's. So the
-    # prompt takes one pass (as many reads of the weights as a token), and the last new token none
+    # 3. the loop. It keeps one invariant: the cache holds every token of idx, and logits are the next token's. So
+    # the prompt takes one pass (as many reads of the weights as a token), and the last new token none
     logits, state = prefill(idx)
+    stop = torch.tensor(list(stop_ids) or [-1], device=idx.device)
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that have produced a stop id
     # the first new token comes from the prompt's pass, at the full r (speculative rounds count their own)
     steps = [] if draft_steps else [torch.full((B, 1), num_steps)]
     drafted, accepted, first_step_seconds = 0, 0, None
@@ -292,8 +310,11 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
             steps.append(torch.full(new.shape, num_steps))
         else:
             new = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+        # a row that has stopped repeats its stop id; the others stop at their first
+        new = torch.where(done[:, None], stop[0], new)
+        done |= torch.isin(new, stop).any(dim=1)
         idx = torch.cat([idx, new], dim=1)
-        if idx.size(1) - T >= max_new_tokens or stopped(idx[:, T:], stop_ids).all():
+        if idx.size(1) - T >= max_new_tokens or done.all():
             break
         if not draft_steps:  # the new token's pass: its cache entries and the next token's logits
             if cache.pos + chunk > max_len:
@@ -309,7 +330,18 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
             if idx.is_cuda:
                 torch.cuda.synchronize(idx.device)
             first_step_seconds = time.perf_counter() - t0
-    keep = min(max_new_tokens, first_stop(idx[:, T:], stop_ids))
-    stats = {"steps": torch.cat(steps, dim=1)[:, :keep], "drafted": drafted, "accepted": accepted,
-             "first_step_seconds": first_step_seconds}
-    return idx[:, :T + keep], stats
+    new = idx[:, T:T + max_new_tokens]
+    is_stop = torch.isin(new, stop).int()
+    after = is_stop.cumsum(dim=1) - is_stop > 0  # past each row's first stop id (a speculative round may run on)
+    row_lengths = (~after).sum(dim=1).cpu()
+    new = torch.where(after, stop[0], new)[:, :int(row_lengths.max())]
+    stats = {"steps": torch.cat(steps, dim=1)[:, :new.size(1)], "lengths": row_lengths, "drafted": drafted,
+             "accepted": accepted, "first_step_seconds": first_step_seconds}
+    return torch.cat([idx[:, :T], new], dim=1), stats
+
+
+def pad_prompts(prompts, pad_id=0):
+    """Prompts of different lengths (lists of ids) -> idx (B, T) padded on the left with pad_id, and lengths (B,)."""
+    T = max(map(len, prompts))
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts])
+    return idx, torch.tensor([len(p) for p in prompts])

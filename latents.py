@@ -497,7 +497,7 @@ if think_meter:
             for row in (steps_used[:, t] < r).nonzero().flatten().tolist():
                 cache.fill_after_exit(row, int(steps_used[row, t]), r)
             answers[:, t] = model.predict(state, rope, cache.coda())[:, -1].argmax(-1).cpu()
-            cache.pos += 1
+            cache.advance(1)
         return steps_used, answers
 
     if decode_check:

@@ -98,11 +98,13 @@ def precompute_rope(head_dim, length, base):
 
 
 def apply_rope(x, rope):
-    """Rotate the pairs (x[2i], x[2i+1]) of x (B, T, nh, hd) by rope (T, hd/2, 2), in float32."""
+    """Rotate the pairs (x[2i], x[2i+1]) of x (B, T, nh, hd) by rope (T, hd/2, 2), or (B, T, hd/2, 2) when each row
+    has positions of its own (decoding prompts of different lengths), in float32."""
     # Huginn pairs neighbours (the original LLaMA / GPT-J layout), not the two halves as HF LLaMA does
     x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, nh, hd/2, 2)
     x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, T, 1, hd/2)
+    rope = rope if rope.dim() == 4 else rope[None]  # (B or 1, T, hd/2, 2)
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # (B or 1, T, 1, hd/2)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
@@ -144,12 +146,11 @@ class CausalSelfAttention(nn.Module):
         if kv is None:  # training: the whole sequence at once
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # decoding (decode.py): write the new keys and values into fixed-size buffers (B, nh, max_len, hd)
-            # at `positions` (T,), then attend to every cached position up to one's own
-            k_cache, v_cache, positions = kv
-            k_cache.index_copy_(2, positions, k)
-            v_cache.index_copy_(2, positions, v)
-            mask = torch.arange(k_cache.size(2), device=x.device) <= positions[:, None]  # (T, max_len)
+            # decoding (decode.py): write the new keys and values into fixed-size buffers (B, nh, max_len, hd) at
+            # `index` (T,), then attend to what the cache's mask (B, 1, T, max_len) allows: the earlier tokens
+            k_cache, v_cache, index, mask = kv
+            k_cache.index_copy_(2, index, k)
+            v_cache.index_copy_(2, index, v)
             y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 

@@ -424,6 +424,33 @@ def write_problems(train, val, meta_extra):
     print(f"{len(train):,} train and {len(val):,} val problems, rows of {length}; val difficulties {difficulties}")
     write_meta({"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "row_len": length, "examples": examples,
                 **meta_extra})
+    write_harness_tasks(val)
+
+
+def write_harness_tasks(val):
+    """The val problems as two lm-eval tasks in out_dir/harness/ (harness.py --include_path=that folder): <dataset>
+    asks for the answer at a problem's last position (generate one token: the final arrangement, for three cups);
+    <dataset>_choice scores each possible answer by its log-likelihood there. Every prefix of a problem is a problem
+    of its own, so the whole problem is the hardest question its row holds."""
+    folder = os.path.join(out_dir, "harness")
+    os.makedirs(folder, exist_ok=True)
+    choices = sorted({a[-1] for _, _, a in val})
+    docs = os.path.abspath(os.path.join(folder, f"{dataset}.jsonl"))
+    with open(docs, "w") as f:
+        for d, p, a in val:
+            f.write(json.dumps({"prompt": "\n" + p, "answer": a[-1], "label": choices.index(a[-1]),
+                                "difficulty": d}) + "\n")
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": docs}}, "test_split": "test",
+              "doc_to_text": "{{prompt}}", "target_delimiter": "", "fewshot_delimiter": "\n"}
+    tasks = {dataset: {**common, "output_type": "generate_until", "doc_to_target": "{{answer}}",
+                       "generation_kwargs": {"until": ["\n"], "max_gen_toks": 1, "do_sample": False},
+                       "metric_list": [{"metric": "exact_match"}]},
+             f"{dataset}_choice": {**common, "output_type": "multiple_choice", "doc_to_choice": choices,
+                                   "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}}
+    for name, task in tasks.items():  # JSON is YAML, so no YAML writer is needed
+        with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
+            json.dump({"task": name, **task}, f, indent=1)
+    print(f"wrote {folder}: lm-eval tasks {', '.join(tasks)} on {len(val):,} val problems")
 
 
 def prepare_reasoning():

@@ -4,6 +4,7 @@ Sample from a trained recurrent-depth model:
     python sample.py --out_dir=out-shakespeare-char --r 32
     python sample.py --out_dir=out-shakespeare-char --r 32 --temperature 0 --compile --draft_steps 4
     python sample.py --start "FILE:prompt.txt" --exit_criterion confident-run --warm_start
+    python sample.py --prompts prompts.txt --r 32                                       # one prompt per line, one batch
     python sample.py --init_from=huginn-0125 --chat --start "What is 17 * 24?" --r 32   # the released 3.5B model
 
 --r sets the steps of the core per token (more test-time compute); it defaults to the model's r_bar. Decoding
@@ -16,9 +17,9 @@ import time
 import torch
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released
-from common import pick_device, pick_dtype, read_prompt, set_threads
+from common import pick_device, pick_dtype, read_prompt, read_text, set_threads
 from configurator import configure, fail, number, one_of, whole
-from decode import EXIT_THRESHOLDS, generate
+from decode import EXIT_THRESHOLDS, generate, pad_prompts
 from kernels import quantize_int8
 
 # -----------------------------------------------------------------------------------------------------------
@@ -26,6 +27,7 @@ init_from = "resume"  # "resume": out_dir/ckpt.pt; "huginn-0125" or a folder in 
 out_dir = "out"
 chat = False  # released model: --start is a user turn in its chat format, answered by "Huginn"
 start = "\n"  # the prompt, or "FILE:path" to read it from a file
+prompts = ""  # a file with one prompt per line: all decoded together, in one batch (instead of --start)
 num_samples = 3
 max_new_tokens = 500
 r = None  # steps of the core per token; None: the model's mean_recurrence r_bar
@@ -71,6 +73,10 @@ if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start):
 if chat and init_from == "resume":
     fail("--chat is for the released model: add --init_from=huginn-0125 (or a folder in its layout)")
 start = read_prompt(start)
+# the prompts: --start, or each line of --prompts, decoded together in one batch
+texts = [line for line in read_text(prompts, "--prompts").split("\n") if line.strip()] if prompts else [start]
+if not texts:
+    fail(f"--prompts={prompts} holds no prompt; give one per line")
 device = pick_device(device)
 device_type = device.split(":")[0]
 dtype = pick_dtype(dtype, device)
@@ -92,33 +98,36 @@ else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16)
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
 encode, decode = get_tokenizer(meta)
 
-# the prompt
+# the prompts, as token ids
 stop_ids = []
 if meta["tokenizer"] == "huginn":  # the released model's text starts with <|begin_text|>; --chat adds a user turn
     if chat:  # the reference's chat template: a header per turn, each turn closed by <|end_turn|>
-        start = (f"<|begin_header|>user<|end_header|>\n\n{start.strip()}<|end_turn|>"
-                 "<|begin_header|>Huginn<|end_header|>\n\n")
-    start = "<|begin_text|>" + start
+        texts = [f"<|begin_header|>user<|end_header|>\n\n{text.strip()}<|end_turn|>"
+                 "<|begin_header|>Huginn<|end_header|>\n\n" for text in texts]
+    texts = ["<|begin_text|>" + text for text in texts]
     stop_ids = [encode("<|end_text|>")[0], encode("<|end_turn|>")[0]]  # 65505, 65508: where a reply ends
-start_ids = encode(start)
-if not start_ids:
-    fail("the prompt is empty; give at least one token with --start")
-if len(start_ids) > model.config.block_size:
-    print(f"warning: the prompt has {len(start_ids)} tokens, more than block_size {model.config.block_size}; "
-          f"keeping the last {model.config.block_size}", file=sys.stderr)
-    start_ids = start_ids[-model.config.block_size:]
+start_ids = [encode(text) for text in texts]
+if not all(start_ids):
+    fail("a prompt is empty; give at least one token with --start (or on every line of --prompts)")
+if max(map(len, start_ids)) > model.config.block_size:
+    print(f"warning: a prompt has {max(map(len, start_ids))} tokens, more than block_size "
+          f"{model.config.block_size}; keeping the last {model.config.block_size}", file=sys.stderr)
+    start_ids = [ids[-model.config.block_size:] for ids in start_ids]
 if cache_budget is not None and cache_budget % model.config.n_layers_core:
     fail(f"--cache_budget must be a multiple of n_layers_core ({model.config.n_layers_core}), got {cache_budget!r}")
-x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]  # (1, T)
+x, lengths = pad_prompts(start_ids)  # (B, T) padded on the left, and each prompt's length
+x = x.to(device)
 num_steps = model.config.mean_recurrence if r is None else r
 if draft_steps >= num_steps:
     fail(f"--draft_steps ({draft_steps}) must be below r ({num_steps}): the drafts are the cheap guesses r checks")
 if draft_steps and lookahead + 1 > model.config.block_size // 2:
     fail(f"--lookahead ({lookahead}) must be below half of block_size ({model.config.block_size})")
+if draft_steps and len(set(lengths.tolist())) > 1:
+    fail("--draft_steps (speculative decoding) takes prompts of one length; decode --prompts without it")
 print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {model.get_num_params() / 1e6:.2f}M parameters, "
-      f"r_bar {model.config.mean_recurrence}; decoding at r = {num_steps}, temperature {temperature}, top_k {top_k}, "
-      f"exit {exit_criterion}, cache_budget {cache_budget}, warm_start {warm_start}, draft_steps {draft_steps}, "
-      f"compile {compile}, quantize {quantize or None}")
+      f"r_bar {model.config.mean_recurrence}; decoding {len(texts)} prompt(s) at r = {num_steps}, temperature "
+      f"{temperature}, top_k {top_k}, exit {exit_criterion}, cache_budget {cache_budget}, warm_start {warm_start}, "
+      f"draft_steps {draft_steps}, compile {compile}, quantize {quantize or None}")
 
 # sampling
 for k in range(num_samples):
@@ -127,14 +136,15 @@ for k in range(num_samples):
         y, stats = generate(model, x, max_new_tokens, num_steps=num_steps, temperature=temperature, top_k=top_k or None,
                             exit_criterion=exit_criterion, exit_threshold=exit_threshold, cache_budget=cache_budget,
                             warm_start=warm_start, init_scale=init_scale, stop_ids=stop_ids, compile=compile,
-                            draft_steps=draft_steps, lookahead=lookahead)
+                            draft_steps=draft_steps, lookahead=lookahead, lengths=lengths)
     if device_type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.time() - t0
-    new_ids = y[0, x.size(1):].tolist()
-    end = next((i for i, t in enumerate(new_ids) if t in stop_ids), len(new_ids))  # a reply ends at an end token
-    print(decode(x[0].tolist() + new_ids[:end]))
-    line = (f"--- sample {k + 1}: {len(new_ids)} tokens in {dt:.2f} s ({len(new_ids) / dt:.1f} tokens/s), "
+    made = int(stats["lengths"].sum())
+    for b, ids in enumerate(start_ids):  # a reply ends at an end token, which is not printed
+        new_ids = y[b, x.size(1):x.size(1) + int(stats["lengths"][b])].tolist()
+        print(decode(ids + [t for t in new_ids if t not in stop_ids]))
+    line = (f"--- sample {k + 1}: {made} tokens in {dt:.2f} s ({made / dt:.1f} tokens/s), "
             f"mean {stats['steps'].float().mean():.2f} steps per token (r = {num_steps})")
     if draft_steps:
         line += f", {stats['accepted']} of {stats['drafted']} drafts accepted"

@@ -68,6 +68,7 @@ def files(tmp_path_factory):
         (tmp / f"ckpt-{name}" / "ckpt.pt").write_bytes(content)
     (tmp / "latin1.txt").write_bytes("To be, or not to be: caf\xe9".encode("latin-1"))
     (tmp / "a-file").write_text("not a folder")
+    (tmp / "blank.txt").write_text("\n  \n")
     (tmp / "problems-latin1.txt").write_bytes("3\t012\t012\n2\t\xe9\xe9\t01\n".encode("latin-1"))
     broken_data(tmp)
     return tmp
@@ -160,6 +161,8 @@ CASES = [
      "--lookahead (20) must be below half of block_size (32)"),
     ("sample.py", ["--start=FILE:{tmp}/latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 24)"),
     ("sample.py", ["--start=FILE:{tmp}/missing.txt"], "--start: '{tmp}/missing.txt' is not a file"),
+    ("sample.py", ["--prompts={tmp}/latin1.txt", "--out_dir={tmp}/text"], "--prompts: '{tmp}/latin1.txt' is not UTF-8"),
+    ("sample.py", ["--prompts={tmp}/blank.txt", "--out_dir={tmp}/text"], "holds no prompt; give one per line"),
     ("sample.py", ["--chat"], "--chat is for the released model"),
     ("sample.py", ["--device=cuda"], "no CUDA GPU"),
     ("sample.py", ["--dtype=int8"], "--dtype must be one of"),

@@ -352,3 +352,68 @@ def test_confident_run_stops_once_the_prediction_has_held(trained_model):
             expected = step
             break
     assert expected < r and stats["steps"].tolist() == [[r, expected]]
+
+
+# --- prompts of different lengths in one batch ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion,budget", [("none", None), ("kl", None), ("confident-run", None), ("none", 4),
+                                              ("kl", 4)])
+def test_prompts_of_different_lengths_decode_as_if_alone(trained_model, criterion, budget):
+    """Prompts of 1, 5 and 17 tokens padded on the left into one batch: every row gives the tokens and the steps
+    it gives alone (its own positions, its own exits, no attention to the padding)."""
+    from decode import pad_prompts
+    prompts = [[3], PATTERN[:5], (PATTERN * 2)[2:19]]
+    idx, lengths = pad_prompts(prompts, pad_id=7)
+    kwargs = dict(num_steps=8, temperature=0, init_scale=0, exit_criterion=criterion, cache_budget=budget)
+    together, stats = generate(trained_model, idx, 20, lengths=lengths, **kwargs)
+    for b, p in enumerate(prompts):
+        alone, alone_stats = generate(trained_model, torch.tensor([p]), 20, **kwargs)
+        assert together[b, idx.size(1):].tolist() == alone[0, len(p):].tolist()
+        assert stats["steps"][b].tolist() == alone_stats["steps"][0].tolist()
+
+
+def test_batched_logits_equal_alone_and_padding_is_never_read():
+    """The cached logits of each padded row equal its own run within 1e-5, and what fills the padding changes
+    nothing at all (it is masked, not merely small)."""
+    from decode import pad_prompts
+    model = tiny_model()
+    prompts = [prompt(model, T=t, seed=t)[0].tolist() for t in (1, 5, 17)]
+    noise = torch.zeros(3, 64, model.config.n_embd)
+
+    def decode_steps(idx, lengths, B):
+        cache = KVCache(model, B, 64, 4, first=idx.size(1) - lengths)
+        with torch.no_grad():
+            logits, _, _ = forward_cached(model, idx, cache, 4, noise[:B], last=True)
+            out, token = [logits[:, -1]], logits[:, -1:].argmax(-1)
+            for _ in range(6):
+                logits, _, _ = forward_cached(model, token, cache, 4, noise[:B])
+                out.append(logits[:, -1])
+                token = logits.argmax(-1)
+        return torch.stack(out, dim=1)  # (B, 7, vocab)
+
+    idx, lengths = pad_prompts(prompts, pad_id=0)
+    together = decode_steps(idx, lengths, 3)
+    other_padding, _ = pad_prompts(prompts, pad_id=50)
+    assert torch.equal(decode_steps(other_padding, lengths, 3), together)
+    for b, p in enumerate(prompts):
+        alone = decode_steps(torch.tensor([p]), torch.tensor([len(p)]), 1)
+        torch.testing.assert_close(together[b], alone[0], atol=1e-5, rtol=0)
+
+
+def test_each_row_stops_at_its_own_stop_token():
+    from decode import pad_prompts
+    model = tiny_model()
+    prompts = [prompt(model, T=t, seed=t)[0].tolist() for t in (3, 6)]
+    idx, lengths = pad_prompts(prompts)
+    free, _ = generate(model, idx, 16, num_steps=2, temperature=0, init_scale=0, lengths=lengths)
+    stop = free[0, idx.size(1) + 2].item()  # the first row's third new token
+    out, stats = generate(model, idx, 16, num_steps=2, temperature=0, init_scale=0, lengths=lengths, stop_ids=[stop])
+    first = (free[0, idx.size(1):] == stop).nonzero()[0].item() + 1
+    assert stats["lengths"][0] == first and out[0, idx.size(1) + first:].eq(stop).all()  # padded with the stop
+    row = free[1, idx.size(1):]
+    expected = (row == stop).nonzero()[0].item() + 1 if (row == stop).any() else out.size(1) - idx.size(1)
+    assert stats["lengths"][1] == expected
+    assert out[1, idx.size(1):idx.size(1) + expected].tolist() == row[:expected].tolist()
+    with pytest.raises(ValueError, match="prompts of one length"):
+        generate(model, idx, 4, temperature=0, draft_steps=1, lengths=lengths)

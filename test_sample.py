@@ -114,3 +114,19 @@ def test_sample_cli_speculative(out_dir):
     assert plain.returncode == fast.returncode == 0, fast.stderr
     assert plain.stdout.splitlines()[1] == fast.stdout.splitlines()[1]  # the same text
     assert "drafts accepted" in fast.stdout
+
+
+def test_sample_cli_prompts_of_different_lengths_in_one_batch(out_dir, tmp_path):
+    """--prompts: one prompt per line, decoded together; each row prints its own prompt and continuation, the same
+    as that prompt alone (greedy, zero start)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("to be\n\na b c d e f g\nz\n")
+    common = [f"--out_dir={out_dir}", "--r=3", "--temperature=0", "--init_scale=0", "--max_new_tokens=5"]
+    with ThreadPoolExecutor(2) as pool:  # both at once: each spends most of its time importing torch
+        batch, alone = pool.map(lambda extra: run_sample(*common, *extra), [[f"--prompts={prompts}"],
+                                                                          ["--start", "a b c d e f g"]])
+    assert batch.returncode == alone.returncode == 0, batch.stderr
+    lines = batch.stdout.splitlines()
+    assert "decoding 3 prompt(s)" in lines[0]
+    assert lines[1].startswith("to be") and lines[3].startswith("z")
+    assert lines[2] == alone.stdout.splitlines()[1]  # the middle row as if alone
