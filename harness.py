@@ -1,16 +1,16 @@
 """
-Benchmarks by test-time r, with the standard harness (EleutherAI's lm-evaluation-harness): the paper's table is
-lm-eval zero-shot accuracy at fixed r, and this prints the same table for our checkpoints and for Huginn-0125.
+Benchmarks by test-time r with the standard harness, EleutherAI's lm-evaluation-harness: the paper's table is
+lm-eval zero-shot accuracy at fixed r, and this prints the same table, for our checkpoints and for Huginn-0125.
 
-    pip install lm-eval                                     # the harness (optional; only this file needs it)
+    pip install lm-eval                                          # the harness: optional, only this file needs it
     python harness.py --tasks=arc_easy,hellaswag --r="[1,4,8,16,32]" --init_from=huginn-0125
-    python harness.py --tasks=hellaswag,arc_easy --out_dir=out --r="[1,4,8,16]"          # the one-GPU model
-    python harness.py --tasks=reasoning --include_path=data/reasoning/harness --out_dir=out-reasoning --r="[1,8,32]"
+    python harness.py --tasks=hellaswag,arc_easy --out_dir=out --r="[1,4,8,16]"              # the one-GPU model
+    python harness.py --tasks=reasoning,reasoning_choice --include_path=data/reasoning/harness \\
+        --out_dir=out-reasoning --r="[1,8,32]"                  # local tasks prepare_data.py wrote (no download)
 
-The harness is run once per r on the same loaded model; the table (tasks x r, each task's first metric) is printed
-and written as JSON {task: {r: {metric: value}}} to out_dir/harness.json (or --output). The model is also
-registered as "nanohuginn" for lm-eval's own command line:
-    lm_eval --model nanohuginn --model_args out_dir=out,num_steps=8 --tasks hellaswag   (after `import harness`)
+The model is loaded once and the harness run once per r. The table (tasks x r, each task's main metric) is printed
+and written as JSON {task: {r: {metric: value}}} to out_dir/harness.json (or --output). NanoHuginn, the model
+class, is registered with lm-eval as "nanohuginn" for use from Python (lm_eval.simple_evaluate).
 """
 
 import json
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from checkpoints import get_tokenizer, load_checkpoint, load_released
 from common import keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps, whole
-from decode import EXIT_THRESHOLDS, generate, pad_prompts
+from decode import generate, pad_prompts
 from kernels import quantize_int8
 
 try:  # the harness is optional: only this file needs it
@@ -31,90 +31,216 @@ try:  # the harness is optional: only this file needs it
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.tasks import TaskManager
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError:
-    if __name__ == "__main__":
-        sys.exit("error: harness.py needs lm-eval: pip install lm-eval")
-    raise
+    sys.exit("error: harness.py needs the evaluation harness: pip install lm-eval")
+
+SPECIAL = {"r50k_base": dict(prefix=50256, stop=[50256]), "huginn": dict(prefix=65504, stop=[65505, 65508])}
 
 
 @register_model("nanohuginn")
 class NanoHuginn(TemplateLM):
-    """A nanoHuginn model for lm-eval: our checkpoint (out_dir) or the release (init_from=huginn-0125 or a folder).
-    loglikelihood: one full forward pass at r per batch of requests, padded on the right (a causal model never
-    reads what follows). generate_until: decode.generate's batch of prompts of different lengths. Each request's
-    noise start s_0 is keyed by its own tokens, so a request scores the same in any batch."""
+    """A nanoHuginn model for lm-eval: our checkpoint (out_dir) or the release (init_from=huginn-0125 or a folder),
+    run at num_steps (r). loglikelihood: one forward pass at r per batch of requests, padded on the right (a causal
+    model never reads what follows a position). generate_until: decode.generate's batch of prompts of different
+    lengths, with its exits and cache budget. Each request's noise start s_0 is keyed by its own tokens, so a
+    request scores the same in any batch."""
 
-    def __init__(self, out_dir="", init_from="", num_steps=None, exit_criterion="none", exit_threshold=None,
-                 cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=1.0, seed=1337,
-                 max_gen_toks=256):
+    def __init__(self, out_dir="out", init_from="resume", num_steps=None, exit_criterion="none", exit_threshold=None,
+                 cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=1.0, seed=1337):
         super().__init__()
         self.device_name = pick_device(device)
-        if init_from:  # the weights in dtype (the authors evaluate in pure bfloat16 on GPUs)
+        if init_from != "resume":  # the release, its weights in dtype (bfloat16 on GPUs, as the authors evaluate)
             precision = getattr(torch, pick_dtype(dtype, self.device_name))
             self.model, meta = load_released(init_from, self.device_name, precision, quantize or None)
         else:
-            self.model, checkpoint = load_checkpoint(out_dir or "out", self.device_name)
+            self.model, checkpoint = load_checkpoint(out_dir, self.device_name)
             meta = checkpoint["meta"]
             if quantize:
                 quantize_int8(self.model)
+        self.tokenizer_kind = meta["tokenizer"]
         self.encode, self.decode = get_tokenizer(meta)
-        # the token that stands before a text with no context: end of text (BPE), a newline (characters)
-        self.prefix_id = {"r50k_base": 50256, "huginn": 65504}.get(meta["tokenizer"]) or self.encode("\n")[0]
-        self.stop_ids = {"r50k_base": [50256], "huginn": [65505, 65508]}.get(meta["tokenizer"], [])
+        # what stands before a text with no context, and where a generation ends: end of text (BPE; the release's
+        # begin and end tokens), a newline (characters)
+        special = SPECIAL.get(self.tokenizer_kind, dict(prefix=self.encode("\n")[0], stop=[]))
+        self.prefix_id, self.stop_ids = special["prefix"], special["stop"]
         self.num_steps = int(num_steps or self.model.config.mean_recurrence)
         self.exit_criterion, self.exit_threshold, self.cache_budget = exit_criterion, exit_threshold, cache_budget
-        self.batch_size, self.init_scale, self.seed, self.max_gen_toks = int(batch_size), init_scale, seed, max_gen_toks
+        self.batch_size, self.init_scale, self.seed = int(batch_size), float(init_scale), int(seed)
 
-    # --- what lm-eval asks of a model ----------------------------------------------------------------------
+    # --- tokens ----------------------------------------------------------------------------------------------
 
     @property
     def eot_token_id(self):
         return self.prefix_id
 
     @property
-    def prefix_token_id(self):
-        return self.prefix_id
+    def tokenizer_name(self):
+        return self.tokenizer_kind
 
-    def tok_encode(self, string, **kwargs):
-        return self.encode(string)
+    def tok_encode(self, string, add_special_tokens=None, **kwargs):
+        # the release's texts begin with <|begin_text|>, as sample.py's do
+        begin = [self.prefix_id] if self.tokenizer_kind == "huginn" and add_special_tokens is not False else []
+        return begin + self.encode(string)
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        """The release's chat template (the reference's): a header per turn, each turn closed by <|end_turn|>, the
+        assistant named Huginn."""
+        turn = lambda role, text: f"<|begin_header|>{role}<|end_header|>\n\n{text}<|end_turn|>"
+        text = "".join(turn("Huginn" if m["role"] == "assistant" else m["role"], m["content"]) for m in chat_history)
+        return text + ("<|begin_header|>Huginn<|end_header|>\n\n" if add_generation_prompt else "")
+
+    # --- scoring ---------------------------------------------------------------------------------------------
 
     def noise(self, tokens):
-        """s_0 for one request (1, len, h), keyed by its tokens: the same whatever else is in the batch."""
-        h = self.model.config.n_embd
-        g = keyed_generator(self.seed, *tokens[:64], len(tokens), device=self.device_name)
-        return self.model.initial_state(torch.empty(1, len(tokens), h, device=self.device_name,
-                                                    dtype=self.model.ln_f.weight.dtype), self.init_scale, g)
+        """s_0 for one sequence (1, T, h), keyed by its tokens: the same whatever else is in the batch."""
+        shape = (1, len(tokens), self.model.config.n_embd)
+        generator = keyed_generator(self.seed, *tokens, device=self.device_name)
+        empty = torch.empty(shape, device=self.device_name, dtype=self.model.ln_f.weight.dtype)
+        return self.model.initial_state(empty, self.init_scale, generator)
 
     @torch.no_grad()
-    def token_log_probs(self, sequences):
-        """log p(token t | tokens < t) for every sequence (lists of ids, at most block_size), one forward pass at
-        r for all of them: a list of tensors (len - 1,)."""
-        T = max(map(len, sequences))
-        idx = torch.tensor([s + [0] * (T - len(s)) for s in sequences], device=self.device_name)
-        state = torch.cat([F.pad(self.noise(s), (0, 0, 0, T - len(s))) for s in sequences])  # padded on the right
+    def score(self, inputs, targets):
+        """For each pair (input ids, target ids), the last len(target) positions of the input predict the target:
+        (sum of their log-probabilities, whether each is the argmax). One forward pass at r for all pairs."""
+        T = max(map(len, inputs))
+        idx = torch.tensor([x + [0] * (T - len(x)) for x in inputs], device=self.device_name)  # padded on the right
+        state = torch.cat([F.pad(self.noise(x), (0, 0, 0, T - len(x))) for x in inputs])
         logits, _ = self.model(idx, num_steps=self.num_steps, state=state)
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        return [log_probs[b, :len(s) - 1].gather(-1, idx[b, 1:len(s), None])[:, 0].cpu()
-                for b, s in enumerate(sequences)]
+        results = []
+        for b, (x, y) in enumerate(zip(inputs, targets)):
+            log_probs = F.log_softmax(logits[b, len(x) - len(y):len(x)].float(), dim=-1)  # (len(y), vocab)
+            y = torch.tensor(y, device=log_probs.device)
+            results.append((float(log_probs.gather(-1, y[:, None]).sum()), bool((log_probs.argmax(-1) == y).all())))
+        return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
-        """requests: ((context, continuation), context ids, continuation ids) -> (sum of log p, greedy?)"""
-        block = self.model.config.block_size
+        """requests: ((context, continuation), context ids, continuation ids) -> (log p(continuation), greedy?)"""
+        block, pairs = self.model.config.block_size, []
+        for _, context, continuation in requests:
+            whole = (context + continuation)[-(block + 1):]  # the model reads all but the last token
+            if len(continuation) >= len(whole):
+                raise ValueError(f"a continuation of {len(continuation)} tokens does not fit block_size {block}")
+            pairs.append((whole[:-1], continuation))
         results = []
-        for start in range(0, len(requests), self.batch_size):
-            batch = requests[start:start + self.batch_size]
-            sequences = [(context + continuation)[-block - 1:][:block] for _, context, continuation in batch]
-            for (key, context, continuation), s, lp in zip(batch, sequences, self.token_log_probs(
-                    [(c + k)[-block:] for _, c, k in batch])):
-                n = len(continuation)
-                full = (context + continuation)[-block:]
-                ours = lp[-n:]
-                greedy = True  # filled below from the argmax
-                results.append((float(ours.sum()), greedy))
+        for start in range(0, len(pairs), self.batch_size):
+            results += self.score(*zip(*pairs[start:start + self.batch_size]))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
-        raise NotImplementedError
+        """log p(text) of whole texts (perplexity tasks): windows of block_size, each scored with the context the
+        window before it leaves."""
+        totals = []
+        for (text,) in (request.args for request in requests):
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                self.tok_encode(text, add_special_tokens=False), self.prefix_id, self.model.config.block_size, 1)]
+            totals.append(sum(ll for ll, _ in self._loglikelihood_tokens([(None, c, y) for c, y in windows])))
+        return totals
 
     def generate_until(self, requests, disable_tqdm=False):
-        raise NotImplementedError
+        """Greedy (or sampled, if the task asks) continuations of a batch of contexts, cut at the first stop string."""
+        outputs = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = [request.args for request in requests[start:start + self.batch_size]]
+            kwargs = batch[0][1]  # a task asks for one kind of generation
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            until = [kwargs["until"]] if isinstance(kwargs.get("until"), str) else list(kwargs.get("until", []))
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            room = self.model.config.block_size - max_new
+            idx, lengths = pad_prompts([self.tok_encode(context)[-room:] for context, _ in batch])
+            out, stats = generate(self.model, idx.to(self.device_name), max_new, self.num_steps,
+                                  temperature=temperature, exit_criterion=self.exit_criterion,
+                                  exit_threshold=self.exit_threshold, cache_budget=self.cache_budget,
+                                  init_scale=self.init_scale, stop_ids=self.stop_ids, lengths=lengths,
+                                  generator=keyed_generator(self.seed, start, device=self.device_name))
+            for b in range(len(batch)):
+                new = out[b, idx.size(1):idx.size(1) + int(stats["lengths"][b])].tolist()
+                text = self.decode([t for t in new if t not in self.stop_ids])
+                for stop in until:  # the text up to the first stop string
+                    text = text.split(stop)[0] if stop else text
+                outputs.append(text)
+        return outputs
+
+
+# -----------------------------------------------------------------------------------------------------------
+# the table by r
+
+def check_settings(config):
+    """Every setting, the tasks and the output folder, before the model loads and the tasks download."""
+    steps(config, "r")
+    whole(config, 0, "limit", "seed", "num_threads")
+    whole(config, 1, "batch_size")
+    whole(config, -1, "num_fewshot")
+    number(config, "init_scale", low=0)
+    one_of(config, "quantize", ("", "int8"))
+    names = [t for t in config["tasks"].split(",") if t]
+    if not names:
+        fail("give the tasks to run with --tasks, e.g. --tasks=arc_easy,hellaswag (lm-eval's names)")
+    if config["include_path"] and not os.path.isdir(config["include_path"]):
+        fail(f"--include_path={config['include_path']} is not a folder of task YAMLs")
+    task_manager = TaskManager(include_path=config["include_path"] or None)
+    unknown = [t for t in names if t not in task_manager.all_tasks]
+    if unknown:
+        fail(f"unknown task(s) {', '.join(unknown)}; lm-eval lists its own with: lm_eval ls tasks")
+    path = config["output"] or os.path.join(config["out_dir"], "harness.json")
+    writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
+    return names, task_manager, path
+
+
+def table_by_r(lm, names, task_manager, rs, config):
+    """Run the harness once per r on the loaded model: {task: {r: {metric: value}}}."""
+    table = {}
+    for num_steps in rs:
+        lm.num_steps = num_steps
+        results = simple_evaluate(model=lm, tasks=names, task_manager=task_manager, limit=config["limit"] or None,
+                                  num_fewshot=None if config["num_fewshot"] < 0 else config["num_fewshot"],
+                                  apply_chat_template=config["apply_chat_template"], log_samples=False,
+                                  system_instruction=config["system_instruction"] or None, bootstrap_iters=0)
+        for task in names:
+            table.setdefault(task, {})[str(num_steps)] = {
+                k.split(",")[0]: v for k, v in results["results"][task].items()
+                if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+        print(f"r = {num_steps}: " + ", ".join(f"{t} {table[t][str(num_steps)]}" for t in names), flush=True)
+    return table
+
+
+# settings (python harness.py --key=value)
+tasks = ""            # comma-separated lm-eval task names, e.g. arc_easy,hellaswag
+r = []                # test-time r (steps of the core); [] means the model's r_bar
+init_from = "resume"  # "resume": out_dir/ckpt.pt; "huginn-0125" or a folder in its layout: the released model
+out_dir = "out"
+include_path = ""     # a folder of task YAMLs of your own (prepare_data.py reasoning writes one)
+limit = 0             # at most this many examples per task (0: all)
+num_fewshot = -1      # examples in each prompt; -1: each task's own default
+batch_size = 16
+exit_criterion = "none"  # the exits of generate_until (loglikelihood always runs every step)
+exit_threshold = None
+cache_budget = None
+init_scale = 1.0      # std of the noise start s_0, relative to training (0: the zero state)
+quantize = ""         # "int8": int8 weights (kernels.py)
+apply_chat_template = False  # the release's chat template around each prompt (the paper's GSM8K setting) ...
+system_instruction = ""     # ... with this system turn
+output = ""           # where the JSON goes; "" means out_dir/harness.json
+device = ""
+dtype = ""
+num_threads = 0
+seed = 1337
+
+if __name__ == "__main__":
+    config = configure(globals())
+    names, task_manager, output_path = check_settings(config)
+    set_threads(num_threads)
+    lm = NanoHuginn(out_dir, init_from, None, exit_criterion, exit_threshold, cache_budget, batch_size, device,
+                    dtype, quantize, init_scale, seed)
+    rs = r or [lm.model.config.mean_recurrence]
+    table = table_by_r(lm, names, task_manager, rs, config)
+    # the metric shown for a task: the first of acc_norm, acc, exact_match it reports
+    shown = {t: next((m for m in ("acc_norm", "acc", "exact_match") if m in table[t][str(rs[0])]),
+                     sorted(table[t][str(rs[0])])[0]) for t in names}
+    print(f"\n{init_from if init_from != 'resume' else out_dir}: {limit or 'all'} examples per task")
+    print(f"{'task':<24} {'metric':<12} " + " ".join(f"{'r=' + str(n):>8}" for n in rs))
+    for task in names:
+        print(f"{task:<24} {shown[task]:<12} " + " ".join(f"{table[task][str(n)][shown[task]]:8.4f}" for n in rs))
+    with open(output_path, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"wrote {output_path}")

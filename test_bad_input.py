@@ -87,13 +87,15 @@ def broken_data(tmp):
         broken = tmp / f"char-{name}"
         broken.mkdir()
         for f in good.iterdir():
-            (broken / f.name).write_bytes(f.read_bytes())
+            if f.is_file():
+                (broken / f.name).write_bytes(f.read_bytes())
         breakage(broken)
     # three-cups rows with no labelled train position (prepare_data.py reasoning --num_train_problems 0, if allowed)
     unlabelled = tmp / "cups-unlabelled"
     unlabelled.mkdir()
     for f in (tmp / "rows").iterdir():
-        (unlabelled / f.name).write_bytes(f.read_bytes())
+        if f.is_file():
+            (unlabelled / f.name).write_bytes(f.read_bytes())
     np.full(len(np.fromfile(unlabelled / "train.bin", np.uint16)), 65535, np.uint16).tofile(unlabelled / "train_targets.bin")
 
 
