@@ -4,6 +4,11 @@ corpus: no test reads a data file from outside the repository."""
 
 import os
 import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
 
 _cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken_cache")
 if os.path.isdir(_cache):
@@ -36,3 +41,21 @@ def play_text(n_chars=50_000, seed=0):
         out.append("\n".join(lines) + "\n\n")
         size += len(out[-1])
     return "".join(out)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def cups(tmp_path_factory):
+    """A small three-cups checkpoint, made once for every test file that needs a model whose depth matters: moves
+    1-4, r_bar 4, 500 iterations (~20 s on one thread). .data is the data folder (with its lm-eval tasks in
+    .data/harness), .out the checkpoint's out_dir."""
+    tmp = tmp_path_factory.mktemp("cups")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = os.path.dirname(os.path.abspath(__file__))
+    for args in (["prepare_data.py", "reasoning", f"--out_dir={tmp / 'data'}", "--train_max_difficulty=4",
+                  "--num_train_problems=20000", "--val_problems_per_difficulty=50"],
+                 ["train.py", "config/train_reasoning_cpu.py", f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'out'}",
+                  "--block_size=17", "--mean_recurrence=4", "--backprop_depth=2", "--max_iters=500",
+                  "--warmup_iters=30", "--eval_interval=500", "--eval_iters=2"]):
+        result = subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return SimpleNamespace(data=tmp / "data", out=tmp / "out")

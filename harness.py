@@ -146,8 +146,9 @@ class NanoHuginn(TemplateLM):
             max_new = int(kwargs.get("max_gen_toks", 256))
             until = [kwargs["until"]] if isinstance(kwargs.get("until"), str) else list(kwargs.get("until", []))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            room = self.model.config.block_size - max_new
-            idx, lengths = pad_prompts([self.tok_encode(context)[-room:] for context, _ in batch])
+            # the last block_size tokens of each context (generate crops the context itself as it grows)
+            block = self.model.config.block_size
+            idx, lengths = pad_prompts([self.tok_encode(context)[-block:] for context, _ in batch])
             out, stats = generate(self.model, idx.to(self.device_name), max_new, self.num_steps,
                                   temperature=temperature, exit_criterion=self.exit_criterion,
                                   exit_threshold=self.exit_threshold, cache_budget=self.cache_budget,

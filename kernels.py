@@ -10,8 +10,9 @@ second (README, "decoding at full size"):
   freezing would keep a second copy of a large model.
 - quantize_int8: int8 weights are a quarter of float32's bytes. Each output channel (a row of the weight) gets its
   own scale, max |w| / 127. On a CPU the fast int8 kernel is fbgemm's dynamic linear, which rounds the input to
-  8 bits too; each token is rounded on a grid of its own (see Int8Linear), so a token gives the same result alone
-  (decoding) as in a batch (a full forward pass). Elsewhere (CUDA) the int8 weights are expanded per call.
+  7 bits too; each token is rounded on a grid of its own, in two pieces (see Int8Linear), so a token gives the
+  same result alone (decoding) as in a batch (a full forward pass), and the input keeps ~14 bits. Elsewhere (CUDA)
+  the int8 weights are expanded per call.
 """
 
 import warnings
@@ -40,6 +41,9 @@ def int8_rows(weight):
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+GRID = 2 / 127  # the step of fbgemm's 7-bit input grid on [-1, 1] (zero point 64)
+
+
 class Int8Linear(nn.Module):
 
     def __init__(self, linear):
@@ -63,14 +67,21 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (N, in): a row per token
         if self.packed is None:  # the int8 weights expanded for this call only, in x's dtype
             y = F.linear(rows, self.int8.to(x.dtype) * self.scale.to(x.dtype)[:, None])
-        else:
-            # fbgemm rounds its whole input with one scale, from the input's min and max. Scale every row to
-            # max |x| = 1 and append the row [1, -1, 0, ...]: the input's range is then always [-1, 1], so each row
-            # is rounded on the same grid whatever else is in the batch; its own max |x| is multiplied back after
-            row_max = rows.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
-            y = torch.ops.quantized.linear_dynamic(torch.cat([rows.float() / row_max, self.pin]), self.packed,
-                                                   reduce_range=True)[:-1] * row_max
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
+        # fbgemm rounds its whole input with one scale, from the input's min and max, to 7 bits (what its AVX2
+        # kernels need). So: scale every row to max |x| = 1 and append the row [1, -1, 0, ...], which fixes the
+        # input's range at [-1, 1] and with it one grid for every row, whatever else is in the batch. And send each
+        # row twice: itself, and what rounding it on that grid leaves, scaled up to max 1 as well. The weights are
+        # read once for both, and the two results add up to the product with a ~14-bit input
+        rows = rows.float()
+        row_max = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
+        unit = rows / row_max
+        rest = unit - (torch.round(unit / GRID).clamp(-64, 63)) * GRID  # fbgemm's grid on [-1, 1]: 64 + q steps
+        rest_max = rest.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([unit, rest / rest_max, self.pin]), self.packed,
+                                               reduce_range=True)  # (2N + 1, out)
+        n = len(rows)
+        return ((y[:n] + y[n:2 * n] * rest_max) * row_max).to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 class Int8Embedding(nn.Module):

@@ -85,23 +85,14 @@ def test_reasoning_labels_are_the_running_arrangement(tmp_path):
     assert checked == 2 * sum([1, 2, 3, 4, 6, 8, 12, 16])
 
 
-def test_more_steps_help_after_a_short_training(tmp_path):
-    """~20 s on one idle thread: moves 1-4, r_bar 4, then exact-match accuracy at r = 1 and r = 4.
+def test_more_steps_help_after_a_short_training(cups):
+    """conftest.cups: moves 1-4, r_bar 4, 500 iterations; then exact-match accuracy at r = 1 and r = 4.
 
     Seeds 1, 2, 3 and 1337 gave 0.62-0.67 at r=1 and 1.00 at r=4 over difficulties 1-4, and 0.06-0.12 vs 1.00 on
     4 moves; a model that ignores its recurrence scores the same at both r."""
-    data = tmp_path / "data"
-    result = run("prepare_data.py", "reasoning", f"--out_dir={data}", "--train_max_difficulty=4",
-                 "--num_train_problems=20000", "--val_problems_per_difficulty=50")
+    result = run("eval.py", f"--out_dir={cups.out}", "--r=[1,4]", "--plot=False")
     assert result.returncode == 0, result.stderr
-    out = tmp_path / "out"
-    result = run("train.py", "config/train_reasoning_cpu.py", f"--data_dir={data}", f"--out_dir={out}",
-                 "--block_size=17", "--mean_recurrence=4", "--backprop_depth=2", "--max_iters=500",
-                 "--warmup_iters=30", "--eval_interval=500", "--eval_iters=2")
-    assert result.returncode == 0, result.stderr
-    result = run("eval.py", f"--out_dir={out}", "--r=[1,4]", "--plot=False")
-    assert result.returncode == 0, result.stderr
-    accuracy = json.loads((out / "accuracy.json").read_text())["accuracy"]
+    accuracy = json.loads((cups.out / "accuracy.json").read_text())["accuracy"]
     trained = [str(d) for d in (1, 2, 3, 4)]
     at = lambda r: np.mean([accuracy[d][str(r)] for d in trained])  # over the trained difficulties
     assert at(4) > at(1) + 0.25, accuracy

@@ -1,0 +1,90 @@
+"""harness.py with lm-eval: loglikelihood against the model's own log-probabilities, batches against one request
+at a time, local tasks by r on a three-cups checkpoint (conftest.cups), one-line errors. CPU, offline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("lm_eval", reason="needs lm-eval (pip install lm-eval)")
+from lm_eval.api.instance import Instance  # noqa: E402
+
+import harness  # noqa: E402
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def requests(pairs):
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+PAIRS = [("\n0513", "2"), ("\n0", "3"), ("\n4443", "01"), ("\n12", "5"), ("\n3", "1"), ("\n001122", "4")]
+
+
+def test_loglikelihood_is_the_sum_of_the_models_own_log_probs(cups):
+    lm = harness.NanoHuginn(out_dir=str(cups.out), num_steps=4, init_scale=0, device="cpu")
+    results = lm.loglikelihood(requests(PAIRS))
+    chars = "\n012345"
+    for (context, continuation), (ll, greedy) in zip(PAIRS, results):
+        ids = torch.tensor([[chars.index(c) for c in context + continuation]])
+        with torch.no_grad():  # the model reads all but the last token; position t predicts token t + 1
+            log_probs = F.log_softmax(lm.model(ids[:, :-1], num_steps=4, init_scale=0)[0][0], dim=-1)
+        n = len(continuation)
+        targets = ids[0, -n:]
+        expected = log_probs[-n:].gather(-1, targets[:, None]).sum().item()
+        assert ll == pytest.approx(expected, abs=1e-5)
+        assert greedy == bool((log_probs[-n:].argmax(-1) == targets).all())
+
+
+def test_batched_loglikelihood_equals_one_by_one(cups):
+    """Requests of different lengths in one padded batch, each with its own keyed noise start: as if alone."""
+    batched = harness.NanoHuginn(out_dir=str(cups.out), num_steps=4, batch_size=6, device="cpu")
+    single = harness.NanoHuginn(out_dir=str(cups.out), num_steps=4, batch_size=1, device="cpu")
+    for (a, greedy_a), (b, greedy_b) in zip(batched.loglikelihood(requests(PAIRS)),
+                                            single.loglikelihood(requests(PAIRS))):
+        assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
+
+
+def run_harness(*args):
+    return subprocess.run([sys.executable, "harness.py", "--device=cpu", "--num_threads=1", *args], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
+    """prepare_data.py wrote two lm-eval tasks beside the data (the final arrangement of each val problem, asked
+    for by generation and by multiple choice); both are answered better at r_bar than at r = 1."""
+    output = tmp_path / "harness.json"
+    result = run_harness("--tasks=reasoning,reasoning_choice", f"--include_path={cups.data / 'harness'}",
+                         f"--out_dir={cups.out}", "--r=[1,4]", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads(output.read_text())
+    generation, choice = table["reasoning"], table["reasoning_choice"]
+    assert generation["4"]["exact_match"] > generation["1"]["exact_match"] + 0.2, table
+    assert choice["4"]["acc"] > choice["1"]["acc"] + 0.2, table
+    assert "reasoning_choice" in result.stdout and "r=4" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks=no_such_task"], "unknown task(s) no_such_task"),
+    (["--tasks=reasoning", "--r=[0]"], "--r must list whole numbers of steps >= 1"),
+    (["--tasks="], "give the tasks to run with --tasks"),
+    (["--tasks=reasoning", "--out_dir=/nonexistent/nowhere"], "no checkpoint at /nonexistent/nowhere/ckpt.pt"),
+])
+def test_bad_input_is_one_line(cups, args, message):
+    result = run_harness(f"--include_path={cups.data / 'harness'}", *args)
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr
+
+
+def test_without_lm_eval_one_line_says_how_to_install(tmp_path):
+    (tmp_path / "lm_eval").mkdir()
+    (tmp_path / "lm_eval" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    result = subprocess.run([sys.executable, "harness.py", "--tasks=x"], cwd=REPO, capture_output=True, text=True,
+                            env={**ENV, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert result.returncode != 0 and result.stderr.strip() == "error: harness.py needs the evaluation harness: " \
+                                                               "pip install lm-eval"
