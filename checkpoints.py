@@ -20,11 +20,13 @@ import torch
 import torch.nn as nn
 
 from configurator import fail
+from finetune import merge_lora
 from kernels import quantize_int8
 from model import RecurrentConfig, RecurrentGPT, precompute_rope
 
 
-TRAIN_KEYS = {"model", "model_config", "meta", "config", "iter_num"}  # what train.py writes into every checkpoint
+TRAIN_KEYS = {"model_config", "meta", "config", "iter_num"}  # what train.py writes into every checkpoint, besides
+# "model" (the weights) or, for a LoRA run, "lora" (the adapters) with "base" (the released model they adapt)
 
 
 def read_checkpoint(path, device="cpu", flag="--out_dir"):
@@ -37,7 +39,7 @@ def read_checkpoint(path, device="cpu", flag="--out_dir"):
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         fail(f"{path} is not a readable checkpoint ({type(err).__name__}{': ' + reason if reason else ''}); "
              "retrain, or restore a copy")
-    if not isinstance(checkpoint, dict) or not TRAIN_KEYS <= checkpoint.keys():
+    if not isinstance(checkpoint, dict) or not TRAIN_KEYS <= checkpoint.keys() or not {"model", "lora"} & checkpoint.keys():
         fail(f"{path} is not a checkpoint written by train.py; retrain, or restore a copy")
     return checkpoint
 
@@ -46,6 +48,13 @@ def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
     """The model of out_dir/ckpt.pt in eval mode, and the checkpoint (its meta, train.py's config, ...)."""
     path = os.path.join(out_dir, "ckpt.pt")
     checkpoint = read_checkpoint(path, "cpu", flag)
+    if "lora" in checkpoint:  # the released model it adapts, with the adapters folded into its weights
+        model, _ = load_released(checkpoint["base"], "cpu", torch.float32)
+        lora = checkpoint["lora_config"]
+        merge_lora(model.state_dict(), checkpoint["lora"], lora["rank"], lora["alpha"])  # in place: shared storage
+        for k in ("mean_recurrence", "backprop_depth", "sigma"):  # the fine-tuning objective's
+            setattr(model.config, k, checkpoint["model_config"][k])
+        return model.to(device).eval(), checkpoint
     try:  # the weights must fit the architecture the checkpoint names
         model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -221,6 +222,7 @@ class RecurrentGPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         rope = precompute_rope(h // config.n_head, config.block_size, config.rope_base)  # (block_size, hd/2, 2)
         self.register_buffer("rope", rope, persistent=False)
+        self.checkpoint_steps = False  # activation checkpointing per step of the core (train.py sets it)
         self.init_weights()
 
     def init_weights(self):
@@ -285,7 +287,10 @@ class RecurrentGPT(nn.Module):
         n_grad = min(num_steps, self.config.backprop_depth) if torch.is_grad_enabled() else 0
         for step in range(num_steps):
             with torch.set_grad_enabled(step >= num_steps - n_grad):
-                state = self.core_step(state, e, rope, cache.core(step) if cache else None)
+                if self.checkpoint_steps and torch.is_grad_enabled():  # keep only the step's input; recompute in
+                    state = checkpoint(self.core_step, state, e, rope, use_reentrant=False)  # backward (finetune.py)
+                else:
+                    state = self.core_step(state, e, rope, cache.core(step) if cache else None)
             yield state
 
     def forward(self, idx, targets=None, num_steps=None, init_scale=1.0, state=None, generator=None):
@@ -319,7 +324,8 @@ class RecurrentGPT(nn.Module):
         # AdamW; matrices (the embedding too, as in the reference) decay, norm weights and qk_bias do not
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            (no_decay if p.dim() < 2 or name.endswith("qk_bias") else decay).append(p)
+            if p.requires_grad:  # a frozen weight (LoRA's base) has nothing to update
+                (no_decay if p.dim() < 2 or name.endswith("qk_bias") else decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 

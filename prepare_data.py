@@ -53,16 +53,20 @@ seed = 1337         # for generated datasets
 train_max_difficulty = 8       # harder problems go to val only: the test beyond the training range
 num_train_problems = 200_000   # reasoning: problems in train.bin (difficulties 1..train_max_difficulty)
 val_problems_per_difficulty = 100  # reasoning: problems per difficulty in val.bin
-row_len = 0                    # tokens per row; 0 means the longest problem + 1
+row_len = 0                    # tokens per row; 0 means the longest problem + 1 (chat data: the longest example)
 # fineweb_edu (see prepare_fineweb_edu for the release and these numbers)
 num_shards = 36                # train shards to download, ~55M tokens each: ~2.0B tokens from ~3.5 GB of parquet
 val_tokens = 10_000_000        # validation: whole row groups of the held-out shard until at least this many tokens
 num_workers = 0                # tokenizer processes; 0 means one per CPU core
 download_attempts = 5          # tries per file, with 1, 2, 4, 8 s waits between them
 fineweb_url = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"  # + /shard_00000.parquet
+# gsm8k and chat (question/answer pairs for fine-tuning the released model)
+tokenizer = "huginn-0125"      # the release's tokenizer: huginn-0125 (downloaded once), its folder, or a tokenizer.json
+gsm8k_url = "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main"  # + /train-00000-of-00001.parquet
 # -----------------------------------------------------------------------------------------------------------
 
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+NO_LOSS = 65535  # the target that means "no loss here" (dataloader.NO_LOSS)
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
@@ -414,7 +418,7 @@ def write_problems(train, val, meta_extra):
     for name, problems in (("train", train), ("val", val)):
         cells = pack_rows(problems, length)
         write_split(name, [stoi[c] for c, _, _ in cells], len(chars))
-        targets = np.array([65535 if t is None else stoi[t] for _, t, _ in cells], dtype=np.uint16)
+        targets = np.array([NO_LOSS if t is None else stoi[t] for _, t, _ in cells], dtype=np.uint16)
         targets.tofile(os.path.join(out_dir, f"{name}_targets.bin"))
         if name == "val":
             np.array([d for _, _, d in cells], dtype=np.uint16).tofile(os.path.join(out_dir, "val_difficulty.bin"))
@@ -480,9 +484,121 @@ def prepare_problems():
 
 
 # -----------------------------------------------------------------------------------------------------------
+# question/answer pairs for fine-tuning the released model (train.py --init_from=huginn-0125): each pair one row in
+# the release's chat template, tokenized with its tokenizer, padded with <|pad|>. The loss is on the answer only:
+# the target AT position t is token t + 1 where that token belongs to the answer, "no loss" elsewhere (the aligned
+# format above, so train.py, eval.py and dataloader.py read it as they read reasoning data).
+
+PROMPT = "<|begin_text|><|begin_header|>user<|end_header|>\n\n{}<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n"
+ANSWER = "{}<|end_turn|>"
+
+
+def released_tokenizer():
+    """The release's tokenizer (a Hugging Face tokenizer.json, read by the tokenizers package) and its file."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        fail("the released tokenizer needs: pip install tokenizers")
+    path = tokenizer
+    if not path.endswith(".json"):
+        from checkpoints import pretrained_folder  # huginn-0125: downloaded once (then cached) from the hub
+        try:
+            path = os.path.join(pretrained_folder(tokenizer), "tokenizer.json")
+        except (ImportError, OSError) as err:
+            fail(f"--tokenizer={tokenizer}: {err}")
+    if not os.path.isfile(path):
+        fail(f"--tokenizer: no tokenizer.json at {path}; give the released model's folder or its tokenizer.json")
+    return Tokenizer.from_file(path), path
+
+
+def write_chat(train, val, source):
+    """(question, answer) pairs -> rows of row_len tokens; a pair longer than a row is skipped and counted."""
+    tok, path = released_tokenizer()
+    encode = lambda text: tok.encode(text, add_special_tokens=False).ids  # the template's tokens are read as ids
+    pad = tok.token_to_id("<|pad|>")
+    pairs = {name: [(encode(PROMPT.format(q)), encode(ANSWER.format(a))) for q, a in split]
+             for name, split in (("train", train), ("val", val))}
+    length = row_len or max(len(p) + len(a) for split in pairs.values() for p, a in split)
+    skipped = {}
+    for name, split in pairs.items():
+        tokens, targets = [], []
+        for prompt, answer in split:
+            ids = prompt + answer
+            if NO_LOSS in answer:
+                fail(f"an answer holds token {NO_LOSS}, which the target files keep for 'no loss'")
+            if len(ids) > length:  # never cut: a cut answer would teach the model to stop mid-answer
+                skipped[name] = skipped.get(name, 0) + 1
+                continue
+            # the target at t is token t + 1 if that one is part of the answer
+            targets += [ids[t + 1] if t + 1 >= len(prompt) else NO_LOSS for t in range(len(ids) - 1)]
+            targets += [NO_LOSS] * (length - len(ids) + 1)
+            tokens += ids + [pad] * (length - len(ids))
+        if skipped.get(name):
+            print(f"{name}: skipped {skipped[name]} of {len(split)} pairs longer than row_len={length} tokens")
+        if not tokens:
+            fail(f"no {name} pair fits in row_len={length} tokens; raise --row_len")
+        write_split(name, tokens, tok.get_vocab_size())
+        np.array(targets, dtype=np.uint16).tofile(os.path.join(out_dir, f"{name}_targets.bin"))
+    shutil.copy(path, os.path.join(out_dir, "tokenizer.json"))  # the checkpoint's tokenizer travels with its data
+    write_meta({"tokenizer": "huginn", "vocab_size": tok.get_vocab_size(), "row_len": length,
+                "folder": os.path.abspath(out_dir), "skipped": skipped, "source": source})
+
+
+def prepare_gsm8k():
+    """GSM8K (openai/gsm8k, its "main" config as parquet): 7,473 train and 1,319 test pairs; the test split
+    validates. --input=DIR reads train*.parquet and test*.parquet from a folder instead of downloading."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        fail("gsm8k needs pyarrow to read parquet: pip install pyarrow")
+    files = {}
+    for split in ("train", "test"):
+        if input:
+            found = sorted(f for f in os.listdir(input) if f.startswith(split) and f.endswith(".parquet")) \
+                if os.path.isdir(input) else []
+            if not found:
+                fail(f"--input={input} holds no {split}*.parquet (GSM8K's main/{split}-00000-of-00001.parquet)")
+            files[split] = os.path.join(input, found[0])
+        else:
+            files[split] = os.path.join(out_dir, "parquet", f"{split}-00000-of-00001.parquet")
+            if not os.path.isfile(files[split]):
+                os.makedirs(os.path.dirname(files[split]), exist_ok=True)
+                download(f"{gsm8k_url}/{split}-00000-of-00001.parquet", files[split])
+    splits = {}
+    for split, path in files.items():
+        table = pq.read_table(path)
+        if not {"question", "answer"} <= set(table.column_names):
+            fail(f"{path} has no question and answer columns (it has {', '.join(table.column_names)})")
+        splits[split] = list(zip(table.column("question").to_pylist(), table.column("answer").to_pylist()))
+    write_chat(splits["train"], splits["test"], os.path.abspath(input) if input else gsm8k_url)
+
+
+def prepare_chat():
+    """Your own question/answer pairs: --input=FILE, one JSON object per line with "question" and "answer"; a
+    random val_fraction of them validates."""
+    if not input:
+        fail('give your pairs with --input=FILE (one JSON object per line: {"question": ..., "answer": ...})')
+    pairs = []
+    for n, line in enumerate(read_text(input, "--input").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+            pairs.append((str(pair["question"]), str(pair["answer"])))
+        except (ValueError, KeyError, TypeError):
+            fail(f'{input} line {n}: expected {{"question": ..., "answer": ...}}, got {line[:60]!r}')
+    in_val = np.random.default_rng(seed).random(len(pairs)) < val_fraction
+    train = [p for p, v in zip(pairs, in_val) if not v]
+    val = [p for p, v in zip(pairs, in_val) if v]
+    if not train or not val:
+        fail(f"{input}: {len(train)} train and {len(val)} val pairs; both need some (check --val_fraction)")
+    write_chat(train, val, os.path.abspath(input))
+
+
+# -----------------------------------------------------------------------------------------------------------
 # which dataset, where to, then run it
 
-DATASETS = ["shakespeare_char", "shakespeare", "reasoning", "problems", "fineweb_edu"]
+DATASETS = ["shakespeare_char", "shakespeare", "reasoning", "problems", "fineweb_edu", "gsm8k", "chat"]
 if __name__ == "__main__":  # not when fineweb_edu's tokenizer processes import this file
     if len(sys.argv) < 2 or sys.argv[1].startswith("--"):
         fail(f"name a dataset first, e.g. python prepare_data.py shakespeare_char (one of: {', '.join(DATASETS)})")
@@ -511,3 +627,7 @@ if __name__ == "__main__":  # not when fineweb_edu's tokenizer processes import 
         prepare_problems()
     elif dataset == "fineweb_edu":
         prepare_fineweb_edu()
+    elif dataset == "gsm8k":
+        prepare_gsm8k()
+    elif dataset == "chat":
+        prepare_chat()

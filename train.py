@@ -23,19 +23,23 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import lock_run_folder, read_checkpoint, save_checkpoint
+from checkpoints import from_pretrained, lock_run_folder, pretrained_folder, read_checkpoint, save_checkpoint
 from common import format_seconds, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps, whole
 from dataloader import TokenData
+from finetune import add_lora, describe, load_lora_state, lora_pattern, lora_state, memory_plan, peak_memory, shard
 from model import RecurrentConfig, RecurrentGPT, sample_num_steps
 
 # -----------------------------------------------------------------------------------------------------------
 # settings (defaults: the ~96M model on FineWeb-Edu, one GPU); override with config/*.py and --key=value
 # I/O
 out_dir = "out"
-init_from = "scratch"         # "scratch" or "resume" (from out_dir/ckpt.pt)
+init_from = "scratch"         # "scratch", "resume" (from out_dir/ckpt.pt), or "huginn-0125" or a folder in its
+                              # layout: fine-tune the released model (its architecture; r_bar and k from below)
 overwrite = False             # a scratch run into a folder that holds a checkpoint replaces it (else it stops)
 eval_interval = 250           # evaluate (and save) every this many iterations, and at the end
 eval_iters = 20               # batches in the fixed validation set
@@ -84,6 +88,12 @@ dtype = ""                    # "" means bfloat16 autocast on GPUs that have bf1
 compile = True                # torch.compile the model's fixed-shape pieces
 num_threads = 0               # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
 seed = 1337
+# fine-tuning the released model (finetune.py)
+lora_rank = 0                 # > 0: train LoRA adapters of this rank only (pip install peft); 0: every weight
+lora_alpha = 16.0             # the adapters' scale is lora_alpha / lora_rank
+lora_modules = "core,adapter"  # the Linear layers that get adapters: any of prelude, core, coda, adapter
+activation_checkpointing = False  # recompute each step of the core in backward instead of keeping its activations
+fsdp = False                  # under torchrun: shard weights, gradients and optimizer state (FSDP2), not DDP
 # -----------------------------------------------------------------------------------------------------------
 config = configure(globals())
 # every setting checked before any data is read or a model built
@@ -97,7 +107,20 @@ number(config, "grad_clip", low=0)
 number(config, "init_scale", low=0)
 for beta in ("beta1", "beta2"):
     number(config, beta, low=0, below=1)
-one_of(config, "init_from", ("scratch", "resume"))
+finetune = init_from not in ("scratch", "resume")  # from the release
+if finetune and not (init_from in ("huginn-0125", "tomg-group-umd/huginn-0125")
+                     or os.path.isfile(os.path.join(init_from, "config.json"))):
+    fail(f"--init_from is scratch, resume, huginn-0125 or a folder in its layout (with config.json); got {init_from!r}")
+whole(config, 0, "lora_rank")
+number(config, "lora_alpha", above=0)
+try:
+    lora_pattern(lora_modules)
+except ValueError as err:
+    fail(str(err))
+if lora_rank and init_from == "scratch":
+    fail("--lora_rank trains adapters on a trained model: add --init_from=huginn-0125 (or its folder)")
+if fsdp and "RANK" not in os.environ:
+    fail("--fsdp shards the model over processes: start with torchrun --nproc_per_node=N train.py ... --fsdp")
 one_of(config, "lr_schedule", ("cosine", "wsd", "constant"))
 steps(config, "eval_r")
 MODEL_KEYS = [k for k in asdict(RecurrentConfig()) if k != "vocab_size"]
@@ -124,6 +147,8 @@ if ddp:
 else:
     rank, world_size = 0, 1
 master = rank == 0  # prints, logs and saves
+if fsdp and eval_iters % world_size:  # sharded weights: every process must run every evaluation forward pass
+    fail(f"--fsdp: eval_iters={eval_iters} must be a multiple of the {world_size} processes")
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 accum = gradient_accumulation_steps // world_size  # micro-steps on this process
@@ -153,25 +178,33 @@ def all_reduce_sum(t):
 # the run folder (one run at a time, and never over another run's checkpoint), then where to start: from scratch,
 # or from its checkpoint (which also fixes the architecture, block_size included)
 
-iter_num, best_val_loss = 0, float("inf")
+iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+released = init_from  # a fine-tuning run's base: the release's name or folder
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if master:
     writable_dir(out_dir)
     lock = lock_run_folder(out_dir)  # held until this process ends
-    if init_from == "scratch" and os.path.exists(ckpt_path) and not overwrite:
+    if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
         fail(f"{ckpt_path} holds a trained model; continue it with --init_from=resume, choose another --out_dir, or "
              "replace it with --overwrite")
 if init_from == "resume":
     checkpoint = read_checkpoint(ckpt_path, device, flag="--out_dir")
     if "optimizer" not in checkpoint:
         fail(f"{ckpt_path} holds a model but no optimizer state to continue from; start a new run in another --out_dir")
-    for k in MODEL_KEYS:  # the architecture comes from the checkpoint, whatever the settings say
+    # the architecture comes from the checkpoint, whatever the settings say (a fine-tuning run's from its base: only
+    # its objective here, and block_size stays the length of its training rows)
+    for k in ("mean_recurrence", "backprop_depth", "sigma") if "base" in checkpoint else MODEL_KEYS:
         if config[k] != checkpoint["model_config"][k] and master:
             print(f"resume: {k} = {checkpoint['model_config'][k]!r} from the checkpoint (settings said {config[k]!r})")
         config[k] = globals()[k] = checkpoint["model_config"][k]
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     if iter_num >= max_iters:
         fail(f"{ckpt_path} is at iteration {iter_num} already, --max_iters={max_iters}; raise --max_iters to train on")
+    if "base" in checkpoint:  # a fine-tuning run: the same base model (and adapters) again
+        released, finetune = checkpoint["base"], True
+        lora = checkpoint.get("lora_config", {"rank": 0, "alpha": lora_alpha, "modules": lora_modules})
+        lora_rank, lora_alpha, lora_modules = lora["rank"], lora["alpha"], lora["modules"]
+base = pretrained_folder(released) if finetune else None  # the release's folder (downloaded once if need be)
 
 # -----------------------------------------------------------------------------------------------------------
 # data: token files written by prepare_data.py, read as batches of numbered blocks (dataloader.py)
@@ -197,22 +230,43 @@ eval_batches = {split: [get_batch(split, blocks) for blocks in data.evenly_space
 
 eval_r = sorted(set(eval_r or [1, mean_recurrence, 2 * mean_recurrence]) | {mean_recurrence})
 torch.manual_seed(seed)  # the initial weights, the same on every rank
-vocab_size = vocab_multiple * math.ceil(meta["vocab_size"] / vocab_multiple)  # ids above the data's are never seen
-model_config = RecurrentConfig(vocab_size=vocab_size, **{k: globals()[k] for k in MODEL_KEYS})
+if finetune:  # the release's weights and architecture; the objective's r_bar, k and sigma are the settings'
+    if meta["tokenizer"] != "huginn":
+        fail(f"fine-tuning the release needs data in its tokenizer (prepare_data.py gsm8k or chat); "
+             f"{data.data_dir} uses {meta['tokenizer']}")
+    model = from_pretrained(base, device=device).requires_grad_(True).train()
+    for k in ("mean_recurrence", "backprop_depth", "sigma"):
+        setattr(model.config, k, globals()[k])
+    model_config = model.config
+    if lora_rank:  # only the adapters train; the frozen base can live in bf16 on a GPU
+        model = add_lora(model.to(torch.bfloat16) if dtype == "bfloat16" else model, lora_rank, lora_alpha,
+                         lora_modules)
+else:
+    vocab_size = vocab_multiple * math.ceil(meta["vocab_size"] / vocab_multiple)  # ids above the data's: unseen
+    model_config = RecurrentConfig(vocab_size=vocab_size, **{k: globals()[k] for k in MODEL_KEYS})
+    model = RecurrentGPT(model_config).to(device)
 if init_from == "resume" and model_config.vocab_size != checkpoint["model_config"]["vocab_size"]:
     fail(f"the checkpoint's vocabulary ({checkpoint['model_config']['vocab_size']}) is not this data's "
          f"({model_config.vocab_size}); resume with the dataset and vocab_multiple it was trained with")
-model = RecurrentGPT(model_config).to(device)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if init_from == "resume":
+if checkpoint is not None and lora_rank:  # resuming: the adapters it holds ...
+    load_lora_state(model, checkpoint["lora"])
+elif checkpoint is not None:  # ... or the weights
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    checkpoint = None  # free the memory
+model.checkpoint_steps = activation_checkpointing
 raw_model = model  # unwrapped (no DDP): what checkpoints save and evaluation runs
-
+plan = memory_plan(raw_model, batch_size, block_size, 2 if dtype == "bfloat16" else 4, world_size,
+                   activation_checkpointing)
+if fsdp:
+    model = raw_model = shard(model)  # in place: the model's parameters become shards
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None and fsdp:  # FSDP's optimizer state is keyed by parameter name
+    set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
+elif checkpoint is not None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+checkpoint = None  # free the memory
 if compile:
     model.compile_pieces()  # embed, core_step and predict; the loop over r stays in Python, so r never recompiles
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
 
 
@@ -255,9 +309,24 @@ def estimate_loss():
 
 def checkpoint_state():
     """Everything a run needs to continue and a reader needs to use the model. No RNG state: every random draw
-    comes from generator(seed, iter_num, ...)."""
-    return {"model": raw_model.state_dict(), "model_config": asdict(model_config), "meta": meta, "config": config,
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "optimizer": optimizer.state_dict()}
+    comes from generator(seed, iter_num, ...). A fine-tuning run names its base; a LoRA run keeps only the adapters.
+    With FSDP every process takes part in gathering the shards."""
+    if fsdp:
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(raw_model, options=full)
+        optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=full)
+    else:
+        weights, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+    state = {"model_config": asdict(model_config), "meta": meta, "config": config, "iter_num": iter_num,
+             "best_val_loss": best_val_loss, "optimizer": optimizer_state}
+    if finetune:
+        state["base"] = base
+    if lora_rank:
+        state.update(lora=lora_state(weights), lora_config={"rank": lora_rank, "alpha": lora_alpha,
+                                                            "modules": lora_modules})
+    else:
+        state["model"] = weights
+    return state
 
 
 def log(record):
@@ -284,7 +353,11 @@ if master:
         print(f"  {k} = {v!r}")
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device_name} "
           f"({torch.get_num_threads()} CPU threads each), {dtype}, {tokens_per_iter:,} tokens per iteration")
-    if init_from == "scratch":
+    if finetune:
+        print(f"fine-tuning {base}: " + (f"LoRA rank {lora_rank} on {lora_modules}, " if lora_rank else "every weight, ")
+              + f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M parameters train")
+    print(f"memory plan per process: {describe(plan)}")
+    if init_from != "resume":
         open(os.path.join(out_dir, "log.jsonl"), "w").close()  # a new run starts a new log
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
@@ -304,9 +377,11 @@ while True:
                  "train_loss": losses[("train", mean_recurrence)]})
         if iter_num > start_iter and (val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, val_loss)
+            state = checkpoint_state()  # every process: gathering FSDP's shards takes them all
             if master:
-                save_checkpoint(checkpoint_state(), ckpt_path)
+                save_checkpoint(state, ckpt_path)
                 print(f"saved {ckpt_path} at iteration {iter_num}")
+            state = None
     if iter_num >= max_iters:
         break
 
@@ -320,7 +395,9 @@ while True:
     for micro in range(accum):
         key = (iter_num, rank * accum + micro)  # micro-step g of the global batch: 1 process x accum 2 == 2 x 1
         x, y = get_batch("train", torch.randint(data.num_blocks("train"), (batch_size,), generator=generator(*key, 0)))
-        if ddp:  # all-reduce the gradients only once, after the last micro-step
+        if fsdp:  # reduce-scatter the gradients only once, after the last micro-step
+            model.set_requires_gradient_sync(micro == accum - 1)
+        elif ddp:  # all-reduce them only once
             model.require_backward_grad_sync = micro == accum - 1
         with ctx:  # the noise start s_0 comes from the micro-step's own generator
             _, loss = model(x, y, num_steps=r, init_scale=init_scale, generator=generator(*key, 1, device=device))
@@ -333,7 +410,9 @@ while True:
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint yet"
         fail(f"loss is {step_loss} at iteration {iter_num}; stopped before the update ({kept}); "
              "try a lower --learning_rate")
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if device_type == "cuda":
@@ -353,5 +432,8 @@ while True:
              "ms": dt * 1000, "tok_per_s": tokens_per_iter / dt, "mfu": mfu})
     iter_num += 1
 
+if master:
+    print(f"peak memory of this process: {peak_memory(device) / 2**30:.2f} GiB (the plan said "
+          f"{plan['total'] / 2**30:.2f} GiB besides torch itself)")
 if ddp:
     dist.destroy_process_group()

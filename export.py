@@ -1,0 +1,83 @@
+"""
+Write a checkpoint in Huginn-0125's released layout, so the ecosystem can read it: the reference's own modeling
+code (AutoModelForCausalLM with trust_remote_code), lm-eval's HF path, the vLLM plugin, and checkpoints.from_pretrained.
+
+    python export.py --out_dir=out-gsm8k --to=huginn-gsm8k        # a fine-tuned release (LoRA adapters merged)
+    python export.py --out_dir=out --to=my-model                   # a model trained here from scratch
+
+Writes config.json (the reference's keys), model.safetensors or shards of at most --shard_gb with
+model.safetensors.index.json (the reference's tensor names; the RoPE table freqs_cis too, as released; lm_head is
+tied to the embedding and not stored twice), and tokenizer.json where the checkpoint has one. Needs safetensors.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+
+from checkpoints import CONFIG_KEYS, load_checkpoint, released_name
+from common import writable_dir
+from configurator import configure, fail, number
+
+# -----------------------------------------------------------------------------------------------------------
+out_dir = "out"   # the checkpoint to export (train.py's out_dir)
+to = ""           # the folder to write
+shard_gb = 5.0    # at most this many GB per safetensors file
+dtype = ""        # "" keeps the weights' dtype; or float32, bfloat16
+config = configure(globals())
+# -----------------------------------------------------------------------------------------------------------
+
+number(config, "shard_gb", above=0)
+if not to:
+    fail("give the folder to write with --to=FOLDER")
+if dtype not in ("", "float32", "bfloat16"):
+    fail(f"--dtype must be float32 or bfloat16 (or empty: as trained), got {dtype!r}")
+if os.path.isfile(os.path.join(to, "config.json")):
+    fail(f"{to} already holds a model (config.json); choose another --to")
+try:
+    from safetensors.torch import save_file
+except ImportError:
+    fail("writing safetensors needs: pip install safetensors")
+writable_dir(to, "--to")
+model, checkpoint = load_checkpoint(out_dir)  # LoRA adapters are folded into the base's weights here
+
+# config.json: the release's own (keys our config does not know stay as released), with our values on top
+released = {}
+if checkpoint.get("base"):
+    with open(os.path.join(checkpoint["base"], "config.json")) as f:
+        released = json.load(f)
+ours = {theirs: getattr(model.config, key) for key, theirs in CONFIG_KEYS.items()}
+released.update(ours, n_layers=model.config.n_layers_prelude + model.config.n_layers_core + model.config.n_layers_coda,
+                architectures=["RavenForCausalLM"], model_type="huginn_raven", bias=False, injection_type="linear",
+                state_init="like-init", torch_dtype=dtype or str(model.wte.weight.dtype).replace("torch.", ""))
+released.setdefault("auto_map", {"AutoConfig": "tomg-group-umd/huginn-0125--raven_config_minimal.RavenConfig",
+                                 "AutoModelForCausalLM":
+                                     "tomg-group-umd/huginn-0125--raven_modeling_minimal.RavenForCausalLM"})
+
+# the tensors under the released names, cut into shards in the release's order
+tensors = {released_name(name): t.detach().to(getattr(torch, dtype) if dtype else t.dtype).contiguous()
+           for name, t in model.state_dict().items() if not (name == "lm_head.weight" and model.config.tie_embeddings)}
+tensors["freqs_cis"] = model.rope[None, :, None].contiguous()  # (1, T, 1, hd/2, 2), float32, as the reference keeps it
+shards, size = [{}], 0
+for name, t in tensors.items():
+    if size and size + t.nbytes > shard_gb * 1e9:
+        shards.append({})
+        size = 0
+    shards[-1][name] = t
+    size += t.nbytes
+files = ["model.safetensors"] if len(shards) == 1 else \
+    [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+for file, shard in zip(files, shards):
+    save_file(shard, os.path.join(to, file), metadata={"format": "pt"})
+if len(shards) > 1:
+    with open(os.path.join(to, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                   "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}, f, indent=1)
+with open(os.path.join(to, "config.json"), "w") as f:
+    json.dump(released, f, indent=1)
+meta = checkpoint["meta"]
+if meta.get("tokenizer") == "huginn" and os.path.isfile(os.path.join(meta["folder"], "tokenizer.json")):
+    shutil.copy(os.path.join(meta["folder"], "tokenizer.json"), os.path.join(to, "tokenizer.json"))
+print(f"wrote {to}: {len(tensors)} tensors in {len(files)} file(s), {sum(t.nbytes for t in tensors.values()) / 1e9:.2f} "
+      f"GB, {model.get_num_params():,} parameters" + (", tokenizer.json" if meta.get("tokenizer") == "huginn" else ""))

@@ -1,0 +1,174 @@
+"""Fine-tuning the released layout (train.py --init_from=<folder>), on a tiny model saved in that layout with a
+tiny character tokenizer made here: chat and GSM8K data, full fine-tuning, LoRA (base untouched, exact resume),
+FSDP2 against one process, the memory plan, and export.py's round trip. CPU only; needs safetensors, tokenizers,
+pyarrow and peft (skipped without them)."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tokenizers", reason="needs tokenizers (pip install tokenizers)")
+pytest.importorskip("safetensors", reason="needs safetensors (pip install safetensors)")
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # noqa: E402
+
+from checkpoints import from_pretrained, load_checkpoint  # noqa: E402
+from test_pretrained import RELEASED_CONFIG, reference_tensors, write_checkpoint  # noqa: E402
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SPECIAL = ["<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>"]
+CHARS = "\n !+0123456789?HWadehiklnorstuw"
+
+
+def pairs(n, seed=0):
+    """Sums to learn: {"question": "what is 3+4?", "answer": "7"}."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(0, 10, (2, n), generator=g).tolist()
+    return [{"question": f"what is {x}+{y}?", "answer": str(x + y)} for x, y in zip(a, b)]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A tiny model in the released layout (64-token vocabulary) with a character tokenizer.json, and chat data
+    prepared from it."""
+    tmp = tmp_path_factory.mktemp("release")
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character a token
+    tok.add_special_tokens(SPECIAL)
+    config = {**RELEASED_CONFIG, "n_embd": 32, "n_heads": 2, "n_layers": 4, "block_size": 64, "vocab_size": 64,
+              "intermediate_size": 48, "n_layers_in_prelude": 1, "n_layers_in_recurrent_block": 2,
+              "n_layers_in_coda": 1, "mean_recurrence": 3, "mean_backprop_depth": 2}
+    write_checkpoint(tmp / "model", config, reference_tensors(config), shards=2)
+    tok.save(str(tmp / "model" / "tokenizer.json"))
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs(400)))
+    run("prepare_data.py", "chat", f"--input={tmp / 'pairs.jsonl'}", f"--tokenizer={tmp / 'model' / 'tokenizer.json'}",
+        f"--out_dir={tmp / 'chat'}", "--val_fraction=0.1")
+    return tmp
+
+
+def run(*args, check=True, launcher=(sys.executable,)):
+    proc = subprocess.run([*launcher, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def finetune_args(release, out, *extra):
+    row_len = json.loads((release / "chat" / "meta.json").read_text())["row_len"]
+    return ["train.py", f"--init_from={release / 'model'}", f"--data_dir={release / 'chat'}", f"--out_dir={out}",
+            f"--block_size={row_len}", "--batch_size=8", "--gradient_accumulation_steps=1", "--eval_iters=2",
+            "--device=cpu", "--compile=False", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2",
+            "--mean_recurrence=3", "--backprop_depth=2", "--num_threads=1", *extra]
+
+
+def losses(out):
+    with open(out / "log.jsonl") as f:
+        return {r["iter"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_chat_rows_carry_the_loss_on_the_answer_only(release):
+    meta = json.loads((release / "chat" / "meta.json").read_text())
+    tok = Tokenizer.from_file(str(release / "chat" / "tokenizer.json"))
+    tokens = np.fromfile(release / "chat" / "val.bin", dtype=np.uint16).reshape(-1, meta["row_len"])
+    targets = np.fromfile(release / "chat" / "val_targets.bin", dtype=np.uint16).reshape(-1, meta["row_len"])
+    assert meta["tokenizer"] == "huginn"
+    row, target = tokens[0].tolist(), targets[0].tolist()
+    text = tok.decode(row, skip_special_tokens=False).replace(" ", "")
+    assert text.startswith("<|begin_text|><|begin_header|>user<|end_header|>")
+    labelled = [t for t in target if t != 65535]  # the answer's tokens and the <|end_turn|> that closes it
+    assert labelled[-1] == tok.token_to_id("<|end_turn|>") and 2 <= len(labelled) <= 3
+    first = target.index(labelled[0])
+    assert row[first + 1:first + 1 + len(labelled)] == labelled  # aligned: the target at t is token t + 1
+
+
+def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
+    proc = run(*finetune_args(release, tmp_path / "out", "--max_iters=30", "--eval_interval=30"))
+    assert "memory plan per process: weights" in proc.stdout and "peak memory of this process" in proc.stdout
+    logged = losses(tmp_path / "out")
+    assert sum(logged[i] for i in range(25, 30)) < 0.85 * sum(logged[i] for i in range(5))
+    checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert "model" in checkpoint and checkpoint["base"] == str(release / "model")
+
+
+def test_lora_trains_only_the_adapters_and_resumes_exactly(release, tmp_path):
+    pytest.importorskip("peft", reason="needs peft (pip install peft)")
+    lora = ["--lora_rank=4", "--lora_modules=core,adapter", "--eval_interval=10", "--lr_decay_iters=20"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    argv = sys.argv
+    try:  # in this process, to look at the model afterwards
+        sys.argv = finetune_args(release, straight, *lora, "--max_iters=20")
+        trained = runpy.run_path(os.path.join(REPO, "train.py"), run_name="__main__")["raw_model"]
+    finally:
+        sys.argv = argv
+    base, trained = from_pretrained(str(release / "model")), trained.state_dict()
+    for name, p in base.state_dict().items():  # every base weight bit for bit as released
+        ours = name if name in trained else name.replace(".weight", ".base_layer.weight")  # peft's name for a base
+        assert torch.equal(trained[ours], p), name
+    checkpoint = torch.load(straight / "ckpt.pt", weights_only=True)
+    assert "model" not in checkpoint and set(checkpoint["lora_config"]) == {"rank", "alpha", "modules"}
+    assert all(".lora_" in name for name in checkpoint["lora"])
+    run(*finetune_args(release, split, *lora, "--max_iters=10"))
+    run(*finetune_args(release, split, *lora, "--max_iters=20", "--init_from=resume"))
+    a, b = losses(straight), losses(split)
+    assert [a[i] for i in range(20)] == [b[i] for i in range(20)]  # bit for bit
+    assert sum(a[i] for i in range(15, 20)) < sum(a[i] for i in range(5))  # and it learns
+
+
+def test_fsdp_two_processes_match_one(release, tmp_path):
+    common = ["--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=2", "--eval_iters=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*finetune_args(release, one, *common))
+    run(*finetune_args(release, two, *common, "--fsdp"),
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(4))
+    for i in range(4):
+        assert b[i] == pytest.approx(a[i], abs=1e-4)
+    model_one, _ = load_checkpoint(str(one))
+    model_two, _ = load_checkpoint(str(two))
+    for (name, p), q in zip(model_one.state_dict().items(), model_two.state_dict().values()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_export_round_trips(release, tmp_path, lora):
+    if lora:
+        pytest.importorskip("peft", reason="needs peft (pip install peft)")
+    out = tmp_path / "out"
+    run(*finetune_args(release, out, "--max_iters=6", "--eval_interval=6", *(["--lora_rank=4"] if lora else [])))
+    run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'exported'}", "--shard_gb=0.0001")
+    model, _ = load_checkpoint(str(out))  # adapters folded in
+    exported = from_pretrained(str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    assert (tmp_path / "exported" / "model.safetensors.index.json").is_file()  # tiny shards: several files
+    idx = torch.randint(0, 40, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, _ = model(idx, num_steps=3, init_scale=0)
+        b, _ = exported(idx, num_steps=3, init_scale=0)
+    assert torch.equal(a, b)  # tensor for tensor
+
+
+def test_gsm8k_from_local_parquet_skips_what_does_not_fit(release, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    for split, n in (("train", 40), ("test", 10)):
+        rows = pairs(n, seed=len(split))
+        rows[0]["answer"] = "1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1 #### 30"
+        pq.write_table(pa.table({"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}),
+                       data / f"{split}-00000-of-00001.parquet")
+    proc = run("prepare_data.py", "gsm8k", f"--input={data}", f"--tokenizer={release / 'model' / 'tokenizer.json'}",
+               f"--out_dir={tmp_path / 'out'}", "--row_len=40")
+    assert "train: skipped 1 of 40 pairs longer than row_len=40 tokens" in proc.stdout
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["skipped"] == {"train": 1, "val": 1} and meta["row_len"] == 40
+    bad = run("prepare_data.py", "gsm8k", f"--input={tmp_path}", f"--tokenizer={release / 'model' / 'tokenizer.json'}",
+              f"--out_dir={tmp_path / 'bad'}", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "holds no train*.parquet" in bad.stderr
