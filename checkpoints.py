@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from configurator import fail
+from decode import load_gate
 from finetune import merge_lora
 from kernels import quantize_int8
 from model import RecurrentConfig, RecurrentGPT, precompute_rope
@@ -58,6 +59,8 @@ def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
     try:  # the weights must fit the architecture the checkpoint names
         model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
+        if os.path.isfile(os.path.join(out_dir, "exit_gate.pt")):  # exits.py's learned exit, for generate(..."gate")
+            model.exit_gate = load_gate(os.path.join(out_dir, "exit_gate.pt"))
     except (TypeError, ValueError, RuntimeError) as err:
         fail(f"{path} does not hold a model this code can build ({type(err).__name__}: "
              f"{(str(err).strip().splitlines() or [''])[0][:200]}); retrain, or restore a copy")

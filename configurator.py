@@ -17,7 +17,7 @@ import ast
 import os
 import sys
 
-SETTING_TYPES = (int, float, bool, str, list, tuple, type(None))
+SETTING_TYPES = (int, float, bool, str, list, tuple, dict, type(None))
 
 
 def fail(message):

@@ -17,14 +17,10 @@ import os
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import Int8Linear, pack_linears, quantize_int8
-
-# the exit criteria and their default thresholds: the reference's automatic values for kl and latent-diff (stop below
-# them), and for confident-run the steps in a row it waits (latents.py's think-meter found it, see the README)
-EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03, "confident-run": 6}
-CONFIDENT = 0.9  # confident-run: a prediction is confident at this top probability
 
 
 class KVCache:
@@ -99,13 +95,173 @@ class KVCache:
                 buffer[skipped, row, :, new] = buffer[last, row, :, new]
 
 
-def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criterion="none", exit_threshold=0.0,
-                   last=False):
+# ----------------------------------------------------------------------------------------------------------------
+# Exit rules: when is a token done? (the paper's adaptive compute per token; zero-shot, the model never learned to
+# stop, but for the gate)
+
+
+CONFIDENT = 0.9  # confident-run: a prediction is confident at this top probability
+
+
+class ExitRule:
+    """One interface for every exit rule. At a new token, start(state) with its s_0 (B, h); after each step of the
+    core, done(step, state, log_probs) -> (B,) bool, the rows that may stop now, from the step's state s_i (B, h)
+    and, for rules that need it (needs_prediction), the log-probabilities of its next-token prediction (B, vocab).
+    Rows are independent, so a rule serves a batch of tokens in decoding and every position of a split at once
+    (latents.py, exits.py)."""
+    needs_prediction = False
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+
+    def start(self, state):
+        pass
+
+    def done(self, step, state, log_probs):
+        raise NotImplementedError
+
+
+class KL(ExitRule):
+    """KL(p_{i-1} || p_i) below the threshold, p_0 uniform (the reference's "kl")."""
+    needs_prediction = True
+
+    def start(self, state):
+        self.previous = None
+
+    def done(self, step, state, log_probs):
+        previous = self.previous if self.previous is not None else torch.full_like(
+            log_probs, -math.log(log_probs.size(-1)))
+        self.previous = log_probs
+        # KL >= 0: the clamp stops rounding from making it negative, so a threshold of 0 never exits
+        return (previous.exp() * (previous - log_probs)).sum(-1).clamp(min=0) < self.threshold
+
+
+class LatentDiff(ExitRule):
+    """||s_i - s_{i-1}|| / ||s_i|| below the threshold (the reference's "latent-diff")."""
+
+    def start(self, state):
+        self.previous = state
+
+    def done(self, step, state, log_probs):
+        change = (state - self.previous).norm(dim=-1) / state.norm(dim=-1)
+        self.previous = state
+        return change < self.threshold
+
+
+class ConfidentRun(ExitRule):
+    """One argmax at top probability >= CONFIDENT for `threshold` steps in a row (latents.py's think-meter found
+    that a settled answer looks like this)."""
+    needs_prediction = True
+
+    def start(self, state):
+        self.argmax, self.run = None, 0
+
+    def done(self, step, state, log_probs):
+        top, argmax = log_probs.max(-1)
+        confident = top.exp() >= CONFIDENT
+        held = confident & (argmax == self.argmax) if self.argmax is not None else torch.zeros_like(confident)
+        self.run = torch.where(held, self.run + 1, confident.long())
+        self.argmax = argmax
+        return self.run >= self.threshold
+
+
+class Signals:
+    """What the learned gate reads after each step, per row: how much the prediction and the state still change
+    (log10 of kl and latent-diff), how sure the prediction is (top probability, entropy), the same over the
+    HISTORY steps before, how long the argmax and a confident argmax have held, and log(step): 19 features.
+    Below 1e-6 and 1e-5, kl and latent-diff are float32 rounding, which differs between a cached and a full pass:
+    they are floored there, or a gate would learn from noise."""
+    HISTORY = 3
+
+    def start(self, state):
+        self.state, self.log_probs, self.argmax, self.history = state, None, None, None
+
+    def features(self, step, state, log_probs):
+        state, log_probs = state.float(), log_probs.float()
+        previous = self.log_probs if self.log_probs is not None else torch.full_like(
+            log_probs, -math.log(log_probs.size(-1)))
+        kl = (previous.exp() * (previous - log_probs)).sum(-1).clamp(min=1e-6)
+        latent_diff = ((state - self.state).norm(dim=-1) / state.norm(dim=-1)).clamp(min=1e-5)
+        top, argmax = log_probs.max(-1)
+        entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1)
+        now = torch.stack([kl.log10(), latent_diff.log10(), top.exp(), entropy], dim=-1)  # (B, 4)
+        if self.history is None:  # step 1 has no past: its own values stand in
+            self.unchanged = self.confident_run = torch.zeros_like(top)
+            self.history = now[:, None].repeat(1, self.HISTORY, 1)  # (B, HISTORY, 4), newest first
+        same = argmax == self.argmax if self.argmax is not None else torch.zeros_like(argmax, dtype=torch.bool)
+        self.unchanged = torch.where(same, self.unchanged + 1, 0)
+        confident = top.exp() >= CONFIDENT
+        self.confident_run = torch.where(confident, torch.where(same, self.confident_run, 0) + 1, 0)
+        held = torch.stack([self.unchanged, self.confident_run], dim=-1).clamp(max=16) / 8
+        features = torch.cat([now, self.history.flatten(1), held, torch.full_like(top, math.log(step))[:, None]], -1)
+        self.history = torch.cat([now[:, None], self.history[:, :-1]], dim=1)
+        self.state, self.log_probs, self.argmax = state, log_probs, argmax
+        return features  # (B, 19)
+
+
+
+class Gate(ExitRule):
+    """A learned exit: a tiny MLP on Signals' features gives the probability that the step's prediction is the one
+    it keeps to r; stop once that is at least 1 - threshold. exits.py fits it where it is used, by cached decoding,
+    and saves it beside the checkpoint (exit_gate.pt), where load_checkpoint finds it."""
+    needs_prediction = True
+
+    def __init__(self, threshold, net, mean, std):
+        super().__init__(threshold)
+        self.net, self.mean, self.std = net, mean, std
+
+    def start(self, state):
+        self.signals = Signals()
+        self.signals.start(state)
+
+    def settled(self, features):
+        with torch.no_grad():
+            return torch.sigmoid(self.net((features - self.mean.to(features)) / self.std.to(features)))[..., 0]
+
+    def done(self, step, state, log_probs):
+        return self.settled(self.signals.features(step, state, log_probs)) >= 1 - self.threshold
+
+
+def gate_net(hidden=32):
+    return nn.Sequential(nn.Linear(19, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+
+def load_gate(path):
+    """exit_gate.pt (exits.py writes it beside a checkpoint) -> {"net", "mean", "std"}"""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    net = gate_net(saved["hidden"])
+    net.load_state_dict(saved["state_dict"])
+    return {"net": net.eval(), "mean": saved["mean"], "std": saved["std"]}
+
+
+# the exit criteria by name and their default thresholds: the reference's automatic values for kl and latent-diff
+# (stop below them), the steps in a row confident-run waits, and 1 - the gate's probability of "settled" (exits.py
+# chose it on three checkpoints, README)
+EXIT_RULES = {"kl": KL, "latent-diff": LatentDiff, "confident-run": ConfidentRun, "gate": Gate}
+EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03, "confident-run": 6, "gate": 0.01}
+
+
+def exit_rule(model, criterion, threshold=None):
+    """The ExitRule for a criterion's name (None for "none"); the gate is the one saved beside the checkpoint."""
+    if criterion == "none":
+        return None
+    if criterion == "gate":
+        gate = getattr(model, "exit_gate", None)
+        if gate is None:
+            raise ValueError("this model has no exit gate: fit one with python exits.py --out_dir=<its checkpoint>")
+        return Gate(EXIT_THRESHOLDS["gate"] if threshold is None else threshold, gate["net"], gate["mean"], gate["std"])
+    return EXIT_RULES[criterion](EXIT_THRESHOLDS[criterion] if threshold is None else threshold)
+
+
+def forward_cached(model, idx, cache, num_steps, noise, state=None, rule=None, last=False, watch=None):
     """Run new tokens idx (B, T) at positions cache.pos .. through the model, reading and filling the cache.
 
     The same embed, iterate and predict as model.forward, so the logits equal a full forward pass over the context.
-    noise (B, max_len, h) holds s_0 for every position; `state` replaces it (warm start). With an exit criterion
-    (T = 1 only) each row stops once the criterion is met (EXIT_THRESHOLDS), and keeps that step's state.
+    noise (B, max_len, h) holds s_0 for every position; `state` replaces it (warm start). With an exit rule (an
+    ExitRule; T = 1 only) each row stops at the first step the rule says it is done, and keeps that step's state.
+    watch(step, state, log_probs), if given, sees every step's state (B, h) and prediction (B, vocab) of the last
+    position; every row then runs all num_steps, but what a stopped row leaves (its state, its cache entries) is
+    that of its exit step, so the tokens after it see decoding with the rule (exits.py learns from this).
     Returns the logits (B, T, vocab) (last=True: (B, 1, vocab), the last position's only), the final states
     (B, T, h) and the steps each row ran (B,)."""
     B, T = idx.shape
@@ -116,32 +272,23 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, exit_criteri
     e = model.embed(idx, rope, cache.prelude())  # (B, T, h)
     steps = torch.full((B,), num_steps)
     running = torch.ones(B, dtype=torch.bool)
-    log_probs, argmax, run = None, -1, 0  # kl's p_{i-1}; confident-run's last argmax and its run of steps
+    if rule is not None:
+        rule.start(state[:, -1])
     for step, new_state in enumerate(model.iterate(state, e, rope, num_steps, cache), start=1):
-        if exit_criterion == "none":
+        if rule is None and watch is None:
             state = new_state
             continue
-        # zero-shot exits: the model was never trained to stop early (the paper's adaptive compute per token)
-        if exit_criterion == "latent-diff":  # ||s_i - s_{i-1}|| / ||s_i|| below the threshold
-            done = ((new_state - state).norm(dim=-1) / new_state.norm(dim=-1))[:, -1] < exit_threshold
-        else:  # kl and confident-run read the next-token distribution after every step
-            new_log_probs = F.log_softmax(model.predict(new_state, rope, cache.coda())[:, -1], dim=-1)  # (B, V)
-            if exit_criterion == "kl":  # KL(p_{i-1} || p_i) below the threshold, p_0 uniform
-                if log_probs is None:
-                    log_probs = torch.full_like(new_log_probs, -math.log(new_log_probs.size(-1)))
-                # KL >= 0: the clamp stops rounding from making it negative, so a threshold of 0 never exits
-                done = (log_probs.exp() * (log_probs - new_log_probs)).sum(-1).clamp(min=0) < exit_threshold
-            else:  # confident-run: one argmax, at top probability >= CONFIDENT, for exit_threshold steps in a row
-                top, new_argmax = new_log_probs.max(-1)
-                confident = top.exp() >= CONFIDENT
-                run = torch.where(confident & (new_argmax == argmax), run + 1, confident.long())
-                done, argmax = run >= exit_threshold, new_argmax
-            log_probs = new_log_probs
+        log_probs = None  # the step's next-token prediction, for the rules that read it (and for watch)
+        if watch is not None or rule.needs_prediction:
+            log_probs = F.log_softmax(model.predict(new_state, rope, cache.coda())[:, -1].float(), dim=-1)  # (B, V)
+        if watch is not None:
+            watch(step, new_state[:, -1], log_probs)
+        done = rule.done(step, new_state[:, -1], log_probs).cpu() if rule is not None else torch.zeros(B, dtype=bool)
         state = torch.where(running[:, None, None].to(state.device), new_state, state)  # stopped rows keep theirs
-        stop = running & done.cpu()
+        stop = running & done
         steps[stop] = step
         running &= ~stop
-        if not running.any():
+        if not running.any() and watch is None:
             break
     for row in (steps < num_steps).nonzero().flatten().tolist():
         cache.fill_after_exit(row, int(steps[row]), num_steps)
@@ -235,15 +382,15 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     Prompts of different lengths: pad them on the left to T and give lengths (B,), each row's own length
     (pad_prompts makes both); every row then decodes as it would alone (its own positions, no attention to the
     padding, its own exits and stop). exit_criterion "kl" or "latent-diff": a token stops early once its change
-    between steps is below exit_threshold; "confident-run": once its prediction has held for exit_threshold steps
-    (defaults: EXIT_THRESHOLDS). cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start
-    begins each token's state at the previous token's final state instead of noise (the reference's
-    continuous_compute). compile=True compiles the one-token step (compile_for_decoding). quantize="int8" gives the
-    model int8 weights, in place (kernels.py). draft_steps > 0 decodes greedily by self-speculation
-    (speculative_round; rows of one length only). A row ends at the first of stop_ids it produces (it is padded
-    with that id after), and decoding once every row has. Returns (idx (B, T + new), stats): stats["steps"]
-    (B, new) the core steps each new token used (the first comes from the prompt's pass, at the full r),
-    stats["lengths"] (B,) the new tokens of each row up to and with its stop, stats["drafted"] and
+    between steps is below exit_threshold; "confident-run": once its prediction has held for exit_threshold steps;
+    "gate": once the gate exits.py fit says so (defaults: EXIT_THRESHOLDS). cache_budget=N keeps N core entries (a
+    multiple of n_layers_core). warm_start begins each token's state at the previous token's final state instead of
+    noise (the reference's continuous_compute). compile=True compiles the one-token step (compile_for_decoding).
+    quantize="int8" gives the model int8 weights, in place (kernels.py). draft_steps > 0 decodes greedily by
+    self-speculation (speculative_round; rows of one length only). A row ends at the first of stop_ids it produces
+    (it is padded with that id after), and decoding once every row has. Returns (idx (B, T + new), stats):
+    stats["steps"] (B, new) the core steps each new token used (the first comes from the prompt's pass, at the full
+    r), stats["lengths"] (B,) the new tokens of each row up to and with its stop, stats["drafted"] and
     stats["accepted"] the speculative drafts, stats["first_step_seconds"] the first pass after the prompt's (with
     compile=True, compiling included)."""
     # 1. check the request, and prepare the model (int8 weights, compiled step) once
@@ -268,7 +415,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                          "no warm start, 1 <= lookahead < block_size / 2, and prompts of one length")
     if quantize not in (None, "int8") or (quantize and compile):
         raise ValueError(f"quantize is None or 'int8' (not with compile=True); got {quantize!r}")
-    exit_threshold = EXIT_THRESHOLDS[exit_criterion] if exit_threshold is None else exit_threshold
+    rule = exit_rule(model, exit_criterion, exit_threshold)
     if quantize and not isinstance(model.lm_head, Int8Linear):
         quantize_int8(model)
     if compile:
@@ -322,8 +469,8 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                 steps.append(torch.full((B, 1), num_steps))
                 continue
             t0 = time.perf_counter()
-            logits, final, used = forward_cached(model, new, cache, num_steps, noise,
-                                                 state if warm_start else None, exit_criterion, exit_threshold)
+            logits, final, used = forward_cached(model, new, cache, num_steps, noise, state if warm_start else None,
+                                                 rule)
             logits, state = logits[:, -1], final[:, -1:]
             steps.append(used[:, None])
         if first_step_seconds is None:  # with compile=True this includes compiling

@@ -97,6 +97,8 @@ if init_from == "resume":
 else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
 encode, decode = get_tokenizer(meta)
+if exit_criterion == "gate" and not hasattr(model, "exit_gate"):
+    fail(f"--exit_criterion gate needs the gate exits.py fits beside a checkpoint: python exits.py --out_dir={out_dir}")
 
 # the prompts, as token ids
 stop_ids = []
