@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 
 from common import pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, one_of, steps, whole
-from checkpoints import from_pretrained, load_checkpoint, pretrained_config
+from bench_released import decode_child_run, print_released, released_section
+from checkpoints import load_checkpoint
 from dataloader import checkpoint_data
 from decode import compile_for_decoding, generate
 from kernels import quantize_int8
@@ -259,253 +261,150 @@ if probe_memory_at is not None:
     print(json.dumps({"r": probe_memory_at, "peak_bytes": peak, "baseline_bytes": base}))
     sys.exit(0)
 
-# -----------------------------------------------------------------------------------------------------------
-# Decoding at the released size, section 3 (--preset=huginn-0125: random weights; or --decode_out_dir=<a folder in
-#    the released layout>). Each variant runs in a process of its own, so that its load time and peak memory are its own; the same
-#    prompt and zero noise start in all, so greedy tokens compare. Batch-1 decoding at this size is bound by the
-#    bytes of weights read per token: the table puts each rate beside that bound on this machine.
-
-RELEASED_VARIANTS = {"eager": {}, "compiled": dict(compile=True), "int8": dict(quantize="int8"),
-                     "kl exit": dict(exit_criterion="kl")}
-
-
-def random_released_model():
-    """Huginn-0125's shapes with random weights, made in seconds (uniform with the init's std, rather than its slow
-    truncated normal), for speed and memory only: no download needed."""
-    with torch.device("meta"):
-        model = RecurrentGPT(config_from_preset("huginn-0125"))
-    model = model.to_empty(device=device).requires_grad_(False)
-    model.lm_head.weight = model.wte.weight  # to_empty gave each its own memory: tie them again
-    std = math.sqrt(2 / (5 * model.config.n_embd))
-    generator = torch.Generator(device).manual_seed(seed)
-    for p in model.parameters():
-        p.uniform_(-std * 3**0.5, std * 3**0.5, generator=generator) if p.dim() >= 2 else p.fill_(1.0)
-    model.rope = precompute_rope(model.config.n_embd // model.config.n_head, model.config.block_size,
-                                 model.config.rope_base).to(device)  # to_empty left the buffer unset
-    return model.eval()
-
-
-def memory_gb(key):
-    """VmRSS (now) or VmHWM (peak) of this process in GB (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 / 1e9 for line in f if line.startswith(key + ":"))
-
-
-def decode_child_run(variant):
-    """In the child: load, decode with one variant at every r, print the figures as one JSON line."""
-    kwargs = RELEASED_VARIANTS[variant]
-    t0 = time.perf_counter()
-    if released_folder:
-        model = from_pretrained(released_folder, device=device, quantize=kwargs.get("quantize"))
-    else:
-        model = random_released_model()
-    load_seconds = time.perf_counter() - t0
-    if kwargs.get("compile"):  # at this size: the weights packed in place (decode.compile_for_decoding)
-        compile_for_decoding(model, compile_backend, freeze=False)
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(device)
-    figures = {"variant": variant, "load_seconds": load_seconds, "rate": {}, "tokens": {}}
-    for r_i in decode_r:
-        run = lambda n: generate(model, prompt, n, r_i, temperature=0, init_scale=0, **kwargs)
-        run(2)  # warm-up: first reads of the weights, and compiling (the second token is the first one-token pass)
-        times = [(timed(lambda: run(1)), timed(lambda: run(new_tokens))) for _ in range(decode_repeats)]
-        first, total = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-        figures["rate"][str(r_i)] = (new_tokens - 1) / (total - first)
-        figures["tokens"][str(r_i)] = run(new_tokens)[0][0, prompt_len:].tolist()
-    figures.update(rss_gb=memory_gb("VmRSS"), peak_gb=memory_gb("VmHWM"))
-    print(json.dumps(figures))
-
-
-def stream_bandwidth():
-    """Bytes per second this machine reads from memory: the faster of two readers of 1 GB (a sum, and on a CPU a
-    matrix-vector product in oneDNN's packed layout, which reads faster than the sum), best of 5 each."""
-    x = torch.ones(2**28, device=device)
-    readers = [lambda: x.sum()]
-    if device_type == "cpu":
-        packed = torch.ops.mkldnn._reorder_linear_weight(x.view(2**14, 2**14), 1)
-        v = torch.ones(1, 2**14)
-        readers.append(lambda: torch.ops.mkldnn._linear_pointwise(v, packed, None, "none", [], ""))
-    return max(4 * 2**28 / min(timed(read) for _ in range(5)) for read in readers)
-
-
-def released_bytes_per_token(config, r, bytes_per_weight):
-    """Bytes of weights one token reads at r: prelude, coda and lm_head once, the core and the adapter r times."""
-    block = 4 * config.n_embd**2 + 3 * config.n_embd * config.intermediate_size  # Wqkv, proj, fc, mlp.proj
-    once = (config.n_layers_prelude + config.n_layers_coda) * block + config.n_embd * config.vocab_size
-    return bytes_per_weight * (once + r * (config.n_layers_core * block + 2 * config.n_embd**2))
-
-
+released_settings = SimpleNamespace(**{**config, "device": device, "device_type": device_type,
+                                       "released_folder": released_folder, "g": g})  # for bench_released.py
 if decode_child:
-    decode_child_run(decode_child)
+    decode_child_run(released_settings, decode_child)
     sys.exit(0)
 
 # -----------------------------------------------------------------------------------------------------------
 # 1. Peak training memory against r, each r in a fresh process (a process's peak memory only ever grows). First,
 #    while this process holds no GPU memory of its own: a parent's cache would crowd its children out
 
-results = {"config": config, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
-           "torch": torch.__version__}
-print(f"device {device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {timer} time")
-if "memory" in sections:
-    memory = []
+def memory_section():
+    probes = []
     for r_i in memory_r:
         child = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--probe_memory_at={r_i}"],
                                capture_output=True, text=True)
         if child.returncode != 0:
             fail(f"the memory probe at r={r_i} failed: {(child.stderr.strip() or 'no output').splitlines()[-1]}")
-        memory.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    first, last = memory[0], memory[-1]
-    results["memory"] = {"kind": "torch.cuda.max_memory_allocated" if device_type == "cuda" else "peak RSS",
-                         "backprop_depth": memory_backprop_depth, "probes": memory,
-                         "ratio_peak": last["peak_bytes"] / first["peak_bytes"],
-                         "ratio_above_baseline": (last["peak_bytes"] - last["baseline_bytes"])
-                         / (first["peak_bytes"] - first["baseline_bytes"])}
-    mem = results["memory"]
+        probes.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    first, last = probes[0], probes[-1]
+    return {"kind": "torch.cuda.max_memory_allocated" if device_type == "cuda" else "peak RSS",
+            "backprop_depth": memory_backprop_depth, "probes": probes,
+            "ratio_peak": last["peak_bytes"] / first["peak_bytes"],
+            "ratio_above_baseline": (last["peak_bytes"] - last["baseline_bytes"])
+            / (first["peak_bytes"] - first["baseline_bytes"])}
+
+
+def print_memory(mem):
+    probes, first, last = mem["probes"], mem["probes"][0], mem["probes"][-1]
     print(f"\npeak training memory, k={memory_backprop_depth} ({mem['kind']})")
-    print("  r              " + "".join(f"{m['r']:>9}" for m in memory) + f"   r={last['r']}/r={first['r']}")
-    print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in memory)
+    print("  r              " + "".join(f"{m['r']:>9}" for m in probes) + f"   r={last['r']}/r={first['r']}")
+    print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in probes)
           + f"   {mem['ratio_peak']:.3f}")
-    print("  its own MB     " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in memory) +
-          f"   {mem['ratio_above_baseline']:.3f}")
+    print("  its own MB     " + "".join(f"{(m['peak_bytes'] - m['baseline_bytes']) / 2**20:9.1f}" for m in probes)
+          + f"   {mem['ratio_above_baseline']:.3f}")
+
 
 # -----------------------------------------------------------------------------------------------------------
-# 2. Training: the recurrent model against a plain transformer with the same FLOPs per training iteration
+# 2. Training: the recurrent model against a plain transformer with the same FLOPs per training iteration, and
+#    against the machine's matmul peak timed in the same rounds (a busy shared machine slows all alike)
 
-if "train" in sections:
-    x, y = x.to(device), y.to(device)
+def training_variants():
+    """The recurrent model and a plain stack of the same blocks deep enough to match its FLOPs per iteration
+    (prelude and coda run 3 times, forward and backward, the core r + 2k times: about (prelude + coda) + (r + 2k)/3
+    core layers, plus the adapter's share; the whole number of layers nearest), eager and compiled."""
     model = RecurrentGPT(cfg).to(device)
-    k = min(r, backprop_depth)
     flops_recurrent = model.estimate_flops_per_token(r, seq_len, training=True) * batch_size * seq_len
-    # The recurrent iteration runs prelude and coda 3 times (forward, and backward at 2x) but the core r + 2k times; a
-    # plain block runs 3 times. So the plain model needs about (prelude + coda) + (r + 2k)/3 * core layers, plus
-    # the adapter's share: solve for the whole number of layers whose FLOPs come nearest.
     head = plain_flops_per_token(cfg, 0, seq_len)  # lm_head only (the embedding is a lookup)
-    block_flops = plain_flops_per_token(cfg, 1, seq_len) - head
-    n_layer = round((flops_recurrent / (batch_size * seq_len) - head) / block_flops)
+    n_layer = round((flops_recurrent / (batch_size * seq_len) - head) / (plain_flops_per_token(cfg, 1, seq_len) - head))
     plain = PlainGPT(cfg, n_layer).to(device)
     flops_plain = plain_flops_per_token(cfg, n_layer, seq_len) * batch_size * seq_len
-
+    variants = {"recurrent": (model, flops_recurrent), "plain": (plain, flops_plain)}
+    if compile:
+        variants["recurrent compiled"] = (copy.deepcopy(model).compile_pieces(backend=compile_backend), flops_recurrent)
+        variants["plain compiled"] = (compile_blocks(copy.deepcopy(plain)), flops_plain)
     print(f"recurrent: {model.get_num_params() / 1e6:.2f}M params, prelude {cfg.n_layers_prelude} / core "
           f"{cfg.n_layers_core} / coda {cfg.n_layers_coda}, h={cfg.n_embd}; plain: "
-          f"{sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, "
-          f"{n_layer} layers; batch {batch_size} x {seq_len}, r={r}, k={k}")
-    print(f"FLOPs per iteration: recurrent {flops_recurrent / 1e9:.2f} G, plain {flops_plain / 1e9:.2f} G")
+          f"{sum(p.numel() for p in plain.parameters()) / 1e6:.2f}M params, {n_layer} layers; batch {batch_size} x "
+          f"{seq_len}, r={r}, k={min(r, backprop_depth)}")
+    return {name: (m, make_optimizer(m), flops) for name, (m, flops) in variants.items()}, n_layer
 
-    # the machine's matmul peak, then the training iterations, alternating between variants
 
-    # the peak is timed in every round with the training iterations, so a busy shared machine slows both alike
+def train_section():
+    x_, y_ = x.to(device), y.to(device)
+    variants, n_layer = training_variants()
     a = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
     b = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
     for _ in range(2):
         a @ b  # warm-up: threads, kernels, clocks
-    matmul_times = []
-
-    variants = {"recurrent": (model, make_optimizer(model), flops_recurrent),
-                "plain": (plain, make_optimizer(plain), flops_plain)}
-    if compile:
-        model_c = copy.deepcopy(model).compile_pieces(backend=compile_backend)
-        plain_c = compile_blocks(copy.deepcopy(plain))
-        variants["recurrent compiled"] = (model_c, make_optimizer(model_c), flops_recurrent)
-        variants["plain compiled"] = (plain_c, make_optimizer(plain_c), flops_plain)
-    first_iteration = {}
+    first_iteration, times, matmul_times = {}, {name: [] for name in variants}, []
     for name, (m, opt, _) in variants.items():
         # warm-up at r > k, so the compiled core has seen both its no-grad and its grad graph; the first iteration of a
         # compiled variant includes its compilation (wall clock: inductor compiles in worker processes)
         t0 = time.perf_counter()
-        train_iteration(m, opt, x, y, r)
+        train_iteration(m, opt, x_, y_, r)
         first_iteration[name] = time.perf_counter() - t0
-        train_iteration(m, opt, x, y, r)
-    times = {name: [] for name in variants}
+        train_iteration(m, opt, x_, y_, r)
     for _ in range(repeats):
         matmul_times.append(timed(lambda: a @ b))
         for name, (m, opt, _) in variants.items():
-            times[name].append(train_iteration(m, opt, x, y, r))
+            times[name].append(train_iteration(m, opt, x_, y_, r))
     peak_flops = 2 * matmul_size**3 / statistics.median(matmul_times)
-    del a, b
-
-    results.update({"matmul_peak_flops": peak_flops, "matmul_seconds": matmul_times, "plain_n_layer": n_layer,
-                    "flops_per_iteration": {"recurrent": flops_recurrent, "plain": flops_plain}, "train": {}})
+    result = {"matmul_peak_flops": peak_flops, "matmul_seconds": matmul_times, "plain_n_layer": n_layer,
+              "flops_per_iteration": {"recurrent": variants["recurrent"][2], "plain": variants["plain"][2]},
+              "train": {}}
     for name, (_, _, flops) in variants.items():
         fwd_bwd = statistics.median(t[0] for t in times[name])
-        results["train"][name] = {"fwd_bwd_seconds": fwd_bwd,
-                                  "iteration_seconds": statistics.median(t[1] for t in times[name]),
-                                  "flops_per_s": flops / fwd_bwd, "mfu": flops / fwd_bwd / peak_flops,
-                                  "first_iteration_seconds": first_iteration[name], "all_seconds": times[name]}
-    tr = results["train"]
-    results["ratio_recurrent_plain"] = tr["recurrent"]["flops_per_s"] / tr["plain"]["flops_per_s"]
-    results["ratio_recurrent_plain_whole_iteration"] = (tr["plain"]["iteration_seconds"]
-                                                        / tr["recurrent"]["iteration_seconds"]
-                                                        * flops_recurrent / flops_plain)
+        result["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "iteration_seconds": statistics.median(t[1] for t in
+                                                                                                    times[name]),
+                                 "flops_per_s": flops / fwd_bwd, "mfu": flops / fwd_bwd / peak_flops,
+                                 "first_iteration_seconds": first_iteration[name], "all_seconds": times[name]}
+    tr, flops = result["train"], result["flops_per_iteration"]
+    result["ratio_recurrent_plain"] = tr["recurrent"]["flops_per_s"] / tr["plain"]["flops_per_s"]
+    result["ratio_recurrent_plain_whole_iteration"] = (tr["plain"]["iteration_seconds"] / tr["recurrent"][
+        "iteration_seconds"] * flops["recurrent"] / flops["plain"])
     if compile:
-        results["ratio_recurrent_plain_compiled"] = (tr["recurrent compiled"]["flops_per_s"]
-                                                     / tr["plain compiled"]["flops_per_s"])
-        results["compile_speedup"] = (tr["recurrent"]["iteration_seconds"]
-                                      / tr["recurrent compiled"]["iteration_seconds"])
+        result["ratio_recurrent_plain_compiled"] = (tr["recurrent compiled"]["flops_per_s"]
+                                                    / tr["plain compiled"]["flops_per_s"])
+        result["compile_speedup"] = tr["recurrent"]["iteration_seconds"] / tr["recurrent compiled"]["iteration_seconds"]
+        # recompilations: the compiled parts must serve every r with the graphs they already have
+        from torch._dynamo.utils import counters
+        frames_before = counters["frames"]["total"]  # frames dynamo had to (re)compile: each is a cache miss
+        for r_i in compile_r:
+            train_iteration(variants["recurrent compiled"][0], variants["recurrent compiled"][1], x_, y_, r_i)
+        result["recompiles"], result["recompiles_r"] = counters["frames"]["total"] - frames_before, compile_r
+    return result
 
-    print(f"matmul peak ({matmul_size}^3, {dtype}): {peak_flops / 1e9:.1f} GFLOP/s")
+
+def print_train(result):
+    tr = result["train"]
+    print(f"FLOPs per iteration: recurrent {result['flops_per_iteration']['recurrent'] / 1e9:.2f} G, plain "
+          f"{result['flops_per_iteration']['plain'] / 1e9:.2f} G")
+    print(f"matmul peak ({matmul_size}^3, {dtype}): {result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
     print(f"\ntraining, median of {repeats} alternating   fwd+bwd ms  GFLOP/s    MFU   iter ms  first iter s (wall)")
     for name, t in tr.items():
         print(f"  {name:<36} {t['fwd_bwd_seconds'] * 1e3:10.1f} {t['flops_per_s'] / 1e9:8.2f} {t['mfu']:6.1%} "
               f"{t['iteration_seconds'] * 1e3:9.1f} {t['first_iteration_seconds']:20.1f}")
-    print(f"  recurrent / plain FLOP/s (fwd+bwd): {results['ratio_recurrent_plain']:.3f} eager" +
-          (f", {results['ratio_recurrent_plain_compiled']:.3f} compiled" if compile else "") +
-          f"; whole iteration with AdamW: {results['ratio_recurrent_plain_whole_iteration']:.3f} eager")
+    print(f"  recurrent / plain FLOP/s (fwd+bwd): {result['ratio_recurrent_plain']:.3f} eager" +
+          (f", {result['ratio_recurrent_plain_compiled']:.3f} compiled" if compile else "") +
+          f"; whole iteration with AdamW: {result['ratio_recurrent_plain_whole_iteration']:.3f} eager")
     if compile:
-        print(f"  compile speedup of the recurrent iteration: {results['compile_speedup']:.2f}x")
+        print(f"  compile speedup of the recurrent iteration: {result['compile_speedup']:.2f}x")
+        print(f"  recompilations over r = {compile_r} after warm-up: {result['recompiles']}")
 
-    # recompilations: the compiled parts must serve every r with the graphs they already have
-
-    if compile:
-        from torch._dynamo.utils import counters
-        frames_before = counters["frames"]["total"]  # frames dynamo had to (re)compile: each is a cache miss
-        for r_i in compile_r:
-            train_iteration(model_c, variants["recurrent compiled"][1], x, y, r_i)
-        results["recompiles"] = counters["frames"]["total"] - frames_before
-        results["recompiles_r"] = compile_r
-        print(f"  recompilations over r = {compile_r} after warm-up: {results['recompiles']}")
-    del variants, plain
-    if compile:
-        del model_c, plain_c
 
 # -----------------------------------------------------------------------------------------------------------
 # 3. Decoding, batch 1, greedy. The rate after the prompt: generating N tokens minus generating 1 (the prompt's
-#    pass plus one token), so a long prompt's one-off cost does not hide the per-token cost. Every variant draws
-#    the same noise starts (one generator seed), so greedy decoding must give the same tokens in all of them.
+#    pass), so a long prompt's one-off cost does not hide the per-token cost. Every variant draws the same noise
+#    starts (one generator seed), so greedy decoding must give the same tokens in all of them.
 
-if released_size:
-    bandwidth = stream_bandwidth()
-    runs = {}
-    for variant in RELEASED_VARIANTS:
-        child = subprocess.run([sys.executable, sys.argv[0], *sys.argv[1:], f"--decode_child={variant}"],
-                               capture_output=True, text=True)
-        if child.returncode != 0:
-            fail(f"decoding ({variant}) failed: {(child.stderr.strip() or 'no output').splitlines()[-1]}")
-        runs[variant] = json.loads(child.stdout.strip().splitlines()[-1])
-    released = config_from_preset("huginn-0125") if not released_folder else pretrained_config(released_folder)
-    results["decode_released"] = {"bandwidth_bytes_per_s": bandwidth, "runs": runs}
-    print(f"\ndecoding at the released size ({released_folder or 'random weights'}), batch 1, greedy, prompt "
-          f"{prompt_len}, {new_tokens} tokens, median of {decode_repeats}; memory bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"  {'r':>3} {'variant':<10} {'load s':>7} {'peak GB':>8} {'RSS GB':>7} {'tok/s':>7} {'x eager':>8} "
-          f"{'bound tok/s':>12} {'same tokens':>12}")
-    for r_i in map(str, decode_r):
-        for variant, run in runs.items():
-            bound = bandwidth / released_bytes_per_token(released, int(r_i), 1 if variant == "int8" else 4)
-            same = "(exits)" if "exit" in variant else str(run["tokens"][r_i] == runs["eager"]["tokens"][r_i])
-            print(f"  {r_i:>3} {variant:<10} {run['load_seconds']:7.1f} {run['peak_gb']:8.2f} {run['rss_gb']:7.2f} "
-                  f"{run['rate'][r_i]:7.3f} {run['rate'][r_i] / runs['eager']['rate'][r_i]:8.2f} {bound:12.3f} "
-                  f"{same:>12}")
-
-if "decode" in sections and not released_size:
-    if decode_out_dir:  # a trained model, prompted with the start of its own validation text
-        dmodel, checkpoint = load_checkpoint(decode_out_dir, device, flag="--decode_out_dir")
+def decoding_model():
+    """The model to decode and its prompt: a trained checkpoint prompted with its own val text, or the random one."""
+    if decode_out_dir:
+        model, checkpoint = load_checkpoint(decode_out_dir, device, flag="--decode_out_dir")
         data = checkpoint_data(checkpoint)
-        room = dmodel.config.block_size - new_tokens - lookahead - 1
+        room = model.config.block_size - new_tokens - lookahead - 1
         prompt = torch.from_numpy(data.tokens(data.shards["val"][0])[:min(prompt_len, room)].astype("int64"))
-        prompt = prompt[None].to(device)
-    else:
-        dmodel = RecurrentGPT(cfg).to(device).eval()
-        prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
-    compiled_model, int8_model = copy.deepcopy(dmodel), quantize_int8(copy.deepcopy(dmodel))
-    variants = {"eager": (dmodel, dict()), "compiled": (compiled_model, dict(compile=True)),
+        return model, prompt[None].to(device)
+    return RecurrentGPT(cfg).to(device).eval(), torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
+
+
+def decode_section():
+    model, prompt = decoding_model()
+    compiled_model, int8_model = copy.deepcopy(model), quantize_int8(copy.deepcopy(model))
+    variants = {"eager": (model, dict()), "compiled": (compiled_model, dict(compile=True)),
                 "speculative": (compiled_model, dict(compile=True, draft_steps=draft_steps, lookahead=lookahead)),
                 "compiled, kl exit": (compiled_model, dict(compile=True, exit_criterion="kl")),
                 "int8": (int8_model, dict())}
@@ -527,40 +426,40 @@ if "decode" in sections and not released_size:
     # compiles in worker processes. Every later call must find its graphs: the recompilations are counted
     from torch._dynamo.utils import counters
     compile_for_decoding(compiled_model, compile_backend)
-    t0 = time.perf_counter()
-    decode(compiled_model, 2, decode_r[0], compile=True)  # the second token is the first one-token pass
-    results["decode_compile_seconds"] = time.perf_counter() - t0
-    speculative_model, speculative_kwargs = variants["speculative"]
-    t0 = time.perf_counter()
-    decode(speculative_model, 1, decode_r[0], **speculative_kwargs)
-    results["decode_compile_speculative_seconds"] = time.perf_counter() - t0
+    result = {"prompt": prompt.size(1), "decode": {}}
+    result["decode_compile_seconds"] = timed(lambda: decode(compiled_model, 2, decode_r[0], compile=True))
+    result["decode_compile_speculative_seconds"] = timed(lambda: decode(compiled_model, 1, decode_r[0],
+                                                                        **variants["speculative"][1]))
     graphs = counters["stats"]["unique_graphs"]
-    results["decode"] = {}
     for i, r_i in enumerate(decode_r):
         runs = {name: [] for name in variants} | ({"no cache (recompute)": []} if i == 0 else {})
         for _ in range(decode_repeats):
             for name in runs:
-                run = (lambda n: recompute(dmodel, n, r_i)) if name == "no cache (recompute)" else \
+                run = (lambda n: recompute(model, n, r_i)) if name == "no cache (recompute)" else \
                     (lambda n: decode(variants[name][0], n, r_i, **variants[name][1]))
-                first, total = timed(lambda: run(1)), timed(lambda: run(new_tokens))
-                runs[name].append((first, total, *run(new_tokens)))
-        rates = {}
-        for name, t in runs.items():
-            first, total = statistics.median(f for f, *_ in t), statistics.median(n for _, n, *_ in t)
-            tokens, stats = t[0][2], t[0][3]
-            rates[name] = {"tokens_per_s": (new_tokens - 1) / (total - first), "first_token_seconds": first,
-                           "all_seconds": [(f, n) for f, n, *_ in t],
-                           "mean_steps": stats["steps"].float().mean().item(),
-                           "same_tokens_as_eager": torch.equal(tokens, runs["eager"][0][2])}
-            if name == "speculative":
-                rates[name]["acceptance"] = stats["accepted"] / stats["drafted"]
-        results["decode"][str(r_i)] = rates
-    results["decode_recompiles"] = counters["stats"]["unique_graphs"] - graphs
+                runs[name].append((timed(lambda: run(1)), timed(lambda: run(new_tokens)), *run(new_tokens)))
+        result["decode"][str(r_i)] = {name: decode_rates(t, runs["eager"][0][2]) for name, t in runs.items()}
+    result["decode_recompiles"] = counters["stats"]["unique_graphs"] - graphs
+    return result
 
-    print(f"\ndecoding {decode_out_dir or 'the random model above'}: prompt {prompt.size(1)}, batch 1, greedy, "
+
+def decode_rates(runs, eager_tokens):
+    """One variant's (first, total, tokens, stats) runs -> its rate after the prompt and what it did."""
+    first, total = statistics.median(f for f, *_ in runs), statistics.median(n for _, n, *_ in runs)
+    tokens, stats = runs[0][2], runs[0][3]
+    rates = {"tokens_per_s": (new_tokens - 1) / (total - first), "first_token_seconds": first,
+             "all_seconds": [(f, n) for f, n, *_ in runs], "mean_steps": stats["steps"].float().mean().item(),
+             "same_tokens_as_eager": torch.equal(tokens, eager_tokens)}
+    if stats.get("drafted"):
+        rates["acceptance"] = stats["accepted"] / stats["drafted"]
+    return rates
+
+
+def print_decode(result):
+    print(f"\ndecoding {decode_out_dir or 'the random model above'}: prompt {result['prompt']}, batch 1, greedy, "
           f"{new_tokens} tokens, median of {decode_repeats}; speculative: {lookahead} drafts at r = {draft_steps}")
     print(f"  {'r':>4} {'':<22} {'tok/s after the prompt':>22} {'x eager':>8} {'same tokens':>12} {'steps/token':>12}")
-    for r_i, rates in results["decode"].items():
+    for r_i, rates in result["decode"].items():
         for name, d in rates.items():
             extra = f"   {d['acceptance']:.0%} of drafts accepted" if "acceptance" in d else ""
             # fewer steps, or rounded weights: other tokens may be right
@@ -568,12 +467,28 @@ if "decode" in sections and not released_size:
             speedup = d["tokens_per_s"] / rates["eager"]["tokens_per_s"]
             print(f"  {r_i:>4} {name:<22} {d['tokens_per_s']:22.1f} {speedup:8.2f} {same:>12} {d['mean_steps']:12.2f}"
                   + extra)
-    print(f"  compiling: the one-token step {results['decode_compile_seconds']:.1f} s, the speculative check "
-          f"{results['decode_compile_speculative_seconds']:.1f} s more (wall clock, first calls); recompilations "
-          f"over r = {decode_r} afterwards: {results['decode_recompiles']}")
+    print(f"  compiling: the one-token step {result['decode_compile_seconds']:.1f} s, the speculative check "
+          f"{result['decode_compile_speculative_seconds']:.1f} s more (wall clock, first calls); recompilations "
+          f"over r = {decode_r} afterwards: {result['decode_recompiles']}")
 
-# -----------------------------------------------------------------------------------------------------------
 
+# the run: each section measures, then prints; everything goes to out_dir/bench.json
+
+results = {"config": config, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+           "torch": torch.__version__}
+print(f"device {device}, {dtype}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, {timer} time")
+if "memory" in sections:
+    results["memory"] = memory_section()
+    print_memory(results["memory"])
+if "train" in sections:
+    results.update(train_section())
+    print_train(results)
+if released_size:
+    results["decode_released"] = released_section(released_settings)
+    print_released(released_settings, results["decode_released"])
+elif "decode" in sections:
+    results.update(decode_section())
+    print_decode(results)
 with open(os.path.join(out_dir, "bench.json"), "w") as f:
     json.dump(results, f, indent=1)
 print(f"\nwrote {os.path.join(out_dir, 'bench.json')}")

@@ -13,14 +13,13 @@ position and exit point. The reference's inference features are summarised in th
 """
 
 import math
-import os
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import Int8Linear, pack_linears, quantize_int8
+from kernels import Int8Linear, compile_for_decoding, quantize_int8
 
 
 class KVCache:
@@ -331,90 +330,29 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
-def compile_for_decoding(model, backend="inductor", freeze=None):
-    """Prepare model for fast decoding, once, in place: torch.compile embed, core_step and predict for the lengths
-    that recur, one new token (T = 1) and a speculative check (T = lookahead + 1, added by generate). The cache's
-    buffers keep their shapes, so one compilation serves every r, position and exit point; prompts have a new
-    length each time and run eagerly. The compiled functions shadow the methods on this instance.
-
-    On CUDA: a CUDA graph per step. On a CPU: inductor freezes the weights into the graphs as constants it repacks
-    for batch 1 (3-5x faster on small models; compile a model once it is trained). Frozen constants are a second
-    copy of the weights, so freeze=None freezes only a model whose weights fit three times in the machine's memory.
-    A larger one (the released 3.5B) has its Linear weights packed in place for oneDNN instead, one copy and no
-    compiling (inductor cannot compile around packed weights): kernels.pack_linears."""
-    if hasattr(model, "compiled_lengths"):
-        return
-    model.compiled_lengths = {1}
-    cuda = model.rope.device.type == "cuda"
-    if not cuda:
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if not (3 * weight_bytes < memory_bytes() if freeze is None else freeze):
-            pack_linears(model)
-            return
-    options = None
-    if backend == "inductor":  # CUDA graphs: one launch per step instead of one per kernel. CPU: the best kernels
-        # for batch 1, which need the weights frozen in (inductor freezes only what runs without grad: generate)
-        options = {"triton.cudagraphs": True} if cuda else {"max_autotune": True, "freezing": True}
-        # and without a table of every candidate kernel's timing on stderr (older torch has no such settings)
-        quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-        options.update({k: v for k, v in quiet.items() if hasattr(torch._inductor.config, k)})
-    for name in ("embed", "core_step", "predict"):
-        eager = getattr(model, name)
-        compiled = torch.compile(eager, backend=backend, fullgraph=True, options=options)
-        setattr(model, name, lambda x, *args, eager=eager, compiled=compiled:
-                (compiled if x.size(1) in model.compiled_lengths else eager)(x, *args))
-
-
-def memory_bytes():
-    """This machine's memory (POSIX; elsewhere nothing is known, and a model is taken to fit)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
-
-
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=None, exit_criterion="none",
              exit_threshold=None, cache_budget=None, warm_start=False, init_scale=1.0, stop_ids=(), compile=False,
              quantize=None, draft_steps=0, lookahead=4, generator=None, lengths=None):
     """Continue the prompts idx (B, T) by up to max_new_tokens tokens at num_steps (r, default r_bar) steps each.
 
-    Prompts of different lengths: pad them on the left to T and give lengths (B,), each row's own length
-    (pad_prompts makes both); every row then decodes as it would alone (its own positions, no attention to the
-    padding, its own exits and stop). exit_criterion "kl" or "latent-diff": a token stops early once its change
-    between steps is below exit_threshold; "confident-run": once its prediction has held for exit_threshold steps;
-    "gate": once the gate exits.py fit says so (defaults: EXIT_THRESHOLDS). cache_budget=N keeps N core entries (a
-    multiple of n_layers_core). warm_start begins each token's state at the previous token's final state instead of
-    noise (the reference's continuous_compute). compile=True compiles the one-token step (compile_for_decoding).
-    quantize="int8" gives the model int8 weights, in place (kernels.py). draft_steps > 0 decodes greedily by
-    self-speculation (speculative_round; rows of one length only). A row ends at the first of stop_ids it produces
-    (it is padded with that id after), and decoding once every row has. Returns (idx (B, T + new), stats):
-    stats["steps"] (B, new) the core steps each new token used (the first comes from the prompt's pass, at the full
-    r), stats["lengths"] (B,) the new tokens of each row up to and with its stop, stats["drafted"] and
-    stats["accepted"] the speculative drafts, stats["first_step_seconds"] the first pass after the prompt's (with
-    compile=True, compiling included)."""
+    Prompts of different lengths: pad them on the left to T and give lengths (B,) (pad_prompts makes both); each row
+    then decodes as it would alone. exit_criterion: a token stops early by that rule (EXIT_RULES, thresholds
+    EXIT_THRESHOLDS or exit_threshold). cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start
+    begins each token's state at the previous token's final state (the reference's continuous_compute). compile:
+    compile_for_decoding; quantize="int8": int8 weights, in place. draft_steps > 0: greedy self-speculation
+    (speculative_round; rows of one length). A row ends at its first stop id (padded with it after). Returns
+    (idx (B, T + new), stats): "steps" (B, new) the core steps of each new token (the first comes from the prompt's
+    pass), "lengths" (B,) each row's new tokens up to its stop, "drafted"/"accepted", "first_step_seconds"."""
     # 1. check the request, and prepare the model (int8 weights, compiled step) once
-    cfg = model.config
-    num_steps = cfg.mean_recurrence if num_steps is None else num_steps
+    num_steps = model.config.mean_recurrence if num_steps is None else num_steps
     B, T = idx.shape
     lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths).cpu()
-    if num_steps < 1:
-        raise ValueError(f"num_steps (r) must be at least 1, got {num_steps}")
-    if exit_criterion not in EXIT_THRESHOLDS:
-        raise ValueError(f"unknown exit_criterion {exit_criterion!r}; choose one of {list(EXIT_THRESHOLDS)}")
-    if cache_budget is not None and (cache_budget < cfg.n_layers_core or cache_budget % cfg.n_layers_core):
-        raise ValueError(f"cache_budget must be a multiple of n_layers_core ({cfg.n_layers_core}), it keeps whole "
-                         f"steps; got {cache_budget}")
-    if not 1 <= T <= cfg.block_size:
-        raise ValueError(f"the prompt has {T} tokens; give 1 to block_size ({cfg.block_size}), cropping it")
-    if lengths.shape != (B,) or not ((1 <= lengths) & (lengths <= T)).all():
-        raise ValueError(f"lengths must give each of the {B} rows a length from 1 to {T}, got {lengths.tolist()}")
+    check_request(model.config, B, T, lengths, num_steps, exit_criterion, cache_budget, quantize, compile)
     if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start or not
-                        1 <= lookahead < cfg.block_size // 2 or (lengths < T).any()):
+                        1 <= lookahead < model.config.block_size // 2 or (lengths < T).any()):
         raise ValueError("speculative decoding (draft_steps > 0) is greedy: temperature 0, no exit criterion, "
                          "no warm start, 1 <= lookahead < block_size / 2, and prompts of one length")
-    if quantize not in (None, "int8") or (quantize and compile):
-        raise ValueError(f"quantize is None or 'int8' (not with compile=True); got {quantize!r}")
     rule = exit_rule(model, exit_criterion, exit_threshold)
     if quantize and not isinstance(model.lm_head, Int8Linear):
         quantize_int8(model)
@@ -423,6 +361,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
         model.compiled_lengths.add(lookahead + 1 if draft_steps else 1)
 
     # 2. the cache, the noise starts, and the prompts' pass
+    cfg = model.config
     chunk = lookahead + 1 if draft_steps else 1  # positions one pass after the prompt writes
     max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
     cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)
@@ -430,15 +369,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     noise = model.initial_state(torch.empty(B, max_len, cfg.n_embd, dtype=model.ln_f.weight.dtype,
                                             device=idx.device), init_scale, generator)
 
-    def prefill(context):
-        """A cache holding context (B, t), at the full r (the reference never exits in the prefill): the next
-        token's logits (B, vocab), and the final state of the last position, for a warm start. The rows' padding
-        shrinks by what was cut off the front."""
-        cache.first = (cache.first - (idx.size(1) - context.size(1))).clamp(min=0)
-        cache.rollback(0)
-        logits, state, _ = forward_cached(model, context, cache, num_steps, noise, last=True)
-        return logits[:, -1], state[:, -1:]
-
+    prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, noise)
     # 3. the loop. It keeps one invariant: the cache holds every token of idx, and logits are the next token's. So
     # the prompt takes one pass (as many reads of the weights as a token), and the last new token none
     logits, state = prefill(idx)
@@ -477,14 +408,47 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
             if idx.is_cuda:
                 torch.cuda.synchronize(idx.device)
             first_step_seconds = time.perf_counter() - t0
+    return finish(idx, T, max_new_tokens, stop, steps, drafted, accepted, first_step_seconds)
+
+
+def prefill_cache(model, cache, context, cut, num_steps, noise):
+    """A cache holding context (B, t), at the full r (the reference never exits in the prefill): the next token's
+    logits (B, vocab), and the final state of the last position, for a warm start. cut: the tokens cut off the
+    front of the context (a full context starts again from its last half), by which each row's padding shrinks."""
+    cache.first = (cache.first - cut).clamp(min=0)
+    cache.rollback(0)
+    logits, state, _ = forward_cached(model, context, cache, num_steps, noise, last=True)
+    return logits[:, -1], state[:, -1:]
+
+
+def finish(idx, T, max_new_tokens, stop, steps, drafted, accepted, first_step_seconds):
+    """generate's result: the prompts and at most max_new_tokens new tokens, every row padded with a stop id past its
+    first stop (a speculative round may run on), and the stats."""
     new = idx[:, T:T + max_new_tokens]
     is_stop = torch.isin(new, stop).int()
-    after = is_stop.cumsum(dim=1) - is_stop > 0  # past each row's first stop id (a speculative round may run on)
+    after = is_stop.cumsum(dim=1) - is_stop > 0  # past each row's first stop id
     row_lengths = (~after).sum(dim=1).cpu()
     new = torch.where(after, stop[0], new)[:, :int(row_lengths.max())]
     stats = {"steps": torch.cat(steps, dim=1)[:, :new.size(1)], "lengths": row_lengths, "drafted": drafted,
              "accepted": accepted, "first_step_seconds": first_step_seconds}
     return torch.cat([idx[:, :T], new], dim=1), stats
+
+
+def check_request(cfg, B, T, lengths, num_steps, exit_criterion, cache_budget, quantize, compile):
+    """generate's arguments that would otherwise fail deep inside it, each with its reason."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps (r) must be at least 1, got {num_steps}")
+    if exit_criterion not in EXIT_THRESHOLDS:
+        raise ValueError(f"unknown exit_criterion {exit_criterion!r}; choose one of {list(EXIT_THRESHOLDS)}")
+    if cache_budget is not None and (cache_budget < cfg.n_layers_core or cache_budget % cfg.n_layers_core):
+        raise ValueError(f"cache_budget must be a multiple of n_layers_core ({cfg.n_layers_core}), it keeps whole "
+                         f"steps; got {cache_budget}")
+    if not 1 <= T <= cfg.block_size:
+        raise ValueError(f"the prompt has {T} tokens; give 1 to block_size ({cfg.block_size}), cropping it")
+    if lengths.shape != (B,) or not ((1 <= lengths) & (lengths <= T)).all():
+        raise ValueError(f"lengths must give each of the {B} rows a length from 1 to {T}, got {lengths.tolist()}")
+    if quantize not in (None, "int8") or (quantize and compile):
+        raise ValueError(f"quantize is None or 'int8' (not with compile=True); got {quantize!r}")
 
 
 def pad_prompts(prompts, pad_id=0):

@@ -1,7 +1,7 @@
 """
-The Linear layers in the forms fast batch-1 kernels want, for decoding: float32 weights packed for oneDNN, and int8
-weights. Each replaces a model's nn.Linear layers in place, layer by layer, so the float weights of a layer are
-freed as soon as its new form exists: the model never holds two copies.
+The forms of the model fast batch-1 decoding kernels want: compiled one-token steps (compile_for_decoding), float32
+weights packed for oneDNN, and int8 weights. Each replaces a model's nn.Linear layers in place, layer by layer, so
+the float weights of a layer are freed as soon as its new form exists: the model never holds two copies.
 
 Batch-1 decoding reads every weight once per step of the core, so at the released size its speed is bytes read per
 second (README, "decoding at full size"):
@@ -15,6 +15,7 @@ second (README, "decoding at full size"):
   the int8 weights are expanded per call.
 """
 
+import os
 import warnings
 
 import torch
@@ -119,3 +120,45 @@ def quantize_int8(model, names=None):
     if isinstance(model.lm_head, Int8Linear) and model.config.tie_embeddings and isinstance(model.wte, nn.Embedding):
         model.wte = Int8Embedding(model.wte)
     return model
+
+
+def compile_for_decoding(model, backend="inductor", freeze=None):
+    """Prepare model for fast decoding, once, in place: torch.compile embed, core_step and predict for the lengths
+    that recur, one new token (T = 1) and a speculative check (T = lookahead + 1, added by generate). The cache's
+    buffers keep their shapes, so one compilation serves every r, position and exit point; prompts have a new
+    length each time and run eagerly. The compiled functions shadow the methods on this instance.
+
+    On CUDA: a CUDA graph per step. On a CPU: inductor freezes the weights into the graphs as constants it repacks
+    for batch 1 (3-5x faster on small models; compile a model once it is trained). Frozen constants are a second
+    copy of the weights, so freeze=None freezes only a model whose weights fit three times in the machine's memory.
+    A larger one (the released 3.5B) has its Linear weights packed in place for oneDNN instead, one copy and no
+    compiling (inductor cannot compile around packed weights): kernels.pack_linears."""
+    if hasattr(model, "compiled_lengths"):
+        return
+    model.compiled_lengths = {1}
+    cuda = model.rope.device.type == "cuda"
+    if not cuda:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if not (3 * weight_bytes < memory_bytes() if freeze is None else freeze):
+            pack_linears(model)
+            return
+    options = None
+    if backend == "inductor":  # CUDA graphs: one launch per step instead of one per kernel. CPU: the best kernels
+        # for batch 1, which need the weights frozen in (inductor freezes only what runs without grad: generate)
+        options = {"triton.cudagraphs": True} if cuda else {"max_autotune": True, "freezing": True}
+        # and without a table of every candidate kernel's timing on stderr (older torch has no such settings)
+        quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        options.update({k: v for k, v in quiet.items() if hasattr(torch._inductor.config, k)})
+    for name in ("embed", "core_step", "predict"):
+        eager = getattr(model, name)
+        compiled = torch.compile(eager, backend=backend, fullgraph=True, options=options)
+        setattr(model, name, lambda x, *args, eager=eager, compiled=compiled:
+                (compiled if x.size(1) in model.compiled_lengths else eager)(x, *args))
+
+
+def memory_bytes():
+    """This machine's memory (POSIX; elsewhere nothing is known, and a model is taken to fit)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import decode
+import kernels
 from decode import KVCache, compile_for_decoding, forward_cached, generate
 from kernels import Int8Embedding, Int8Linear, PackedLinear, quantize_int8
 from model import Linear, RecurrentGPT, config_from_preset
@@ -120,7 +120,7 @@ def test_packed_decoding_holds_one_copy_of_the_weights(monkeypatch):
     idx = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(1))
     eager, _ = generate(model, idx, 16, num_steps=4, temperature=0, init_scale=0)
     weights = {name: weakref.ref(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    monkeypatch.setattr(decode, "memory_bytes", lambda: 0)
+    monkeypatch.setattr(kernels, "memory_bytes", lambda: 0)
     packed, _ = generate(model, idx, 16, num_steps=4, temperature=0, init_scale=0, compile=True)
     assert torch.equal(eager, packed)
     assert all(isinstance(m, PackedLinear) for m in (model.lm_head, model.adapter, model.core[0].mlp.fc))
@@ -131,6 +131,6 @@ def test_packed_decoding_holds_one_copy_of_the_weights(monkeypatch):
 
 def test_small_models_are_frozen_by_inductor(monkeypatch):
     model = tiny_model()
-    monkeypatch.setattr(decode, "memory_bytes", lambda: 10**15)
+    monkeypatch.setattr(kernels, "memory_bytes", lambda: 10**15)
     compile_for_decoding(model, freeze=None)
     assert isinstance(model.lm_head, nn.Linear) and model.compiled_lengths == {1}

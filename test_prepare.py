@@ -64,7 +64,7 @@ def test_default_out_dir_is_next_to_the_script(text_file, tmp_path):
     script_dir, cwd = tmp_path / "repo", tmp_path / "elsewhere"
     script_dir.mkdir()
     cwd.mkdir()
-    for name in ("prepare_data.py", "configurator.py", "common.py"):
+    for name in ("prepare_data.py", "configurator.py", "common.py", "corpora.py"):
         (script_dir / name).write_text(open(os.path.join(REPO, name)).read())
     proc = subprocess.run([sys.executable, str(script_dir / "prepare_data.py"), "shakespeare_char",
                            f"--input={text_file}"], cwd=cwd, capture_output=True, text=True, timeout=120)
