@@ -49,9 +49,10 @@ def check_type(key, value, default):
 
 
 def configure(namespace, argv=None):
-    """The script's settings (the plain values in `namespace` so far, i.e. its globals()), overridden from argv
-    (default sys.argv[1:]) left to right, written back into the namespace. Returns them as a dict."""
-    defaults = {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
+    """The script's settings (the plain lower-case values in `namespace` so far, i.e. its globals()), overridden
+    from argv (default sys.argv[1:]) left to right, written back into the namespace. Returns them as a dict."""
+    defaults = {k: v for k, v in namespace.items()  # CONSTANTS (upper case, e.g. imported tables) are not settings
+                if not k.startswith("_") and not k.isupper() and isinstance(v, SETTING_TYPES)}
     config = dict(defaults)
     args = list(sys.argv[1:] if argv is None else argv)
     while args:

@@ -237,7 +237,7 @@ def load_gate(path):
 # (stop below them), the steps in a row confident-run waits, and 1 - the gate's probability of "settled" (exits.py
 # chose it on three checkpoints, README)
 EXIT_RULES = {"kl": KL, "latent-diff": LatentDiff, "confident-run": ConfidentRun, "gate": Gate}
-EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03, "confident-run": 6, "gate": 0.01}
+EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03, "confident-run": 10, "gate": 0.01}
 
 
 def exit_rule(model, criterion, threshold=None):
@@ -366,8 +366,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
     cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)
     # s_0 of every position, drawn once: a position's noise is the same however it is decoded
-    noise = model.initial_state(torch.empty(B, max_len, cfg.n_embd, dtype=model.ln_f.weight.dtype,
-                                            device=idx.device), init_scale, generator)
+    noise = model.initial_state((B, max_len, cfg.n_embd), init_scale, generator)
 
     prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, noise)
     # 3. the loop. It keeps one invariant: the cache holds every token of idx, and logits are the next token's. So

@@ -35,7 +35,7 @@ from decode import EXIT_RULES, EXIT_THRESHOLDS, ExitRule, Gate, KVCache, Signals
 out_dir = "out"
 data_dir = ""           # "" means the data the checkpoint was trained on
 r = 32                  # the most steps a token may take
-rules = {"kl": [1e-2, 1e-3, 1e-4], "latent-diff": [0.03, 0.01], "confident-run": [4, 6, 8, 12],
+rules = {"kl": [1e-2, 1e-3, 1e-4], "latent-diff": [0.03, 0.01], "confident-run": [4, 6, 8, 10, 12],
          "gate": [0.1, 0.03, 0.01, 3e-3]}
 fixed_r = [1, 2, 4, 8, 16, 32]
 rounds = 2              # gate data: round 1 with no exits, each later one with the last round's gate deciding them
@@ -105,8 +105,8 @@ def val_rows():
 def noise_for(rows, T):
     """s_0 for each row, keyed by the row's index: the same in every pass over it."""
     h = model.config.n_embd
-    return torch.cat([model.initial_state(torch.empty(1, T, h, device=device), init_scale,
-                                          keyed_generator(seed, int(i), device=device)) for i in rows])
+    return torch.cat([model.initial_state((1, T, h), init_scale, keyed_generator(seed, int(i), device=device))
+                      for i in rows])
 
 
 @torch.no_grad()

@@ -94,10 +94,8 @@ class NanoHuginn(TemplateLM):
 
     def noise(self, tokens):
         """s_0 for one sequence (1, T, h), keyed by its tokens: the same whatever else is in the batch."""
-        shape = (1, len(tokens), self.model.config.n_embd)
         generator = keyed_generator(self.seed, *tokens, device=self.device_name)
-        empty = torch.empty(shape, device=self.device_name, dtype=self.model.ln_f.weight.dtype)
-        return self.model.initial_state(empty, self.init_scale, generator)
+        return self.model.initial_state((1, len(tokens), self.model.config.n_embd), self.init_scale, generator)
 
     @torch.no_grad()
     def score(self, inputs, targets):

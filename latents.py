@@ -119,7 +119,7 @@ def record(idx, generator):
     s_0 is model.initial_state with this generator, so model(idx, num_steps=r, generator=<same seed>) ends at s_r."""
     rope = model.rope[:idx.size(1)]
     e = model.embed(idx, rope)
-    states = [model.initial_state(e, init_scale, generator)]
+    states = [model.initial_state(e.shape, init_scale, generator)]
     states += list(model.iterate(states[0], e, rope, r))  # r states: a prompt's worth, small
     predictions = [model.predict(s, rope).argmax(-1) for s in states]  # s_0's too: the noise start's "answer"
     return torch.stack(states).float().cpu(), torch.stack(predictions).cpu()
@@ -206,7 +206,7 @@ def think_meter_of(data):
         keep = torch.from_numpy(labelled[rows.numpy()]).flatten()
         rope = model.rope[:x.size(1)]
         e = model.embed(x.to(device), rope)
-        state = model.initial_state(e, init_scale, generator)
+        state = model.initial_state(e.shape, init_scale, generator)
         exit_step = {name: torch.full((keep.numel(),), r) for name in rules}
         for rule in rules.values():
             rule.start(state.flatten(0, 1))

@@ -254,12 +254,12 @@ class RecurrentGPT(nn.Module):
             x = block(x, rope, kv[i] if kv else None)
         return x
 
-    def initial_state(self, e, init_scale=1.0, generator=None):
-        # s_0: fresh noise for every position, std sqrt(2/(5h)) cut at 3 std, times sqrt(h) like the embedding,
-        # so std sqrt(2/5) * init_scale (0: the zero state). Training from noise teaches the core to reach the
-        # same answer from any start (path independence)
+    def initial_state(self, shape, init_scale=1.0, generator=None, dtype=None):
+        # s_0 of shape (B, T, h): fresh noise for every position, std sqrt(2/(5h)) cut at 3 std, times sqrt(h) like
+        # the embedding, so std sqrt(2/5) * init_scale (0: the zero state). Training from noise teaches the core to
+        # reach the same answer from any start (path independence). On the model's device, in dtype (default: its own)
         std = math.sqrt(2 / (5 * self.config.n_embd)) * init_scale
-        state = torch.zeros_like(e)  # (B, T, h)
+        state = torch.zeros(shape, dtype=dtype or self.ln_f.weight.dtype, device=self.rope.device)
         if std > 0:
             nn.init.trunc_normal_(state, std=std, a=-3 * std, b=3 * std, generator=generator)
         return state * math.sqrt(self.config.n_embd)
@@ -309,7 +309,7 @@ class RecurrentGPT(nn.Module):
         rope = self.rope[:T]
         e = self.embed(idx, rope)  # (B, T, h)
         if state is None:
-            state = self.initial_state(e, init_scale, generator)
+            state = self.initial_state(e.shape, init_scale, generator, dtype=e.dtype)
         for state in self.iterate(state, e, rope, num_steps):
             pass
         logits = self.predict(state, rope)

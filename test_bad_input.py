@@ -187,8 +187,8 @@ CASES = [
     ("eval.py", ["--out_dir={tmp}/ckpt-zip"], "is not a readable checkpoint"),
     # latents.py
     ("latents.py", ["--r=0"], "--r must be a whole number >= 1"),
-    ("latents.py", ["--goal_accuracy=2"], "--goal_accuracy must be a number > 0 and <= 1"),
-    ("latents.py", ["--probe_hidden=-1"], "--probe_hidden must be a whole number >= 0"),
+    ("latents.py", ["--init_scale=-1"], "--init_scale must be a number >= 0"),
+    ("latents.py", ["--EXIT_THRESHOLDS={}"], "unknown setting --EXIT_THRESHOLDS"),
     ("latents.py", ["--think_meter=maybe"], "--think_meter must be True or False"),
     ("latents.py", ["--out_dir={tmp}/a-file"], "is a file, not a folder"),
     ("latents.py", ["--out_dir={tmp}/text", "--plot_dir={tmp}/a-file"], "--plot_dir={tmp}/a-file is a file"),

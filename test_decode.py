@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decode import KVCache, compile_for_decoding, forward_cached, generate
+from decode import KVCache, LatentDiff, compile_for_decoding, forward_cached, generate
 from model import RecurrentGPT, config_from_preset
 
 torch.set_num_threads(1)
@@ -23,7 +23,7 @@ def prompt(model, T=8, seed=1, B=1):
 
 def noise_table(model, B, length, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return model.initial_state(torch.empty(B, length, model.config.n_embd), generator=g)
+    return model.initial_state((B, length, model.config.n_embd), generator=g)
 
 
 PATTERN = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]  # a repeating sequence the trained model learns to continue
@@ -121,7 +121,7 @@ def test_threshold_zero_never_exits(criterion):
 
 @pytest.mark.parametrize("criterion", ["kl", "latent-diff", "confident-run"])
 def test_default_threshold_exits_early_on_trained_model(trained_model, criterion):
-    r = 8
+    r = 16  # above confident-run's default of 10 steps in a row
     idx = torch.tensor([PATTERN[:5]])
     out, stats = generate(trained_model, idx, 48, num_steps=r, temperature=0, exit_criterion=criterion)
     mean_steps = stats["steps"].float().mean().item()
@@ -157,8 +157,7 @@ def test_exited_token_is_read_at_its_last_step():
         for cache in (exited, full):
             forward_cached(model, idx[:, :4], cache, r, noise)
         # an infinite threshold stops position 4 at the first check, after one step
-        _, _, steps = forward_cached(model, idx[:, 4:5], exited, r, noise, exit_criterion="latent-diff",
-                                     exit_threshold=float("inf"))
+        _, _, steps = forward_cached(model, idx[:, 4:5], exited, r, noise, rule=LatentDiff(float("inf")))
         forward_cached(model, idx[:, 4:5], full, r, noise)
     assert steps.tolist() == [1]
     for (k, v), (k_full, v_full) in zip(exited.core_kv, full.core_kv):
@@ -342,7 +341,7 @@ def test_confident_run_stops_once_the_prediction_has_held(trained_model):
     with torch.no_grad():
         e = trained_model.embed(idx, rope)
         probs = [F.softmax(trained_model.predict(s, rope)[0, -1], -1)
-                 for s in trained_model.iterate(trained_model.initial_state(e, 0.0), e, rope, r)]
+                 for s in trained_model.iterate(trained_model.initial_state(e.shape, 0.0), e, rope, r)]
     run, previous, expected = 0, None, r
     for step, p in enumerate(probs, start=1):
         confident = bool(p.max() >= CONFIDENT)

@@ -97,7 +97,7 @@ def test_reasoning_run_records_the_loop_and_the_think_meter(reasoning):
     with torch.no_grad():
         rope = model.rope[:T]
         e = model.embed(idx, rope)
-        s0 = model.initial_state(e, 1.0, torch.Generator().manual_seed(seed))
+        s0 = model.initial_state(e.shape, 1.0, torch.Generator().manual_seed(seed))
         torch.testing.assert_close(saved["states"][0], s0[0], rtol=0, atol=0)
         for i, state in enumerate(model.iterate(s0, e, rope, r), start=1):
             torch.testing.assert_close(saved["states"][i], state[0], rtol=1e-6, atol=1e-6)
