@@ -177,6 +177,9 @@ def check_settings(config):
         fail("give the tasks to run with --tasks, e.g. --tasks=arc_easy,hellaswag (lm-eval's names)")
     if config["include_path"] and not os.path.isdir(config["include_path"]):
         fail(f"--include_path={config['include_path']} is not a folder of task YAMLs")
+    checkpoint = os.path.join(config["out_dir"], "ckpt.pt")
+    if config["init_from"] == "resume" and not os.path.isfile(checkpoint):  # before lm-eval indexes its tasks
+        fail(f"no checkpoint at {checkpoint}; train one first (python train.py ...) or point --out_dir at one")
     task_manager = TaskManager(include_path=config["include_path"] or None)
     unknown = [t for t in names if t not in task_manager.all_tasks]
     if unknown:

@@ -60,7 +60,7 @@ def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
     for by generation and by multiple choice); both are answered better at r_bar than at r = 1."""
     output = tmp_path / "harness.json"
     result = run_harness("--tasks=reasoning,reasoning_choice", f"--include_path={cups.data / 'harness'}",
-                         f"--out_dir={cups.out}", "--r=[1,4]", f"--output={output}")
+                         f"--out_dir={cups.out}", "--r=[1,4]", "--limit=200", f"--output={output}")
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads(output.read_text())
     generation, choice = table["reasoning"], table["reasoning_choice"]
