@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from common import pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, one_of, steps, whole
 from bench_released import decode_child_run, print_released, released_section
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, released_layout
 from dataloader import checkpoint_data
 from decode import compile_for_decoding, generate
 from kernels import quantize_int8
@@ -102,7 +102,7 @@ if preset and preset not in PRESETS:
     fail(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)} or leave it empty")
 if probe_memory_at is not None and (type(probe_memory_at) is not int or probe_memory_at < 1):
     fail(f"--probe_memory_at is internal (a memory probe at one r >= 1), got {probe_memory_at!r}")
-released_folder = decode_out_dir if os.path.isfile(os.path.join(decode_out_dir, "config.json")) else ""
+released_folder = decode_out_dir if decode_out_dir and released_layout(decode_out_dir) else ""
 released_size = "decode" in sections and (preset == "huginn-0125" or bool(released_folder))
 if draft_steps >= min(decode_r) and not released_size:
     fail(f"--draft_steps ({draft_steps}) must be below every r of --decode_r ({decode_r}): drafts are the cheap guesses")

@@ -167,6 +167,13 @@ def released_name(name):
     return f"{MODULE_NAMES[module]}.{rest}"
 
 
+def released_layout(folder):
+    """Whether folder holds a model in the released layout: config.json beside *.safetensors (a run folder of ours
+    holds a config.json too, of its settings, beside ckpt.pt)."""
+    return os.path.isfile(os.path.join(folder, "config.json")) and any(
+        name.endswith(".safetensors") for name in os.listdir(folder))
+
+
 def pretrained_folder(name_or_path):
     """A local folder in the released layout; `huginn-0125` is downloaded once (then cached) from the hub."""
     if os.path.isdir(name_or_path):

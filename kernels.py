@@ -142,16 +142,18 @@ def compile_for_decoding(model, backend="inductor", freeze=None):
         if not (3 * weight_bytes < memory_bytes() if freeze is None else freeze):
             pack_linears(model)
             return
-    options = None
+    options, freezing = None, backend == "inductor" and not cuda
     if backend == "inductor":  # CUDA graphs: one launch per step instead of one per kernel. CPU: the best kernels
         # for batch 1, which need the weights frozen in (inductor freezes only what runs without grad: generate)
-        options = {"triton.cudagraphs": True} if cuda else {"max_autotune": True, "freezing": True}
+        options = {"triton.cudagraphs": True} if cuda else {"max_autotune": True}
         # and without a table of every candidate kernel's timing on stderr (older torch has no such settings)
         quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         options.update({k: v for k, v in quiet.items() if hasattr(torch._inductor.config, k)})
     for name in ("embed", "core_step", "predict"):
         eager = getattr(model, name)
         compiled = torch.compile(eager, backend=backend, fullgraph=True, options=options)
+        if freezing:  # inductor reads `freezing` before it applies a compile's options: set it around each call
+            compiled = torch._inductor.config.patch(freezing=True)(compiled)
         setattr(model, name, lambda x, *args, eager=eager, compiled=compiled:
                 (compiled if x.size(1) in model.compiled_lengths else eager)(x, *args))
 

@@ -118,6 +118,7 @@ CASES = [
     ("train.py", ["--eval_r=[1.5]"], "--eval_r must list whole numbers of steps >= 1"),
     ("train.py", ["--lr_schedule=linear"], "--lr_schedule must be one of 'cosine', 'wsd', 'constant'"),
     ("train.py", ["--init_from=gpt2"], "--init_from is scratch, resume, huginn-0125 or a folder"),
+    ("train.py", ["--init_from={tmp}/text"], "--init_from is scratch, resume, huginn-0125 or a folder"),  # a run folder
     ("train.py", ["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps must be a whole number >= 1"),
     ("train.py", ["--compile=maybe"], "compile expects bool"),
     ("train.py", ["--device=cuda"], "no CUDA GPU"),

@@ -95,3 +95,17 @@ def test_released_size_variants_run_in_processes_of_their_own(tmp_path):
         assert figures["rate"]["2"] > 0 and figures["peak_gb"] >= figures["rss_gb"] > 0 and len(figures["tokens"]["2"]) == 4
     assert released["runs"]["compiled"]["tokens"] == released["runs"]["eager"]["tokens"]
     assert "bound tok/s" in run.stdout
+
+
+def test_decoding_a_run_folder_of_ours(cups, tmp_path):
+    """--decode_out_dir=<our run folder>: train.py writes a config.json of its settings there, which must not pass
+    for the released layout (config.json beside *.safetensors)."""
+    run = subprocess.run([sys.executable, "bench.py", "--sections=decode", f"--decode_out_dir={cups.out}",
+                          "--compile_backend=eager", "--decode_r=[3]", "--draft_steps=2", "--lookahead=2",
+                          "--prompt_len=8", "--new_tokens=4", "--decode_repeats=1", "--num_threads=1",
+                          f"--out_dir={tmp_path}"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "bench.json") as f:
+        decode = json.load(f)["decode"]
+    assert decode["3"]["compiled"]["same_tokens_as_eager"] and "decode_released" not in decode

@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import from_pretrained, lock_run_folder, pretrained_folder, read_checkpoint, save_checkpoint
+from checkpoints import (from_pretrained, lock_run_folder, pretrained_folder, read_checkpoint, released_layout,
+                         save_checkpoint)
 from common import format_seconds, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps, whole
 from dataloader import TokenData
@@ -109,8 +110,9 @@ for beta in ("beta1", "beta2"):
     number(config, beta, low=0, below=1)
 finetune = init_from not in ("scratch", "resume")  # from the release
 if finetune and not (init_from in ("huginn-0125", "tomg-group-umd/huginn-0125")
-                     or os.path.isfile(os.path.join(init_from, "config.json"))):
-    fail(f"--init_from is scratch, resume, huginn-0125 or a folder in its layout (with config.json); got {init_from!r}")
+                     or os.path.isdir(init_from) and released_layout(init_from)):
+    fail(f"--init_from is scratch, resume, huginn-0125 or a folder in its layout (config.json and *.safetensors); "
+         f"got {init_from!r}")
 whole(config, 0, "lora_rank")
 number(config, "lora_alpha", above=0)
 try:
