@@ -311,6 +311,15 @@ def test_compiled_decoding_matches_eager():
     compile_for_decoding(model)
     compiled, _ = generate(model, idx, 24, num_steps=4, temperature=0, generator=seed())
     assert torch.equal(eager, compiled)
+    # frozen in: the compiled one-token step keeps the weights of its first call (the 3-5x of compiling on a CPU),
+    # while the prompt's pass (eager) reads the new ones, so the tokens now differ from plain eager decoding's
+    with torch.no_grad():
+        for p in model.core.parameters():
+            p.mul_(-1)
+    eager_model = tiny_model()
+    eager_model.load_state_dict(model.state_dict())
+    changed, _ = generate(eager_model, idx, 24, num_steps=4, temperature=0, generator=seed())
+    assert not torch.equal(generate(model, idx, 24, num_steps=4, temperature=0, generator=seed())[0], changed)
 
 
 def test_generation_stops_once_every_row_has_a_stop_token():
