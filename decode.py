@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import Int8Linear, compile_for_decoding, quantize_int8
+from kernels import Int8Linear, compile_for_decoding, decoding_context, quantize_int8
 
 
 class KVCache:
@@ -46,6 +46,7 @@ class KVCache:
         self.core_kv = [(zeros(self.steps_kept), zeros(self.steps_kept)) for _ in range(cfg.n_layers_core)]
         self.coda_kv = [(zeros(), zeros()) for _ in range(cfg.n_layers_coda)]
         self.max_len, self.rope = max_len, model.rope
+        self.keys = torch.arange(max_len, device=device)  # the buffer's indices, for the masks
         self.first = torch.zeros(batch_size, dtype=torch.long, device=device) if first is None else first.to(device)
         self.pos = 0  # indices 0 .. pos-1 are cached; the next forward_cached writes from here
         self.index = self.mask = None  # set by start(): where the current tokens go, what each may attend to
@@ -53,12 +54,11 @@ class KVCache:
     def start(self, T):
         """Begin writing T new tokens at indices pos .. pos+T-1: their rows of the RoPE table (B, T, hd/2, 2), each
         row at its own positions, and the mask every attention layer applies."""
-        self.index = torch.arange(self.pos, self.pos + T, device=self.rope.device)  # (T,)
-        keys = torch.arange(self.max_len, device=self.rope.device)
+        self.index = torch.arange(self.pos, self.pos + T, device=self.rope.device)  # (T,), its own storage
+        keys, new = self.keys, self.index[:, None]
         # a token sees its own row's tokens up to itself, from the row's first on; a padding slot before the first
         # sees only itself (never nothing: an empty softmax would be nan)
-        own = keys == self.index[:, None]  # (T, max_len)
-        self.mask = (keys <= self.index[:, None]) & (keys >= self.first[:, None, None]) | own  # (B, T, max_len)
+        self.mask = (keys <= new) & (keys >= self.first[:, None, None]) | (keys == new)  # (B, T, max_len)
         self.mask = self.mask[:, None]  # (B, 1, T, max_len): the same for every head
         positions = (self.index[None] - self.first[:, None]).clamp(min=0)  # (B, T)
         return self.rope[positions]
@@ -360,53 +360,54 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
         compile_for_decoding(model)
         model.compiled_lengths.add(lookahead + 1 if draft_steps else 1)
 
-    # 2. the cache, the noise starts, and the prompts' pass
-    cfg = model.config
-    chunk = lookahead + 1 if draft_steps else 1  # positions one pass after the prompt writes
-    max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
-    cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)
-    # s_0 of every position, drawn once: a position's noise is the same however it is decoded
-    noise = model.initial_state((B, max_len, cfg.n_embd), init_scale, generator)
+    with decoding_context(model):  # on a CPU, compiled steps freeze the weights in (kernels.py)
+        # 2. the cache, the noise starts, and the prompts' pass
+        cfg = model.config
+        chunk = lookahead + 1 if draft_steps else 1  # positions one pass after the prompt writes
+        max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
+        cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)
+        # s_0 of every position, drawn once: a position's noise is the same however it is decoded
+        noise = model.initial_state((B, max_len, cfg.n_embd), init_scale, generator)
 
-    prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, noise)
-    # 3. the loop. It keeps one invariant: the cache holds every token of idx, and logits are the next token's. So
-    # the prompt takes one pass (as many reads of the weights as a token), and the last new token none
-    logits, state = prefill(idx)
-    stop = torch.tensor(list(stop_ids) or [-1], device=idx.device)
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that have produced a stop id
-    # the first new token comes from the prompt's pass, at the full r (speculative rounds count their own)
-    steps = [] if draft_steps else [torch.full((B, 1), num_steps)]
-    drafted, accepted, first_step_seconds = 0, 0, None
-    while True:
-        if draft_steps:
-            if cache.pos + chunk > max_len:  # the context is full: start again from its last half (nanoGPT crops)
-                logits, state = prefill(idx[:, -(max_len // 2):])
-            t0 = time.perf_counter()
-            new, logits, kept = speculative_round(model, logits, cache, noise, num_steps, draft_steps, lookahead)
-            drafted, accepted = drafted + lookahead, accepted + kept
-            steps.append(torch.full(new.shape, num_steps))
-        else:
-            new = sample_next(logits, temperature, top_k, generator)  # (B, 1)
-        # a row that has stopped repeats its stop id; the others stop at their first
-        new = torch.where(done[:, None], stop[0], new)
-        done |= torch.isin(new, stop).any(dim=1)
-        idx = torch.cat([idx, new], dim=1)
-        if idx.size(1) - T >= max_new_tokens or done.all():
-            break
-        if not draft_steps:  # the new token's pass: its cache entries and the next token's logits
-            if cache.pos + chunk > max_len:
-                logits, state = prefill(idx[:, -(max_len // 2):])
-                steps.append(torch.full((B, 1), num_steps))
-                continue
-            t0 = time.perf_counter()
-            logits, final, used = forward_cached(model, new, cache, num_steps, noise, state if warm_start else None,
-                                                 rule)
-            logits, state = logits[:, -1], final[:, -1:]
-            steps.append(used[:, None])
-        if first_step_seconds is None:  # with compile=True this includes compiling
-            if idx.is_cuda:
-                torch.cuda.synchronize(idx.device)
-            first_step_seconds = time.perf_counter() - t0
+        prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, noise)
+        # 3. the loop. It keeps one invariant: the cache holds every token of idx, and logits are the next token's. So
+        # the prompt takes one pass (as many reads of the weights as a token), and the last new token none
+        logits, state = prefill(idx)
+        stop = torch.tensor(list(stop_ids) or [-1], device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that have produced a stop id
+        # the first new token comes from the prompt's pass, at the full r (speculative rounds count their own)
+        steps = [] if draft_steps else [torch.full((B, 1), num_steps)]
+        drafted, accepted, first_step_seconds = 0, 0, None
+        while True:
+            if draft_steps:
+                if cache.pos + chunk > max_len:  # the context is full: start again from its last half (nanoGPT crops)
+                    logits, state = prefill(idx[:, -(max_len // 2):])
+                t0 = time.perf_counter()
+                new, logits, kept = speculative_round(model, logits, cache, noise, num_steps, draft_steps, lookahead)
+                drafted, accepted = drafted + lookahead, accepted + kept
+                steps.append(torch.full(new.shape, num_steps))
+            else:
+                new = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+            # a row that has stopped repeats its stop id; the others stop at their first
+            new = torch.where(done[:, None], stop[0], new)
+            done |= torch.isin(new, stop).any(dim=1)
+            idx = torch.cat([idx, new], dim=1)
+            if idx.size(1) - T >= max_new_tokens or done.all():
+                break
+            if not draft_steps:  # the new token's pass: its cache entries and the next token's logits
+                if cache.pos + chunk > max_len:
+                    logits, state = prefill(idx[:, -(max_len // 2):])
+                    steps.append(torch.full((B, 1), num_steps))
+                    continue
+                t0 = time.perf_counter()
+                logits, final, used = forward_cached(model, new, cache, num_steps, noise, state if warm_start else None,
+                                                     rule)
+                logits, state = logits[:, -1], final[:, -1:]
+                steps.append(used[:, None])
+            if first_step_seconds is None:  # with compile=True this includes compiling
+                if idx.is_cuda:
+                    torch.cuda.synchronize(idx.device)
+                first_step_seconds = time.perf_counter() - t0
     return finish(idx, T, max_new_tokens, stop, steps, drafted, accepted, first_step_seconds)
 
 

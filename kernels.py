@@ -17,6 +17,7 @@ second (README, "decoding at full size"):
 
 import os
 import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -137,12 +138,13 @@ def compile_for_decoding(model, backend="inductor", freeze=None):
         return
     model.compiled_lengths = {1}
     cuda = model.rope.device.type == "cuda"
+    model.freeze_weights = backend == "inductor" and not cuda  # see decoding_context
     if not cuda:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if not (3 * weight_bytes < memory_bytes() if freeze is None else freeze):
             pack_linears(model)
             return
-    options, freezing = None, backend == "inductor" and not cuda
+    options = None
     if backend == "inductor":  # CUDA graphs: one launch per step instead of one per kernel. CPU: the best kernels
         # for batch 1, which need the weights frozen in (inductor freezes only what runs without grad: generate)
         options = {"triton.cudagraphs": True} if cuda else {"max_autotune": True}
@@ -152,10 +154,15 @@ def compile_for_decoding(model, backend="inductor", freeze=None):
     for name in ("embed", "core_step", "predict"):
         eager = getattr(model, name)
         compiled = torch.compile(eager, backend=backend, fullgraph=True, options=options)
-        if freezing:  # inductor reads `freezing` before it applies a compile's options: set it around each call
-            compiled = torch._inductor.config.patch(freezing=True)(compiled)
         setattr(model, name, lambda x, *args, eager=eager, compiled=compiled:
                 (compiled if x.size(1) in model.compiled_lengths else eager)(x, *args))
+
+
+def decoding_context(model):
+    """What generate runs in: on a CPU, inductor freezes the weights into the graphs it compiles, which it decides
+    when it compiles (the first calls), from its global config: a compile's own options come too late for it. Set
+    here around a whole generate call (around each compiled call it cost 10% of a small model's speed)."""
+    return torch._inductor.config.patch(freezing=True) if getattr(model, "freeze_weights", False) else nullcontext()
 
 
 def memory_bytes():

@@ -112,14 +112,15 @@ def apply_rope(x, rope):
 class Linear(nn.Linear):
     """A Linear layer without bias. A product with a few rows (a prompt or a batch of tokens being decoded) is taken
     as (W x^T)^T: the same product, but on a CPU the BLAS streams a wide weight far better as the left operand (a
-    16-token prompt of Huginn-0125 ran 2.1x faster, README). Many rows (training) take the usual path."""
+    16-token prompt of Huginn-0125 ran 2.1x faster, docs/released.md). Many rows (training) take the usual path, and
+    so does a compiled graph, where inductor packs the weight of F.linear for its own kernels."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or not 1 < rows <= self.out_features // 4:
+        if x.device.type != "cpu" or not 1 < rows <= self.out_features // 4 or torch.compiler.is_compiling():
             return F.linear(x, self.weight)
         return (self.weight @ x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], self.out_features)
 
