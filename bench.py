@@ -105,7 +105,8 @@ if probe_memory_at is not None and (type(probe_memory_at) is not int or probe_me
 released_folder = decode_out_dir if decode_out_dir and released_layout(decode_out_dir) else ""
 released_size = "decode" in sections and (preset == "huginn-0125" or bool(released_folder))
 if draft_steps >= min(decode_r) and not released_size:
-    fail(f"--draft_steps ({draft_steps}) must be below every r of --decode_r ({decode_r}): drafts are the cheap guesses")
+    fail(f"--draft_steps ({draft_steps}) must be below every r of --decode_r ({decode_r}): drafts are the cheap "
+         "guesses")
 try:  # the model's own checks of the shape (widths, heads)
     RecurrentConfig(**{k: config[k] for k in ("n_embd", "n_head", "n_layers_prelude", "n_layers_core",
                                               "n_layers_coda", "intermediate_size", "vocab_size")})
@@ -398,7 +399,8 @@ def decoding_model():
         room = model.config.block_size - new_tokens - lookahead - 1
         prompt = torch.from_numpy(data.tokens(data.shards["val"][0])[:min(prompt_len, room)].astype("int64"))
         return model, prompt[None].to(device)
-    return RecurrentGPT(cfg).to(device).eval(), torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
+    return RecurrentGPT(cfg).to(device).eval(), prompt
 
 
 def decode_section():

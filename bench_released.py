@@ -117,7 +117,8 @@ def print_released(s, result):
     bandwidth, runs = result["bandwidth_bytes_per_s"], result["runs"]
     released = pretrained_config(s.released_folder) if s.released_folder else config_from_preset("huginn-0125")
     print(f"\ndecoding at the released size ({s.released_folder or 'random weights'}), batch 1, greedy, prompt "
-          f"{s.prompt_len}, {s.new_tokens} tokens, median of {s.decode_repeats}; memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"{s.prompt_len}, {s.new_tokens} tokens, median of {s.decode_repeats}; memory bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
     print(f"  {'r':>3} {'variant':<10} {'load s':>7} {'peak GB':>8} {'RSS GB':>7} {'tok/s':>7} {'x eager':>8} "
           f"{'bound tok/s':>12} {'same tokens':>12}")
     for r_i in map(str, s.decode_r):

@@ -40,7 +40,7 @@ def read_checkpoint(path, device="cpu", flag="--out_dir"):
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         fail(f"{path} is not a readable checkpoint ({type(err).__name__}{': ' + reason if reason else ''}); "
              "retrain, or restore a copy")
-    if not isinstance(checkpoint, dict) or not TRAIN_KEYS <= checkpoint.keys() or not {"model", "lora"} & checkpoint.keys():
+    if not (isinstance(checkpoint, dict) and TRAIN_KEYS <= checkpoint.keys() and {"model", "lora"} & checkpoint.keys()):
         fail(f"{path} is not a checkpoint written by train.py; retrain, or restore a copy")
     return checkpoint
 

@@ -2,7 +2,7 @@
 Poor man's configurator, after nanoGPT's, and the checks every script makes before it works. A script keeps its
 settings as plain globals at the top of the file and overrides them from the command line in one call:
 
-    config = configure(globals())      # python train.py config/train_shakespeare_char.py --batch_size=32 --compile False
+    config = configure(globals())   # python train.py config/train_shakespeare_char.py --batch_size=32 --compile False
 
 - a bare argument is a config file, run as Python; it may set any of the script's settings
 - `--key=value` or `--key value` sets one setting; the value is read as a Python literal (else as a string)

@@ -231,8 +231,9 @@ def prepare_fineweb_edu(c):
                 line += (f", {sum(shards.values()):,} tokens | {train_tokens / train_time:,.0f} tokens/s | "
                          f"ETA {format_seconds(train_time / train_done * (len(sources) - len(shards)))}")
             print(line, flush=True)
-    write_meta(c.out_dir, {"tokenizer": "r50k_base", "vocab_size": 50257, "eot_token": EOT, "shards": dict(sorted(shards.items())),
-                "source": source, "parquet_files": {name: os.path.basename(sources[name]) for name in sorted(sources)}})
+    write_meta(c.out_dir, {"tokenizer": "r50k_base", "vocab_size": 50257, "eot_token": EOT,
+                "shards": dict(sorted(shards.items())), "source": source,
+                "parquet_files": {name: os.path.basename(sources[name]) for name in sorted(sources)}})
     print(f"{sum(n for name, n in shards.items() if name.startswith('train')):,} train tokens, "
           f"{shards['val_000000.bin']:,} val tokens")
 

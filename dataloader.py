@@ -30,8 +30,8 @@ def checkpoint_data(checkpoint, data_dir=""):
     data = TokenData(folder, train_config["block_size"], dataset)
     for key in ("tokenizer", "vocab_size", "chars"):
         if data.meta.get(key) != checkpoint["meta"].get(key):
-            fail(f"the data in {folder} has another vocabulary than the checkpoint ({key} differs); give the data it was "
-                 "trained on with --data_dir")
+            fail(f"the data in {folder} has another vocabulary than the checkpoint ({key} differs); give the data "
+                 "it was trained on with --data_dir")
     return data
 
 
@@ -102,7 +102,8 @@ class TokenData:
         values = self.tokens(name)
         if name.endswith("_targets.bin"):
             if len(values) != len(self.tokens(f"{split}.bin")):
-                fail(f"{path} has {len(values):,} targets for {len(self.tokens(split + '.bin')):,} tokens; {hint} again")
+                fail(f"{path} has {len(values):,} targets for {len(self.tokens(split + '.bin')):,} tokens; "
+                     f"{hint} again")
             labelled = values[values != NO_LOSS]
             if split == "train" and len(labelled) == 0:
                 fail(f"{path} has no labelled positions: nothing to learn; {hint} with some problems")

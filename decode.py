@@ -289,7 +289,7 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, rule=None, l
         running &= ~stop
         if not running.any() and watch is None:
             break
-    for row in (steps < num_steps).nonzero().flatten().tolist():
+    for row in (steps < num_steps).nonzero().flatten().tolist() if rule is not None else []:
         cache.fill_after_exit(row, int(steps[row]), num_steps)
     logits = model.predict(state, rope, cache.coda(), last)  # each row from its own last state
     cache.advance(T)

@@ -239,7 +239,7 @@ print(f"\n{'rule':>14} {'threshold':>9} {'steps':>6} " + (f"{'right':>6} " + " "
 for row in table:
     c, o = row["cached"], row.get("offline")
     cells = f"{c['accuracy']:6.4f} " + " ".join(f"{c[g]:6.4f}" for g in names) if reasoning else f"{c['loss']:7.4f}"
-    default = " (default)" if row["rule"] in EXIT_THRESHOLDS and row["threshold"] == EXIT_THRESHOLDS[row["rule"]] else ""
+    default = " (default)" if row["threshold"] == EXIT_THRESHOLDS.get(row["rule"]) else ""
     print(f"{row['rule']:>14} {row['threshold']:>9g} {c['steps']:6.2f} {cells}" + (
         f"   {o['steps']:13.2f} {o['accuracy'] if reasoning else o['loss']:6.4f}" if o else "") + default)
 if reasoning:

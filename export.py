@@ -79,5 +79,6 @@ with open(os.path.join(to, "config.json"), "w") as f:
 meta = checkpoint["meta"]
 if meta.get("tokenizer") == "huginn" and os.path.isfile(os.path.join(meta["folder"], "tokenizer.json")):
     shutil.copy(os.path.join(meta["folder"], "tokenizer.json"), os.path.join(to, "tokenizer.json"))
-print(f"wrote {to}: {len(tensors)} tensors in {len(files)} file(s), {sum(t.nbytes for t in tensors.values()) / 1e9:.2f} "
-      f"GB, {model.get_num_params():,} parameters" + (", tokenizer.json" if meta.get("tokenizer") == "huginn" else ""))
+size = sum(t.nbytes for t in tensors.values()) / 1e9
+print(f"wrote {to}: {len(tensors)} tensors in {len(files)} file(s), {size:.2f} GB, {model.get_num_params():,} "
+      "parameters" + (", tokenizer.json" if meta.get("tokenizer") == "huginn" else ""))

@@ -313,7 +313,8 @@ def draw_think_meter(plt, name, moves, meters):
         v = meter.float().numpy()
         mean = np.array([v[moves == m].mean() for m in values])
         std = np.array([v[moves == m].std() for m in values])
-        ax.plot(values, mean, marker="o", markersize=3, color=color, label=f"{label} (Spearman {spearman(moves, v):.2f})")
+        label = f"{label} (Spearman {spearman(moves, v):.2f})"
+        ax.plot(values, mean, marker="o", markersize=3, color=color, label=label)
         ax.fill_between(values, mean - std, mean + std, color=color, alpha=0.15)
     trained = meta.get("train_max_difficulty")
     if trained:

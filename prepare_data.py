@@ -29,8 +29,8 @@ fineweb_edu (needs pyarrow) is too big for one file; it writes token shards inst
                           "shards": {"train_000000.bin": <tokens>, ..., "val_000000.bin": <tokens>},
                           "source": <URL or folder>, "parquet_files": {"train_000000.bin": <its parquet file>, ...}}
                          (written last; a shard's file size must be 2 * its tokens, else it was cut short)
-Each dataset has one function, here or in corpora.py; the dispatch at the bottom picks it. The output depends only on the
-input text (and the seed, for generated datasets), so running it twice gives the same bytes.
+Each dataset has one function, here or in corpora.py; the dispatch at the bottom picks it. The output depends only on
+the input text (and the seed, for generated datasets), so running it twice gives the same bytes.
 """
 
 import json
@@ -211,8 +211,8 @@ def write_problems(train, val, meta_extra):
     examples = sorted({d: [d, p, a] for d, p, a in val}.values())[-5:]
     difficulties = sorted({d for d, _, _ in val})
     print(f"{len(train):,} train and {len(val):,} val problems, rows of {length}; val difficulties {difficulties}")
-    write_meta(out_dir, {"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "row_len": length, "examples": examples,
-                **meta_extra})
+    write_meta(out_dir, {"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "row_len": length,
+                         "examples": examples, **meta_extra})
     write_harness_tasks(val)
 
 

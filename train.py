@@ -262,7 +262,8 @@ if fsdp:
     model = raw_model = shard(model)  # in place: the model's parameters become shards
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None and fsdp:  # FSDP's optimizer state is keyed by parameter name
-    set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
 elif checkpoint is not None:
     optimizer.load_state_dict(checkpoint["optimizer"])
 checkpoint = None  # free the memory
@@ -356,8 +357,9 @@ if master:
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {world_size} process(es) on {device_name} "
           f"({torch.get_num_threads()} CPU threads each), {dtype}, {tokens_per_iter:,} tokens per iteration")
     if finetune:
-        print(f"fine-tuning {base}: " + (f"LoRA rank {lora_rank} on {lora_modules}, " if lora_rank else "every weight, ")
-              + f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M parameters train")
+        trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6
+        what = f"LoRA rank {lora_rank} on {lora_modules}" if lora_rank else "every weight"
+        print(f"fine-tuning {base}: {what}, {trained:.2f}M parameters train")
     print(f"memory plan per process: {describe(plan)}")
     if init_from != "resume":
         open(os.path.join(out_dir, "log.jsonl"), "w").close()  # a new run starts a new log
