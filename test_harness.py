@@ -76,7 +76,7 @@ def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
     (["--tasks=reasoning", "--out_dir=/nonexistent/nowhere"], "no checkpoint at /nonexistent/nowhere/ckpt.pt"),
 ])
 def test_bad_input_is_one_line(cups, args, message):
-    result = run_harness(f"--include_path={cups.data / 'harness'}", *args)
+    result = run_harness(f"--include_path={cups.data / 'harness'}", f"--out_dir={cups.out}", *args)  # args win
     assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr
 
