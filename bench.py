@@ -2,7 +2,7 @@
 Measure what the recurrence costs. Prints short tables and writes the same figures to out_dir/bench.json.
 
     python bench.py                                       # CPU defaults: a few minutes on 2 cores
-    python bench.py --sections=decode --num_threads=1 --timer=cpu         # decoding only (the README's table)
+    python bench.py --sections=decode --num_threads=1 --timer=cpu         # decoding only (docs/decoding.md's table)
     python bench.py --sections=decode --decode_out_dir=out-shakespeare-char   # decoding a trained checkpoint
     python bench.py --device=cuda --preset=small --batch_size=16 --seq_len=1024 --matmul_size=8192
 

@@ -67,7 +67,7 @@ def decode_child_run(s, variant):
     else:
         model = random_released_model(s)
     load_seconds = time.perf_counter() - t0
-    if kwargs.get("compile"):  # at this size: the weights packed in place (decode.compile_for_decoding)
+    if kwargs.get("compile"):  # at this size: the weights packed in place (kernels.compile_for_decoding)
         compile_for_decoding(model, s.compile_backend, freeze=False)
     prompt = torch.randint(0, model.config.vocab_size, (1, s.prompt_len), generator=s.g).to(s.device)
     figures = {"variant": variant, "load_seconds": load_seconds, "rate": {}, "tokens": {}}

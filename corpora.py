@@ -61,9 +61,9 @@ def r50k_base():
 # The last shard never trains (num_shards stops below it) and gives the validation tokens.
 #
 # num_shards = 36 is ~2.0B train tokens: Chinchilla's ~20 tokens per parameter for the ~96M `small` preset, and
-# a few hours on one GPU. A token costs that model ~1.3 GFLOP to train (36 blocks forward at r_bar = 8, backward
-# through 20 of them, the 50k-word head), about 1.8x a GPT-2 124M token: at 40% of peak bf16, ~2 hours on an H100,
-# ~6 on an A100 (an estimate, not measured). Disk: 37 x ~95 MB = 3.5 GB of parquet; ~4 GB of tokens (2 bytes each).
+# a few hours on one GPU. A token costs that model ~1.64 GFLOP to train (estimate_flops_per_token, E[r] = 9): at 40%
+# of peak bf16, ~2.3 hours on an H100 (an estimate, not measured; docs/training.md). Disk: 37 x ~95 MB = 3.5 GB of
+# parquet; ~4 GB of tokens (2 bytes each).
 
 FINEWEB_LAST_SHARD = 1822  # shard_01822.parquet: validation
 TEXT_COLUMN = "text"       # the documents; the official release names its column the same

@@ -9,7 +9,7 @@ early exit, a compiled one-token step and self-speculative decoding.
 
 Every new token runs the core r times, so whatever one layer call wastes is paid r times per token: the cache has a
 fixed shape (the write position is a tensor, writes are in place), so the one-token step compiles once for every r,
-position and exit point. The reference's inference features are summarised in the README.
+position and exit point. docs/decoding.md compares them with the reference's inference features.
 """
 
 import math

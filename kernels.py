@@ -4,9 +4,9 @@ weights packed for oneDNN, and int8 weights. Each replaces a model's nn.Linear l
 the float weights of a layer are freed as soon as its new form exists: the model never holds two copies.
 
 Batch-1 decoding reads every weight once per step of the core, so at the released size its speed is bytes read per
-second (README, "decoding at full size"):
+second (docs/released.md):
 - pack_linears: oneDNN's blocked layout streams a wide float32 weight faster than the plain one (1.5-1.9x for the
-  released model's matrices on a 2-core CPU). decode.compile_for_decoding uses it where inductor's weight
+  released model's matrices on a 2-core CPU). compile_for_decoding uses it where inductor's weight
   freezing would keep a second copy of a large model.
 - quantize_int8: int8 weights are a quarter of float32's bytes. Each output channel (a row of the weight) gets its
   own scale, max |w| / 127. On a CPU the fast int8 kernel is fbgemm's dynamic linear, which rounds the input to
@@ -55,7 +55,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)  # (out,)
         self.packed = self.int8 = None
         if int8.device.type == "cpu":  # fbgemm's packed copy of the int8 weights is the only one kept
-            with warnings.catch_warnings():  # torch 2.13 marks quantized tensors for removal; see the README
+            with warnings.catch_warnings():  # torch 2.13 marks quantized tensors for removal; see docs/decoding.md
                 warnings.simplefilter("ignore", UserWarning)
                 quantized = torch.quantize_per_channel(linear.weight.detach().float(), scale.double(),
                                                        torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
@@ -130,7 +130,7 @@ def compile_for_decoding(model, backend="inductor", freeze=None):
     length each time and run eagerly. The compiled functions shadow the methods on this instance.
 
     On CUDA: a CUDA graph per step. On a CPU: inductor freezes the weights into the graphs as constants it repacks
-    for batch 1 (3-5x faster on small models; compile a model once it is trained). Frozen constants are a second
+    for batch 1 (2.2-2.7x faster on small models; compile a model once it is trained). Frozen constants are a second
     copy of the weights, so freeze=None freezes only a model whose weights fit three times in the machine's memory.
     A larger one (the released 3.5B) has its Linear weights packed in place for oneDNN instead, one copy and no
     compiling (inductor cannot compile around packed weights): kernels.pack_linears."""

@@ -10,7 +10,7 @@
 # sampler (model.estimate_flops_per_token at r = 1 ... 30, weighted by how often sample_num_steps draws each;
 # E[r] = 9), so 3.26e18 FLOPs: 2.3 hours at 40% MFU, 3.1 hours at 30%. The evals add under 2%.
 # The log prints MFU against the GPU's datasheet peak, so the first minutes tell which of these it is.
-# None of this was run here: the project has had no GPU yet (README, "A first GPU run").
+# None of this was run here: the project has had no GPU yet (docs/tests.md, "A first GPU run").
 out_dir = "out"
 dataset = "fineweb_edu"
 eval_interval = 250

@@ -1,5 +1,5 @@
 # Tiny shakespeare, characters, on a CPU in about 6 minutes, built to show what the recurrence buys: every block
-# is inside the loop, so r = 1 is a one-block model and r = r_bar a four-block one (val loss by r, README).
+# is inside the loop, so r = 1 is a one-block model and r = r_bar a four-block one (val loss by r: docs/training.md).
 #   python prepare_data.py shakespeare_char && python train.py config/train_shakespeare_char.py
 # (With one prelude and one coda block around the core, the same budget gave a gap of only ~0.03 nats between
 # r = 1 and r_bar: the fixed blocks did most of the work.)
