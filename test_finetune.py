@@ -3,6 +3,7 @@ tiny character tokenizer made here: chat and GSM8K data, full fine-tuning, LoRA 
 FSDP2 against one process, the memory plan, and export.py's round trip. CPU only; needs safetensors, tokenizers,
 pyarrow and peft (skipped without them)."""
 
+import importlib.util
 import json
 import os
 import runpy
@@ -13,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("tokenizers", reason="needs tokenizers (pip install tokenizers)")
-pytest.importorskip("safetensors", reason="needs safetensors (pip install safetensors)")
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # noqa: E402
+from checkpoints import from_pretrained, load_checkpoint
+from test_pretrained import RELEASED_CONFIG, reference_tensors, write_checkpoint
 
-from checkpoints import from_pretrained, load_checkpoint  # noqa: E402
-from test_pretrained import RELEASED_CONFIG, reference_tensors, write_checkpoint  # noqa: E402
+# every test here reads or writes the released layout: without these two the file is skipped, saying what to install
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"needs {name} (pip install {name})")
+              for name in ("tokenizers", "safetensors")]
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -37,6 +38,7 @@ def pairs(n, seed=0):
 def release(tmp_path_factory):
     """A tiny model in the released layout (64-token vocabulary) with a character tokenizer.json, and chat data
     prepared from it."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     tmp = tmp_path_factory.mktemp("release")
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="?"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character a token
@@ -73,6 +75,7 @@ def losses(out):
 
 
 def test_chat_rows_carry_the_loss_on_the_answer_only(release):
+    from tokenizers import Tokenizer
     meta = json.loads((release / "chat" / "meta.json").read_text())
     tok = Tokenizer.from_file(str(release / "chat" / "tokenizer.json"))
     tokens = np.fromfile(release / "chat" / "val.bin", dtype=np.uint16).reshape(-1, meta["row_len"])

@@ -1,6 +1,7 @@
 """harness.py with lm-eval: loglikelihood against the model's own log-probabilities, batches against one request
 at a time, local tasks by r on a three-cups checkpoint (conftest.cups), one-line errors. CPU, offline."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,23 +11,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("lm_eval", reason="needs lm-eval (pip install lm-eval)")
-from lm_eval.api.instance import Instance  # noqa: E402
-
-import harness  # noqa: E402
+# the tests that run the harness; the one that checks the hint for a missing lm-eval runs without it
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="needs lm-eval (pip install lm-eval)")
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def requests(pairs):
+    from lm_eval.api.instance import Instance
     return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 
 
 PAIRS = [("\n0513", "2"), ("\n0", "3"), ("\n4443", "01"), ("\n12", "5"), ("\n3", "1"), ("\n001122", "4")]
 
 
+@needs_lm_eval
 def test_loglikelihood_is_the_sum_of_the_models_own_log_probs(cups):
+    import harness
     lm = harness.NanoHuginn(out_dir=str(cups.out), num_steps=4, init_scale=0, device="cpu")
     results = lm.loglikelihood(requests(PAIRS))
     chars = "\n012345"
@@ -41,8 +44,10 @@ def test_loglikelihood_is_the_sum_of_the_models_own_log_probs(cups):
         assert greedy == bool((log_probs[-n:].argmax(-1) == targets).all())
 
 
+@needs_lm_eval
 def test_batched_loglikelihood_equals_one_by_one(cups):
     """Requests of different lengths in one padded batch, each with its own keyed noise start: as if alone."""
+    import harness
     batched = harness.NanoHuginn(out_dir=str(cups.out), num_steps=4, batch_size=6, device="cpu")
     single = harness.NanoHuginn(out_dir=str(cups.out), num_steps=4, batch_size=1, device="cpu")
     for (a, greedy_a), (b, greedy_b) in zip(batched.loglikelihood(requests(PAIRS)),
@@ -55,6 +60,7 @@ def run_harness(*args):
                           env=ENV, capture_output=True, text=True, timeout=600)
 
 
+@needs_lm_eval
 def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
     """prepare_data.py wrote two lm-eval tasks beside the data (the final arrangement of each val problem, asked
     for by generation and by multiple choice); both are answered better at r_bar than at r = 1."""
@@ -75,6 +81,7 @@ def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
     (["--tasks="], "give the tasks to run with --tasks"),
     (["--tasks=reasoning", "--out_dir=/nonexistent/nowhere"], "no checkpoint at /nonexistent/nowhere/ckpt.pt"),
 ])
+@needs_lm_eval
 def test_bad_input_is_one_line(cups, args, message):
     result = run_harness(f"--include_path={cups.data / 'harness'}", f"--out_dir={cups.out}", *args)  # args win
     assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
