@@ -100,3 +100,16 @@ def format_seconds(seconds):
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def pyplot(missing):
+    """matplotlib's pyplot, drawing to files only (no window); None, after printing `missing` (one line that says
+    what is not drawn and how to install it), when matplotlib is not there: the pictures are optional."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(missing)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from checkpoints import get_tokenizer, load_checkpoint
-from common import keyed_generator, pick_device, set_threads, writable_dir
+from common import keyed_generator, pick_device, pyplot, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps
 from dataloader import checkpoint_data
 from kernels import quantize_int8
@@ -140,15 +140,8 @@ if reasoning:
             verdict = ("right" if predicted == answer else "wrong") if answer else ""
             print(f"  r={num_steps:<3} {predicted.replace(chr(10), '|')}  {verdict}")
 
-    if plot:
-        try:
-            import matplotlib
-        except ImportError:
-            print("no picture: pip install matplotlib to draw accuracy.png")
-            plot = False
-    if plot:
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
+    plt = pyplot("no picture: pip install matplotlib to draw accuracy.png") if plot else None
+    if plt:
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
         difficulties = [d for d in result["accuracy"] if d != "all"]
         trained = meta.get("train_max_difficulty")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released
-from common import pick_device, read_prompt, set_threads, writable_dir
+from common import pick_device, pyplot, read_prompt, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, whole
 from dataloader import checkpoint_data
 from decode import EXIT_RULES, EXIT_THRESHOLDS
@@ -326,15 +326,9 @@ def draw_think_meter(plt, name, moves, meters):
     return fig
 
 
-if plot:
-    try:
-        import matplotlib
-    except ImportError:
-        print("no pictures: pip install matplotlib to draw them (the tables above are the same numbers)")
-        plot = False
-if plot:
-    matplotlib.use("Agg")  # files only, no window
-    import matplotlib.pyplot as plt
+missing = "no pictures: pip install matplotlib to draw them (the tables above are the same numbers)"
+plt = pyplot(missing) if plot else None
+if plt:
     name = init_from if init_from != "resume" else os.path.basename(os.path.normpath(out_dir))
     moved = ((states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1) > 0.1).numpy()  # (r, T)
     figures = {"trajectories": draw_trajectories(plt, name, moved), "distance": draw_distance(plt, name)}
