@@ -102,6 +102,18 @@ class KVCache:
 CONFIDENT = 0.9  # confident-run: a prediction is confident at this top probability
 
 
+def step_kl(previous, log_probs):
+    """KL(p_{i-1} || p_i) per row from log-probabilities (B, vocab); previous None: p_0 is uniform."""
+    if previous is None:
+        previous = torch.full_like(log_probs, -math.log(log_probs.size(-1)))
+    return (previous.exp() * (previous - log_probs)).sum(-1)
+
+
+def state_change(previous, state):
+    """||s_i - s_{i-1}|| / ||s_i|| per row (B, h) -> (B,)."""
+    return (state - previous).norm(dim=-1) / state.norm(dim=-1)
+
+
 class ExitRule:
     """One interface for every exit rule. At a new token, start(state) with its s_0 (B, h); after each step of the
     core, done(step, state, log_probs) -> (B,) bool, the rows that may stop now, from the step's state s_i (B, h)
@@ -128,11 +140,10 @@ class KL(ExitRule):
         self.previous = None
 
     def done(self, step, state, log_probs):
-        previous = self.previous if self.previous is not None else torch.full_like(
-            log_probs, -math.log(log_probs.size(-1)))
+        kl = step_kl(self.previous, log_probs)
         self.previous = log_probs
         # KL >= 0: the clamp stops rounding from making it negative, so a threshold of 0 never exits
-        return (previous.exp() * (previous - log_probs)).sum(-1).clamp(min=0) < self.threshold
+        return kl.clamp(min=0) < self.threshold
 
 
 class LatentDiff(ExitRule):
@@ -142,7 +153,7 @@ class LatentDiff(ExitRule):
         self.previous = state
 
     def done(self, step, state, log_probs):
-        change = (state - self.previous).norm(dim=-1) / state.norm(dim=-1)
+        change = state_change(self.previous, state)
         self.previous = state
         return change < self.threshold
 
@@ -177,10 +188,8 @@ class Signals:
 
     def features(self, step, state, log_probs):
         state, log_probs = state.float(), log_probs.float()
-        previous = self.log_probs if self.log_probs is not None else torch.full_like(
-            log_probs, -math.log(log_probs.size(-1)))
-        kl = (previous.exp() * (previous - log_probs)).sum(-1).clamp(min=1e-6)
-        latent_diff = ((state - self.state).norm(dim=-1) / state.norm(dim=-1)).clamp(min=1e-5)
+        kl = step_kl(self.log_probs, log_probs).clamp(min=1e-6)
+        latent_diff = state_change(self.state, state).clamp(min=1e-5)
         top, argmax = log_probs.max(-1)
         entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1)
         now = torch.stack([kl.log10(), latent_diff.log10(), top.exp(), entropy], dim=-1)  # (B, 4)
@@ -196,7 +205,6 @@ class Signals:
         self.history = torch.cat([now[:, None], self.history[:, :-1]], dim=1)
         self.state, self.log_probs, self.argmax = state, log_probs, argmax
         return features  # (B, 19)
-
 
 
 class Gate(ExitRule):

@@ -29,7 +29,7 @@ from checkpoints import get_tokenizer, load_checkpoint, load_released
 from common import pick_device, pyplot, read_prompt, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, whole
 from dataloader import checkpoint_data
-from decode import EXIT_RULES, EXIT_THRESHOLDS
+from decode import EXIT_RULES, EXIT_THRESHOLDS, state_change
 
 # -----------------------------------------------------------------------------------------------------------
 init_from = "resume"  # "resume": out_dir/ckpt.pt; "huginn-0125" or a folder in its layout: the released model
@@ -330,7 +330,7 @@ missing = "no pictures: pip install matplotlib to draw them (the tables above ar
 plt = pyplot(missing) if plot else None
 if plt:
     name = init_from if init_from != "resume" else os.path.basename(os.path.normpath(out_dir))
-    moved = ((states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1) > 0.1).numpy()  # (r, T)
+    moved = (state_change(states[:-1], states[1:]) > 0.1).numpy()  # (r, T): the steps that move a state
     figures = {"trajectories": draw_trajectories(plt, name, moved), "distance": draw_distance(plt, name)}
     if think_meter:
         figures["think_meter"] = draw_think_meter(plt, name, moves, meters)
