@@ -113,3 +113,11 @@ def pyplot(missing):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def chat_text(messages, reply=True):
+    """Huginn-0125's chat template (the reference's) for [(role, text), ...]: a header per turn, each turn closed by
+    <|end_turn|>, the assistant named Huginn; reply=True opens Huginn's turn after them."""
+    header = lambda role: f"<|begin_header|>{'Huginn' if role == 'assistant' else role}<|end_header|>\n\n"
+    turns = "".join(header(role) + text + "<|end_turn|>" for role, text in messages)
+    return turns + (header("Huginn") if reply else "")

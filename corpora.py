@@ -15,7 +15,7 @@ import urllib.request
 
 import numpy as np
 
-from common import format_seconds, read_text
+from common import chat_text, format_seconds, read_text
 from configurator import fail
 
 NO_LOSS = 65535  # the target that means "no loss here" (dataloader.NO_LOSS)
@@ -244,8 +244,7 @@ def prepare_fineweb_edu(c):
 # the target AT position t is token t + 1 where that token belongs to the answer, "no loss" elsewhere (the aligned
 # format above, so train.py, eval.py and dataloader.py read it as they read reasoning data).
 
-PROMPT = "<|begin_text|><|begin_header|>user<|end_header|>\n\n{}<|end_turn|><|begin_header|>Huginn<|end_header|>\n\n"
-ANSWER = "{}<|end_turn|>"
+ANSWER = "{}<|end_turn|>"  # closes Huginn's turn, which chat_text opens
 
 
 def released_tokenizer(c):
@@ -271,7 +270,7 @@ def write_chat(c, train, val, source):
     tok, path = released_tokenizer(c)
     encode = lambda text: tok.encode(text, add_special_tokens=False).ids  # the template's tokens are read as ids
     pad = tok.token_to_id("<|pad|>")
-    pairs = {name: [(encode(PROMPT.format(q)), encode(ANSWER.format(a))) for q, a in split]
+    pairs = {name: [(encode("<|begin_text|>" + chat_text([("user", q)])), encode(ANSWER.format(a))) for q, a in split]
              for name, split in (("train", train), ("val", val))}
     length = c.row_len or max(len(p) + len(a) for split in pairs.values() for p, a in split)
     skipped = {}

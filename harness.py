@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released
-from common import keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
+from common import chat_text, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps, whole
 from decode import generate, pad_prompts
 from kernels import quantize_int8
@@ -86,9 +86,7 @@ class NanoHuginn(TemplateLM):
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
         """The release's chat template (the reference's): a header per turn, each turn closed by <|end_turn|>, the
         assistant named Huginn."""
-        turn = lambda role, text: f"<|begin_header|>{role}<|end_header|>\n\n{text}<|end_turn|>"
-        text = "".join(turn("Huginn" if m["role"] == "assistant" else m["role"], m["content"]) for m in chat_history)
-        return text + ("<|begin_header|>Huginn<|end_header|>\n\n" if add_generation_prompt else "")
+        return chat_text([(m["role"], m["content"]) for m in chat_history], add_generation_prompt)
 
     # --- scoring ---------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import time
 import torch
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released
-from common import pick_device, pick_dtype, read_prompt, read_text, set_threads
+from common import chat_text, pick_device, pick_dtype, read_prompt, read_text, set_threads
 from configurator import configure, fail, number, one_of, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
 from kernels import quantize_int8
@@ -103,9 +103,8 @@ if exit_criterion == "gate" and not hasattr(model, "exit_gate"):
 # the prompts, as token ids
 stop_ids = []
 if meta["tokenizer"] == "huginn":  # the released model's text starts with <|begin_text|>; --chat adds a user turn
-    if chat:  # the reference's chat template: a header per turn, each turn closed by <|end_turn|>
-        texts = [f"<|begin_header|>user<|end_header|>\n\n{text.strip()}<|end_turn|>"
-                 "<|begin_header|>Huginn<|end_header|>\n\n" for text in texts]
+    if chat:  # the reference's chat template: the prompt is the user's turn, Huginn's opens after it
+        texts = [chat_text([("user", text.strip())]) for text in texts]
     texts = ["<|begin_text|>" + text for text in texts]
     stop_ids = [encode("<|end_text|>")[0], encode("<|end_turn|>")[0]]  # 65505, 65508: where a reply ends
 start_ids = [encode(text) for text in texts]
