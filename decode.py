@@ -46,22 +46,27 @@ class KVCache:
         self.core_kv = [(zeros(self.steps_kept), zeros(self.steps_kept)) for _ in range(cfg.n_layers_core)]
         self.coda_kv = [(zeros(), zeros()) for _ in range(cfg.n_layers_coda)]
         self.max_len, self.rope = max_len, model.rope
-        self.keys = torch.arange(max_len, device=device)  # the buffer's indices, for the masks
-        self.first = torch.zeros(batch_size, dtype=torch.long, device=device) if first is None else first.to(device)
+        self.keys = torch.arange(max_len, device=device)  # the buffer's indices
+        self.set_first(torch.zeros(batch_size, dtype=torch.long) if first is None else first)
         self.pos = 0  # indices 0 .. pos-1 are cached; the next forward_cached writes from here
         self.index = self.mask = None  # set by start(): where the current tokens go, what each may attend to
 
+    def set_first(self, first):
+        """Each row's first index (B,), and from it, once rather than at every token, the RoPE rows (B, max_len,
+        hd/2, 2) of each index and what each index may attend to (B, 1, max_len, max_len): its own row's tokens up
+        to itself, from the row's first on. A padding slot before the first sees only itself (never nothing: an
+        empty softmax would be nan). These are small beside the cache: max_len bytes a position against its keys."""
+        self.first = first.to(self.keys.device)
+        keys, new = self.keys, self.keys[:, None]
+        self.rope_rows = self.rope[(keys[None] - self.first[:, None]).clamp(min=0)]
+        self.visible = ((keys <= new) & (keys >= self.first[:, None, None]) | (keys == new))[:, None]
+
     def start(self, T):
         """Begin writing T new tokens at indices pos .. pos+T-1: their rows of the RoPE table (B, T, hd/2, 2), each
-        row at its own positions, and the mask every attention layer applies."""
-        self.index = torch.arange(self.pos, self.pos + T, device=self.rope.device)  # (T,), its own storage
-        keys, new = self.keys, self.index[:, None]
-        # a token sees its own row's tokens up to itself, from the row's first on; a padding slot before the first
-        # sees only itself (never nothing: an empty softmax would be nan)
-        self.mask = (keys <= new) & (keys >= self.first[:, None, None]) | (keys == new)  # (B, T, max_len)
-        self.mask = self.mask[:, None]  # (B, 1, T, max_len): the same for every head
-        positions = (self.index[None] - self.first[:, None]).clamp(min=0)  # (B, T)
-        return self.rope[positions]
+        row at its own positions, and the mask every attention layer applies (B, 1, T, max_len)."""
+        self.index = torch.arange(self.pos, self.pos + T, device=self.keys.device)  # (T,), its own storage
+        self.mask = self.visible[:, :, self.pos:self.pos + T]
+        return self.rope_rows[:, self.pos:self.pos + T]
 
     def advance(self, T):
         """The T tokens of start() are in: the next ones go after them."""
@@ -396,11 +401,11 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                 steps.append(torch.full(new.shape, num_steps))
             else:
                 new = sample_next(logits, temperature, top_k, generator)  # (B, 1)
-            # a row that has stopped repeats its stop id; the others stop at their first
-            new = torch.where(done[:, None], stop[0], new)
-            done |= torch.isin(new, stop).any(dim=1)
+            if stop_ids:  # a row that has stopped repeats its stop id; the others stop at their first
+                new = torch.where(done[:, None], stop[0], new)
+                done |= torch.isin(new, stop).any(dim=1)
             idx = torch.cat([idx, new], dim=1)
-            if idx.size(1) - T >= max_new_tokens or done.all():
+            if idx.size(1) - T >= max_new_tokens or (stop_ids and done.all()):
                 break
             if not draft_steps:  # the new token's pass: its cache entries and the next token's logits
                 if cache.pos + chunk > max_len:
@@ -423,7 +428,7 @@ def prefill_cache(model, cache, context, cut, num_steps, noise):
     """A cache holding context (B, t), at the full r (the reference never exits in the prefill): the next token's
     logits (B, vocab), and the final state of the last position, for a warm start. cut: the tokens cut off the
     front of the context (a full context starts again from its last half), by which each row's padding shrinks."""
-    cache.first = (cache.first - cut).clamp(min=0)
+    cache.set_first((cache.first - cut).clamp(min=0))
     cache.rollback(0)
     logits, state, _ = forward_cached(model, context, cache, num_steps, noise, last=True)
     return logits[:, -1], state[:, -1:]
