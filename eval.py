@@ -76,8 +76,8 @@ def logits_at(x, num_steps, key, of=None):
 # 1. val loss by r, on train.py's fixed validation blocks
 
 blocks = data.evenly_spaced("val", train_config["eval_iters"] * batch_size).split(batch_size)
-print(f"{out_dir}: {model.get_num_params() / 1e6:.2f}M parameters, trained {checkpoint['iter_num']} iterations at "
-      f"r_bar {r_bar}; val loss on {len(blocks) * batch_size} fixed blocks of {block_size} tokens")
+print(f"{out_dir}: {(float_model or model).get_num_params() / 1e6:.2f}M parameters, trained {checkpoint['iter_num']} "
+      f"iterations at r_bar {r_bar}; val loss on {len(blocks) * batch_size} fixed blocks of {block_size} tokens")
 val_loss, agreement = {}, {}
 for num_steps in r:
     losses, agree, positions = [], 0, 0
