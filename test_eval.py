@@ -117,6 +117,23 @@ def test_accuracy_by_difficulty_and_r(trained):
     assert set(result["problems"]) == {"1", "2", "3", "4", "5", "all"}
 
 
+def test_int8_beside_float(trained):
+    """--quantize=int8 writes its own accuracy_int8.json (the float results stay), says how often int8's top-1 is
+    float32's, and counts the model's parameters as the float one has them."""
+    data, out_dir = trained
+    before = (out_dir / "accuracy.json").read_text() if (out_dir / "accuracy.json").exists() else None
+    proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,4]", "--plot=False", "--quantize=int8")
+    assert proc.returncode == 0, proc.stderr
+    float_params = load_checkpoint(str(out_dir))[0].get_num_params()
+    assert f"{float_params / 1e6:.2f}M parameters" in proc.stdout and float_params > 0
+    result = json.loads((out_dir / "accuracy_int8.json").read_text())
+    assert result["quantize"] == "int8"
+    for r in ("1", "4"):  # a tiny model with int8 weights: mostly the same answers, not all by construction
+        assert 0.8 <= result["agreement"][r] <= 1.0
+    if before is not None:
+        assert (out_dir / "accuracy.json").read_text() == before
+
+
 def test_own_problem_and_the_picture(trained):
     """--problem answers a problem of one's own at each r; the picture is drawn when matplotlib is installed, and
     without it eval.py says how to get it and still finishes."""
