@@ -213,9 +213,10 @@ class Signals:
 
 
 class Gate(ExitRule):
-    """A learned exit: a tiny MLP on Signals' features gives the probability that the step's prediction is the one
-    it keeps to r; stop once that is at least 1 - threshold. exits.py fits it where it is used, by cached decoding,
-    and saves it beside the checkpoint (exit_gate.pt), where load_checkpoint finds it."""
+    """A learned exit: a tiny MLP on Signals' features gives the probability that the step is settled (its prediction
+    the one it keeps to r, its state near its last); stop once that is at least 1 - threshold. exits.py fits it where
+    it is used, by cached decoding, and saves it beside the checkpoint (exit_gate.pt), where load_checkpoint finds
+    it."""
     needs_prediction = True
 
     def __init__(self, threshold, net, mean, std):
@@ -247,8 +248,9 @@ def load_gate(path):
 
 
 # the exit criteria by name and their default thresholds: the reference's automatic values for kl and latent-diff
-# (stop below them), the steps in a row confident-run waits, and 1 - the gate's probability of "settled" (both
-# chosen by exits.py on the held-out rows of four three-cups checkpoints, the largest that held on all: look_inside.md)
+# (stop below them), the steps in a row confident-run waits (10 held on every three-cups checkpoint measured), and
+# 1 - the gate's probability of "settled" (the largest that met 0.99 in every group of moves on the held-out rows of
+# four three-cups checkpoints; exits.py fits the gate with it too): docs/look_inside.md
 EXIT_RULES = {"kl": KL, "latent-diff": LatentDiff, "confident-run": ConfidentRun, "gate": Gate}
 EXIT_THRESHOLDS = {"none": 0.0, "kl": 1e-3, "latent-diff": 0.03, "confident-run": 10, "gate": 3e-3}
 
@@ -428,7 +430,8 @@ def prefill_cache(model, cache, context, cut, num_steps, noise):
     """A cache holding context (B, t), at the full r (the reference never exits in the prefill): the next token's
     logits (B, vocab), and the final state of the last position, for a warm start. cut: the tokens cut off the
     front of the context (a full context starts again from its last half), by which each row's padding shrinks."""
-    cache.set_first((cache.first - cut).clamp(min=0))
+    if cut:
+        cache.set_first((cache.first - cut).clamp(min=0))
     cache.rollback(0)
     logits, state, _ = forward_cached(model, context, cache, num_steps, noise, last=True)
     return logits[:, -1], state[:, -1:]

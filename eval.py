@@ -9,6 +9,8 @@ The test-time scaling experiment: how a trained checkpoint does at every test-ti
 2. For reasoning data (prepare_data.py reasoning / problems): exact-match accuracy by difficulty and r over the
    whole val split, printed, written to out_dir/accuracy.json and drawn in out_dir/accuracy.png (if matplotlib is
    installed; nothing else needs it), then the example problems prepare_data.py saved, answered at each r.
+3. --quantize int8: the same with int8 weights, written beside the float results (accuracy_int8.json), and how often
+   int8's top-1 prediction is float32's (docs/decoding.md).
 """
 
 import copy

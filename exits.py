@@ -10,9 +10,10 @@ exit gate fit there (the paper's adaptive compute per token; the gate after Ouro
    Every rule is scored that way ("cached") and, beside it, on states where every position ran every step
    ("offline"), the view a rule is usually tuned on.
 2. The gate (decode.Gate): a tiny MLP on each step's signals (decode.Signals), labelled by whether the step's argmax
-   is the one the token keeps to r (no targets needed). Its data comes from cached decoding itself, in rounds: first
-   with no exits, then with the previous round's gate deciding them, so it learns from the contexts its own exits
-   make. It is fit on the even val rows; every table row is scored on the odd ones.
+   is the one the token keeps to r and its state is within `converged` of its last one (no targets needed). Its data
+   comes from cached decoding itself, in rounds: first with no exits, then with the previous round's gate deciding
+   them at the default threshold, so it learns from the contexts its own exits make. It is fit on the even val
+   rows; every table row is scored on the odd ones.
 3. Reasoning data: the fraction of labelled positions right at their exit step, by moves so far (the goal:
    goal_accuracy in every group at no more than goal_steps mean steps). Text: the val loss at the exit step.
 """

@@ -35,7 +35,8 @@ temperature = 0.8  # 0: greedy; below 1 sharper, above 1 more random
 top_k = 200  # sample only from the k most likely tokens (0: all)
 seed = 1337
 exit_criterion = "none"  # "kl", "latent-diff", "confident-run" or "gate": a token stops early once it is done
-exit_threshold = None  # None: the criterion's own (kl 1e-3, latent-diff 0.03: stop below; confident-run 10 steps)
+exit_threshold = None  # None: the criterion's own (kl 1e-3, latent-diff 0.03: stop below; confident-run 10 steps;
+                       # gate 0.003: stop once its probability that the step is settled is >= 1 - that)
 cache_budget = None  # keep only this many core entries, a multiple of n_layers_core (None: every step's)
 warm_start = False  # start each token's state at the previous token's final state instead of noise
 init_scale = 1.0  # std of the noise start s_0, relative to training (0: the zero state)
@@ -61,7 +62,7 @@ if cache_budget is not None:
     whole(config, 1, "cache_budget")
 if exit_threshold is not None and exit_criterion == "confident-run":  # a count of steps in a row
     whole(config, 1, "exit_threshold")
-elif exit_threshold is not None:  # kl and latent-diff stop below a number
+elif exit_threshold is not None:  # kl and latent-diff stop below a number, the gate above 1 - it
     number(config, "exit_threshold", low=0)
 if compile not in (None, True, False):
     fail(f"--compile must be True or False, got {compile!r}")
