@@ -121,7 +121,8 @@ def test_int8_beside_float(trained):
     """--quantize=int8 writes its own accuracy_int8.json (the float results stay), says how often int8's top-1 is
     float32's, and counts the model's parameters as the float one has them."""
     data, out_dir = trained
-    before = (out_dir / "accuracy.json").read_text() if (out_dir / "accuracy.json").exists() else None
+    assert run("eval.py", f"--out_dir={out_dir}", "--r=[1,4]", "--plot=False").returncode == 0
+    before = (out_dir / "accuracy.json").read_text()
     proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,4]", "--plot=False", "--quantize=int8")
     assert proc.returncode == 0, proc.stderr
     float_params = load_checkpoint(str(out_dir))[0].get_num_params()
@@ -130,8 +131,7 @@ def test_int8_beside_float(trained):
     assert result["quantize"] == "int8"
     for r in ("1", "4"):  # a tiny model with int8 weights: mostly the same answers, not all by construction
         assert 0.8 <= result["agreement"][r] <= 1.0
-    if before is not None:
-        assert (out_dir / "accuracy.json").read_text() == before
+    assert (out_dir / "accuracy.json").read_text() == before
 
 
 def test_own_problem_and_the_picture(trained):
