@@ -55,7 +55,7 @@ def set_threads(num_threads):
 def keyed_generator(seed, *key, device="cpu"):
     """A generator seeded from (seed, *key): a random draw keyed by what it is for (an iteration, a micro-step, a
     batch) is the same in every process and on every resume. (The hash of a tuple of ints is the same in every
-    Python process; only str hashes are salted.)"""
+    Python process; only str hashes are salted. But hash(-1) == hash(-2): a new key needs more than that change.)"""
     import torch
 
     return torch.Generator(device).manual_seed(hash((seed, *key)) % 2**63)

@@ -10,7 +10,8 @@ The test-time scaling experiment: how a trained checkpoint does at every test-ti
    whole val split, printed, written to out_dir/accuracy.json and drawn in out_dir/accuracy.png (if matplotlib is
    installed; nothing else needs it), then the example problems prepare_data.py saved, answered at each r.
 3. --quantize int8: the same with int8 weights, written beside the float results (accuracy_int8.json), and how often
-   int8's top-1 prediction is float32's (docs/decoding.md).
+   int8's top-1 prediction is float32's, beside how often float32's own is the same from another noise start
+   (docs/decoding.md).
 """
 
 import copy
@@ -80,25 +81,34 @@ def logits_at(x, num_steps, key, of=None):
 blocks = data.evenly_spaced("val", train_config["eval_iters"] * batch_size).split(batch_size)
 print(f"{out_dir}: {(float_model or model).get_num_params() / 1e6:.2f}M parameters, trained {checkpoint['iter_num']} "
       f"iterations at r_bar {r_bar}; val loss on {len(blocks) * batch_size} fixed blocks of {block_size} tokens")
-val_loss, agreement = {}, {}
+val_loss, agreement, noise_agreement = {}, {}, {}
 for num_steps in r:
-    losses, agree, positions = [], 0, 0
+    losses, agree, noise_agree, positions = [], 0, 0, 0
     for i, b in enumerate(blocks):
         x, y = data.batch("val", b)
         logits = logits_at(x, num_steps, (-1, i))
         losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1).item())
         if quantize:  # top-1 agreement with the float model, on the positions that carry a target
-            same = logits.argmax(-1) == logits_at(x, num_steps, (-1, i), of=float_model).argmax(-1)
-            agree, positions = agree + int(same[y >= 0].sum()), positions + int((y >= 0).sum())
+            top1 = logits_at(x, num_steps, (-1, i), of=float_model).argmax(-1)
+            # the yardstick: float32 itself from another draw of the noise start s_0
+            other = logits_at(x, num_steps, (-1, i, 1), of=float_model).argmax(-1)
+            labelled = y >= 0
+            agree += int((logits.argmax(-1) == top1)[labelled].sum())
+            noise_agree += int((other == top1)[labelled].sum())
+            positions += int(labelled.sum())
     val_loss[num_steps] = sum(losses) / len(losses)
     agreement[num_steps] = agree / max(positions, 1)
+    noise_agreement[num_steps] = noise_agree / max(positions, 1)
 print("  " + " ".join(f"{'r=' + str(n):>8}" for n in r))
 print("  " + " ".join(f"{val_loss[n]:8.4f}" for n in r))
 result = {"iter": checkpoint["iter_num"], "r": r, "r_bar": r_bar, "val_loss": {str(n): val_loss[n] for n in r}}
 if quantize:
     print(f"  {quantize}: top-1 agreement with float32 on the targets of those blocks")
     print("  " + " ".join(f"{agreement[n]:8.4f}" for n in r))
+    print("  float32 against itself from another draw of the noise start s_0 (below 1: the noise decides some)")
+    print("  " + " ".join(f"{noise_agreement[n]:8.4f}" for n in r))
     result["quantize"], result["agreement"] = quantize, {str(n): agreement[n] for n in r}
+    result["noise_agreement"] = {str(n): noise_agreement[n] for n in r}
 
 # -----------------------------------------------------------------------------------------------------------
 # 2. reasoning data: exact-match accuracy by difficulty and r

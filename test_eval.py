@@ -134,6 +134,20 @@ def test_int8_beside_float(trained):
     assert (out_dir / "accuracy.json").read_text() == before
 
 
+def test_int8_yardstick(cups):
+    """Beside int8's agreement eval.py prints float32's with itself from another draw of the noise start s_0: on a
+    model whose depth matters, at r = 1 the noise decides some predictions (a key shared by both draws would give
+    1.0), and at the zero state none."""
+    agreement = {}
+    for init_scale in (1, 0):
+        proc = run("eval.py", f"--out_dir={cups.out}", "--r=[1]", "--plot=False", "--quantize=int8",
+                   f"--init_scale={init_scale}")
+        assert proc.returncode == 0, proc.stderr
+        agreement[init_scale] = json.loads((cups.out / "accuracy_int8.json").read_text())["noise_agreement"]["1"]
+    print(agreement)
+    assert agreement[1] < 0.99 and agreement[0] == 1.0
+
+
 def test_own_problem_and_the_picture(trained):
     """--problem answers a problem of one's own at each r; the picture is drawn when matplotlib is installed, and
     without it eval.py says how to get it and still finishes."""
