@@ -55,15 +55,20 @@ def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
         merge_lora(model.state_dict(), checkpoint["lora"], lora["rank"], lora["alpha"])  # in place: shared storage
         for k in ("mean_recurrence", "backprop_depth", "sigma"):  # the fine-tuning objective's
             setattr(model.config, k, checkpoint["model_config"][k])
-        return model.to(device).eval(), checkpoint
-    try:  # the weights must fit the architecture the checkpoint names
-        model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
-        if os.path.isfile(os.path.join(out_dir, "exit_gate.pt")):  # exits.py's learned exit, for generate(..."gate")
-            model.exit_gate = load_gate(os.path.join(out_dir, "exit_gate.pt"))
-    except (TypeError, ValueError, RuntimeError) as err:
-        fail(f"{path} does not hold a model this code can build ({type(err).__name__}: "
-             f"{(str(err).strip().splitlines() or [''])[0][:200]}); retrain, or restore a copy")
+    else:
+        try:  # the weights must fit the architecture the checkpoint names
+            model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"]))
+            model.load_state_dict(checkpoint["model"])
+        except (TypeError, ValueError, RuntimeError) as err:
+            fail(f"{path} does not hold a model this code can build ({type(err).__name__}: "
+                 f"{(str(err).strip().splitlines() or [''])[0][:200]}); retrain, or restore a copy")
+    gate = os.path.join(out_dir, "exit_gate.pt")
+    if os.path.isfile(gate):  # exits.py's learned exit, for generate(..., exit_criterion="gate")
+        try:
+            model.exit_gate = load_gate(gate)
+        except Exception as err:  # as for ckpt.pt: a damaged file has many ways to fail
+            fail(f"{gate} is not a readable exit gate ({type(err).__name__}); fit it again: python exits.py "
+                 f"--out_dir={out_dir}")
     return model.to(device).eval(), checkpoint
 
 
@@ -298,12 +303,12 @@ def model_rope(folder, config, stored, device):
     does (it is a persistent buffer there), else ours. The stored table is checked against ours loosely: a table
     computed on another device differs in the last bits (far positions magnify one ulp of a frequency), while a
     wrong block_size or rope_base differs in shape or by far more."""
-    # (T, hd/2, 2), float32
-    rope = precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base).to(device)
-    if stored is None:
-        return rope
-    if stored.numel() != rope.numel() or not torch.allclose(stored.float().view_as(rope), rope, atol=1e-2):
-        raise ValueError(f"{folder}: the stored RoPE table freqs_cis {tuple(stored.shape)} does not match "
-                         f"block_size {config.block_size} and rope_base {config.rope_base}")
-    return stored.float().view_as(rope).contiguous()
+    # (T, hd/2, 2), float32, compared on the CPU where the stored table was read, then moved to the model's device
+    rope = precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base)
+    if stored is not None:
+        if stored.numel() != rope.numel() or not torch.allclose(stored.float().view_as(rope), rope, atol=1e-2):
+            raise ValueError(f"{folder}: the stored RoPE table freqs_cis {tuple(stored.shape)} does not match "
+                             f"block_size {config.block_size} and rope_base {config.rope_base}")
+        rope = stored.float().view_as(rope).contiguous()
+    return rope.to(device)
 

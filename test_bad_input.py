@@ -66,6 +66,9 @@ def files(tmp_path_factory):
                           "zip": b"PK\x03\x04 not really a zip file"}.items():
         (tmp / f"ckpt-{name}").mkdir()
         (tmp / f"ckpt-{name}" / "ckpt.pt").write_bytes(content)
+    (tmp / "gate-broken").mkdir()  # a good checkpoint beside a damaged exit gate
+    (tmp / "gate-broken" / "ckpt.pt").write_bytes((tmp / "text" / "ckpt.pt").read_bytes())
+    (tmp / "gate-broken" / "exit_gate.pt").write_bytes(b"PK\x03\x04 not really a zip file")
     (tmp / "latin1.txt").write_bytes("To be, or not to be: caf\xe9".encode("latin-1"))
     (tmp / "a-file").write_text("not a folder")
     (tmp / "blank.txt").write_text("\n  \n")
@@ -151,6 +154,7 @@ CASES = [
     ("sample.py", ["--exit_criterion=confident-run", "--exit_threshold=0.5"], "--exit_threshold must be a whole"),
     ("sample.py", ["--exit_criterion=entropy"], "--exit_criterion must be one of"),
     ("sample.py", ["--exit_criterion=gate", "--out_dir={tmp}/text"], "needs the gate exits.py fits"),
+    ("sample.py", ["--out_dir={tmp}/gate-broken"], "exit_gate.pt is not a readable exit gate"),
     ("sample.py", ["--num_samples=0"], "--num_samples must be a whole number >= 1"),
     ("sample.py", ["--max_new_tokens=0"], "--max_new_tokens must be a whole number >= 1"),
     ("sample.py", ["--temperature=-1"], "--temperature must be a number >= 0"),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from checkpoints import from_pretrained, load_checkpoint
+from decode import gate_net
 from test_pretrained import RELEASED_CONFIG, reference_tensors, write_checkpoint
 
 # every test here reads or writes the released layout: without these two the file is skipped, saying what to install
@@ -155,6 +156,11 @@ def test_export_round_trips(release, tmp_path, lora):
         a, _ = model(idx, num_steps=3, init_scale=0)
         b, _ = exported(idx, num_steps=3, init_scale=0)
     assert torch.equal(a, b)  # tensor for tensor
+    # exits.py's gate beside the checkpoint is loaded with it, a LoRA run's too
+    net = gate_net(8)
+    torch.save({"state_dict": net.state_dict(), "hidden": 8, "mean": torch.zeros(19), "std": torch.ones(19)},
+               out / "exit_gate.pt")
+    assert torch.equal(load_checkpoint(str(out))[0].exit_gate["net"][0].weight, net[0].weight)
 
 
 def test_gsm8k_from_local_parquet_skips_what_does_not_fit(release, tmp_path):

@@ -136,6 +136,14 @@ def test_rope_table_is_the_stored_one_even_when_its_last_bits_differ(tmp_path):
         from_pretrained(str(tmp_path / "base"))
 
 
+def test_loads_onto_another_device(tmp_path):
+    """The stored RoPE table is read on the CPU, checked there, and moved with the weights (the meta device stands
+    in for a GPU here: CI has none)."""
+    write_checkpoint(tmp_path, tiny(), reference_tensors(tiny()))
+    model = from_pretrained(str(tmp_path), device="meta")
+    assert {t.device.type for t in [*model.parameters(), model.rope]} == {"meta"}
+
+
 def test_loaded_model_is_for_inference(tmp_path):
     """No parameter requires grad: model(idx, num_steps=32) outside torch.no_grad() builds no graph."""
     write_checkpoint(tmp_path, tiny(), reference_tensors(tiny()))
