@@ -53,7 +53,8 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         int8, scale = int8_rows(linear.weight)
         self.register_buffer("scale", scale)  # (out,)
-        self.packed = self.int8 = None
+        self.packed = None
+        self.register_buffer("int8", None if int8.device.type == "cpu" else int8)  # (out, in) where not packed
         if int8.device.type == "cpu":  # fbgemm's packed copy of the int8 weights is the only one kept
             with warnings.catch_warnings():  # torch 2.13 marks quantized tensors for removal; see docs/decoding.md
                 warnings.simplefilter("ignore", UserWarning)
@@ -62,8 +63,6 @@ class Int8Linear(nn.Module):
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
             # one row with the values 1 and -1, appended to every input (see forward)
             self.register_buffer("pin", F.pad(torch.tensor([[1.0, -1.0]]), (0, self.in_features - 2)), False)
-        else:
-            self.register_buffer("int8", int8)  # (out, in)
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)  # (N, in): a row per token

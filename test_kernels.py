@@ -112,6 +112,18 @@ def test_generate_quantizes_in_place(trained_model):
         generate(model, torch.tensor([PATTERN[:5]]), 1, quantize="int4")
 
 
+def test_int8_off_the_cpu_keeps_the_int8_weights():
+    """Off the CPU (CUDA; here the meta device, which takes the same path: CI has no GPU) a quantized model keeps
+    each Linear's int8 weights as a buffer, expanded per call."""
+    with torch.device("meta"):
+        model = tiny_model()
+    quantize_int8(model)
+    assert {m.int8.dtype for m in model.modules() if isinstance(m, Int8Linear)} == {torch.int8}
+    # one layer: the whole model cannot run on meta (its norms' autocast needs a real device)
+    y = model.core[0].mlp.fc(torch.zeros(1, 5, model.config.n_embd, device="meta"))
+    assert y.shape == (1, 5, 2 * model.config.intermediate_size)
+
+
 def test_packed_decoding_holds_one_copy_of_the_weights(monkeypatch):
     """A model too large to freeze twice (here: a machine said to have no memory to spare) is compiled for decoding
     by packing its Linear weights in place: the same tokens as eager, and every plain weight freed (only the
