@@ -88,15 +88,20 @@ class KVCache:
     def coda(self):
         return [(k, v, self.index, self.mask) for k, v in self.coda_kv]
 
-    def fill_after_exit(self, row, steps_run, num_steps):
+    def exit_entries(self, row, steps_run):
+        """The core's keys and values of the new tokens of one row at its exit step, copied: while other rows of
+        the batch go on, its buffers are written again, and under a cache budget the exit step's own is reused."""
+        new, last = slice(self.pos, self.pos + len(self.index)), (steps_run - 1) % self.steps_kept
+        return [(k[last, row, :, new].clone(), v[last, row, :, new].clone()) for k, v in self.core_kv]
+
+    def fill_after_exit(self, row, steps_run, num_steps, entries):
         """A token that stopped after steps_run < r steps has no keys for the steps it skipped. Later tokens read its
-        last step's keys and values there, of the same core layer (the reference's "latest-m4")."""
-        last = (steps_run - 1) % self.steps_kept
-        skipped = sorted({step % self.steps_kept for step in range(steps_run, num_steps)} - {last})
+        last step's keys and values there, of the same core layer (the reference's "latest-m4"): `entries`, from
+        exit_entries, go to the buffers of the exit step and of every step skipped."""
+        slots = sorted({step % self.steps_kept for step in range(steps_run - 1, num_steps)})
         new = slice(self.pos, self.pos + len(self.index))
-        for k, v in self.core_kv:
-            for buffer in (k, v):  # (steps_kept, B, nh, max_len, hd)
-                buffer[skipped, row, :, new] = buffer[last, row, :, new]
+        for (k, v), (k_exit, v_exit) in zip(self.core_kv, entries):  # (steps_kept, B, nh, max_len, hd) each
+            k[slots, row, :, new], v[slots, row, :, new] = k_exit, v_exit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,6 +291,7 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, rule=None, l
     e = model.embed(idx, rope, cache.prelude())  # (B, T, h)
     steps = torch.full((B,), num_steps)
     running = torch.ones(B, dtype=torch.bool)
+    exits = {}  # row -> the cache entries of its exit step, for the steps it skips
     if rule is not None:
         rule.start(state[:, -1])
     for step, new_state in enumerate(model.iterate(state, e, rope, num_steps, cache), start=1):
@@ -302,10 +308,12 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, rule=None, l
         stop = running & done
         steps[stop] = step
         running &= ~stop
+        if step < num_steps:
+            exits.update({row: cache.exit_entries(row, step) for row in stop.nonzero().flatten().tolist()})
         if not running.any() and watch is None:
             break
-    for row in (steps < num_steps).nonzero().flatten().tolist() if rule is not None else []:
-        cache.fill_after_exit(row, int(steps[row]), num_steps)
+    for row, entries in exits.items():
+        cache.fill_after_exit(row, int(steps[row]), num_steps, entries)
     logits = model.predict(state, rope, cache.coda(), last)  # each row from its own last state
     cache.advance(T)
     return logits, state, steps

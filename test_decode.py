@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from decode import KVCache, LatentDiff, compile_for_decoding, forward_cached, generate
+from decode import ExitRule, KVCache, LatentDiff, compile_for_decoding, forward_cached, generate
 from model import RecurrentGPT, config_from_preset
 
 torch.set_num_threads(1)
@@ -170,10 +170,35 @@ def test_exited_token_is_read_at_its_last_step():
     before = [k.clone() for k, _ in full.core_kv]
     full.pos = 4
     full.start(1)
-    full.fill_after_exit(0, 3, r)
+    full.fill_after_exit(0, 3, r, full.exit_entries(0, 3))
     for k, k_before in zip([k for k, _ in full.core_kv], before):
         assert torch.equal(k[:3], k_before[:3])
         assert torch.equal(k[3, :, :, 4], k_before[2, :, :, 4]) and torch.equal(k[4, :, :, 4], k_before[2, :, :, 4])
+
+
+class StopAt(ExitRule):
+    """Row b is done after steps[b] steps, whatever its state."""
+
+    def done(self, step, state, log_probs):
+        return torch.tensor([step >= s for s in self.threshold])
+
+
+@pytest.mark.parametrize("steps_kept", [None, 1, 3])
+def test_a_row_that_exits_leaves_the_cache_it_would_alone(steps_kept):
+    """Row 0 stops after 2 of 8 steps while row 1 runs all 8: the core keeps writing row 0's buffers for the
+    batch, and under a cache budget reuses the buffer of its exit step. The next token still reads row 0's exit
+    step, as it would decoding alone."""
+    model, r = tiny_model(), 8
+    idx, noise = prompt(model, T=6).repeat(2, 1), noise_table(model, 1, 16).repeat(2, 1, 1)
+    budget = steps_kept and steps_kept * model.config.n_layers_core
+    logits = []
+    for rows, stops in ((slice(0, 1), [2]), (slice(0, 2), [2, r])):  # alone, then in a batch of two
+        cache = KVCache(model, len(stops), 16, r, cache_budget=budget)
+        with torch.no_grad():
+            forward_cached(model, idx[rows, :4], cache, r, noise[rows])
+            forward_cached(model, idx[rows, 4:5], cache, r, noise[rows], rule=StopAt(stops))
+            logits.append(forward_cached(model, idx[rows, 5:6], cache, r, noise[rows])[0][0])
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
 
 
 # --- cache budget ---------------------------------------------------------------------------------------------
