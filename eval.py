@@ -5,7 +5,8 @@ The test-time scaling experiment: how a trained checkpoint does at every test-ti
     python eval.py --out_dir=out-shakespeare-char --r="[1,2,4,8,16,32,64]"
     python eval.py --out_dir=out-reasoning --problem 0123 --r="[1,4,32]"  # your own problem, answered at each r
 
-1. Val loss at every r, on the same fixed validation blocks and noise starts as train.py's evals.
+1. Val loss at every r, on the same fixed validation blocks and noise starts as train.py's evals (run on the device
+   it trained on: a CUDA generator draws other numbers than a CPU one from the same seed).
 2. For reasoning data (prepare_data.py reasoning / problems): exact-match accuracy by difficulty and r over the
    whole val split, printed, written to out_dir/accuracy.json and drawn in out_dir/accuracy.png (if matplotlib is
    installed; nothing else needs it), then the example problems prepare_data.py saved, answered at each r.
@@ -66,7 +67,8 @@ if problem and len(encode("\n" + problem)) > block_size:
 
 
 def noise(*key):
-    """train.py's keyed generator: the same noise starts s_0 as its evals, so the figures match its log."""
+    """train.py's keyed generator: the same noise starts s_0 as its evals (on the same device), so the figures
+    match its log."""
     return keyed_generator(seed, *key, device=device)
 
 

@@ -77,10 +77,11 @@ def shard(model):
     return fully_shard(model)
 
 
-def memory_plan(model, batch_size, block_size, dtype_bytes, world_size=1, checkpointing=False):
+def memory_plan(model, batch_size, block_size, dtype_bytes, shards=1, checkpointing=False):
     """Bytes each part of a training iteration holds per process, from the model's shapes: weights, gradients and
-    AdamW's moments (float32) of what trains, and the activations one micro-batch keeps for backward. An estimate
-    (what each block keeps for backward, counted from its operations), checked against the measured peak."""
+    AdamW's moments (float32) of what trains, split across `shards` processes by FSDP (plain DDP keeps them whole in
+    each), and the activations one micro-batch keeps for backward. An estimate (what each block keeps for backward,
+    counted from its operations), checked against the measured peak."""
     cfg = model.config
     h, inter, tokens = cfg.n_embd, cfg.intermediate_size, batch_size * block_size
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -93,8 +94,7 @@ def memory_plan(model, batch_size, block_size, dtype_bytes, world_size=1, checkp
     steps = (2 * h * dtype_bytes * k + core) if checkpointing else k * core  # checkpointed: inputs of each step
     activations = tokens * ((cfg.n_layers_prelude + cfg.n_layers_coda) * block + steps)
     activations += tokens * cfg.vocab_size * 4 * 2  # the float32 logits and their gradient
-    shared = world_size if world_size > 1 else 1
-    plan = {"weights": weights / shared, "gradients": 4 * trainable / shared, "optimizer": 8 * trainable / shared,
+    plan = {"weights": weights / shards, "gradients": 4 * trainable / shards, "optimizer": 8 * trainable / shards,
             "activations": activations}
     plan["total"] = sum(plan.values())
     return plan

@@ -65,7 +65,9 @@ def test_resume_is_exact(data_dir, tmp_path):
         list(pool.map(lambda args: train(*common, *args), [["--max_iters=20", f"--out_dir={straight}"],
                                                            ["--max_iters=10", f"--out_dir={split}"]]))
     assert torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["iter_num"] == 10
-    train(*common, "--max_iters=20", f"--out_dir={split}", "--init_from=resume")
+    # settings that name another architecture are overruled by the checkpoint's, in the work and in the log
+    resumed = train(*common, "--max_iters=20", f"--out_dir={split}", "--init_from=resume", "--block_size=16")
+    assert "block_size = 32 from the checkpoint" in resumed.stdout and "128 tokens per iteration" in resumed.stdout
     a, b = train_losses(straight), train_losses(split)
     assert sorted(a) == sorted(b) == list(range(20))
     assert [a[i] for i in range(20)] == [b[i] for i in range(20)]  # bit for bit, not approximately

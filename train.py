@@ -154,7 +154,6 @@ if fsdp and eval_iters % world_size:  # sharded weights: every process must run 
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 accum = gradient_accumulation_steps // world_size  # micro-steps on this process
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 set_threads(num_threads)
 # weights stay float32; autocast runs the matmuls in bf16 (RMSNorm, RoPE and the logits stay float32)
 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
@@ -256,7 +255,7 @@ elif checkpoint is not None:  # ... or the weights
     model.load_state_dict(checkpoint["model"])
 model.checkpoint_steps = activation_checkpointing
 raw_model = model  # unwrapped (no DDP): what checkpoints save and evaluation runs
-plan = memory_plan(raw_model, batch_size, block_size, 2 if dtype == "bfloat16" else 4, world_size,
+plan = memory_plan(raw_model, batch_size, block_size, 2 if dtype == "bfloat16" else 4, world_size if fsdp else 1,
                    activation_checkpointing)
 if fsdp:
     model = raw_model = shard(model)  # in place: the model's parameters become shards
@@ -350,6 +349,7 @@ peak_flops = next((p for name, p in PEAK_BF16_FLOPS.items() if re.search(rf"\b{n
 # -----------------------------------------------------------------------------------------------------------
 # the loop
 
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # block_size as resumed
 if master:
     print("settings (a valid config file):")
     for k, v in config.items():
