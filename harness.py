@@ -134,11 +134,17 @@ class NanoHuginn(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm=False):
-        """Greedy (or sampled, if the task asks) continuations of a batch of contexts, cut at the first stop string."""
-        outputs = []
-        for start in range(0, len(requests), self.batch_size):
-            batch = [request.args for request in requests[start:start + self.batch_size]]
-            kwargs = batch[0][1]  # a task asks for one kind of generation
+        """Greedy (or sampled, if the task asks) continuations of contexts, cut at the first stop string. lm-eval
+        sends every task's requests in one call: a batch holds requests with the same settings, in their order."""
+        groups = {}  # request indices by their settings (stop strings, length, sampling)
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
+        batches = [ids[start:start + self.batch_size] for ids in groups.values()
+                   for start in range(0, len(ids), self.batch_size)]
+        outputs = [None] * len(requests)
+        for ids in batches:
+            batch = [requests[i].args for i in ids]
+            kwargs = batch[0][1]
             max_new = int(kwargs.get("max_gen_toks", 256))
             until = [kwargs["until"]] if isinstance(kwargs.get("until"), str) else list(kwargs.get("until", []))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
@@ -149,13 +155,13 @@ class NanoHuginn(TemplateLM):
                                   temperature=temperature, exit_criterion=self.exit_criterion,
                                   exit_threshold=self.exit_threshold, cache_budget=self.cache_budget,
                                   init_scale=self.init_scale, stop_ids=self.stop_ids, lengths=lengths,
-                                  generator=keyed_generator(self.seed, start, device=self.device_name))
-            for b in range(len(batch)):
+                                  generator=keyed_generator(self.seed, ids[0], device=self.device_name))
+            for b, i in enumerate(ids):
                 new = out[b, idx.size(1):idx.size(1) + int(stats["lengths"][b])].tolist()
                 text = self.decode([t for t in new if t not in self.stop_ids])
                 for stop in until:  # the text up to the first stop string
                     text = text.split(stop)[0] if stop else text
-                outputs.append(text)
+                outputs[i] = text
         return outputs
 
 
