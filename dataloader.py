@@ -54,7 +54,9 @@ class TokenData:
         if not isinstance(self.meta, dict) or type(self.meta.get("vocab_size")) is not int or \
                 not 1 <= self.meta["vocab_size"] <= 2**16 or "tokenizer" not in self.meta:
             fail(f"{meta_path} lacks a tokenizer and a vocab_size from 1 to 65536; {hint} again")
-        self.shards = {split: sorted(f for f in os.listdir(data_dir) if re.fullmatch(rf"{split}(_\d+)?\.bin", f))
+        # a sharded corpus's meta.json names its shards: those are the data, whatever else an earlier run left
+        files = self.meta.get("shards") or os.listdir(data_dir)
+        self.shards = {split: sorted(f for f in files if re.fullmatch(rf"{split}(_\d+)?\.bin", f))
                        for split in ("train", "val")}
         self.row_len = self.meta.get("row_len")  # rows of a fixed length (reasoning data): a block is a row
         self.aligned = os.path.isfile(os.path.join(data_dir, "train_targets.bin"))  # targets given per position
@@ -93,6 +95,8 @@ class TokenData:
     def check_file(self, name, split, hint):
         """A token or target file: whole uint16 values, the length meta.json gives, ids inside the vocabulary."""
         path = os.path.join(self.data_dir, name)
+        if not os.path.isfile(path):
+            fail(f"{path} is missing (meta.json lists it); {hint} again")
         size = os.path.getsize(path)
         expected = self.meta.get("shards", {}).get(name)
         if size == 0 or size % 2:

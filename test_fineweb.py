@@ -305,6 +305,13 @@ def test_train_on_shards_with_exact_resume(corpus, tmp_path):
     x, y = tokens.batch("train", torch.tensor([tokens.first_block["train"][1]]))  # the first block of shard 1
     assert torch.equal(x[0], torch.from_numpy(read_shard(data, "train_000001.bin")[:16].astype(np.int64)))
     assert torch.equal(y[0, :-1], x[0, 1:])
+    # the shards are those meta.json names: one left by an earlier run with more shards is not read, and a
+    # named one that is gone is one line
+    (data / "train_000003.bin").write_bytes((data / "train_000000.bin").read_bytes())
+    assert TokenData(str(data), 16).shards["train"] == tokens.shards["train"]
+    (data / "train_000002.bin").rename(data / "moved.bin")
+    one_line_error(train(f"--data_dir={data}", f"--out_dir={tmp_path / 'gone'}"), "train_000002.bin is missing")
+    (data / "moved.bin").rename(data / "train_000002.bin")
     # a shard cut short: one line that names it
     with open(data / "train_000001.bin", "r+b") as f:
         f.truncate(100)
