@@ -233,6 +233,7 @@ class Gate(ExitRule):
         self.signals.start(state)
 
     def settled(self, features):
+        self.net.to(features.device)  # read and fit on the CPU, used where the model runs (once; then a no-op)
         with torch.no_grad():
             return torch.sigmoid(self.net((features - self.mean.to(features)) / self.std.to(features)))[..., 0]
 

@@ -98,7 +98,7 @@ def val_rows():
         train_config = checkpoint["config"]
         blocks = data.evenly_spaced("val", train_config["eval_iters"] * train_config["batch_size"])
         x, y = data.batch("val", blocks)
-        counted, group = torch.ones_like(x, dtype=torch.bool), torch.zeros_like(x)
+        counted, group = y >= 0, torch.zeros_like(x)  # chat rows: only the answers carry a target
     keep = slice(None, max_rows or None)
     return x[keep], y[keep], counted[keep], group[keep]
 
@@ -151,9 +151,10 @@ def offline(x, y, counted, rows, rule):
     if rule is not None:
         rule.start(noise_for(rows, T).flatten(0, 1))
     for step, state in enumerate(model.iterate(noise_for(rows, T), e, rope, r), start=1):
-        log_probs = F.log_softmax(model.predict(state, rope).flatten(0, 1).float(), dim=-1).cpu()
+        log_probs = F.log_softmax(model.predict(state, rope).flatten(0, 1).float(), dim=-1)  # on the model's device
         done = rule.done(step, state.flatten(0, 1), log_probs).cpu() if rule is not None else \
             torch.zeros(B * T, dtype=torch.bool)
+        log_probs = log_probs.cpu()
         stop = (running & done) | ((step == r) & (exit_steps == r))  # each position's answer at its exit step
         exit_steps[running & done] = step
         right[stop] = log_probs[stop].argmax(-1) == target[stop]

@@ -176,6 +176,14 @@ def test_exited_token_is_read_at_its_last_step():
         assert torch.equal(k[3, :, :, 4], k_before[2, :, :, 4]) and torch.equal(k[4, :, :, 4], k_before[2, :, :, 4])
 
 
+def test_the_gate_follows_the_model_to_its_device():
+    """exit_gate.pt is read (and exits.py fits it) on the CPU; its features come from where the model runs (the
+    meta device stands in for a GPU here: CI has none)."""
+    from decode import Gate, gate_net
+    gate = Gate(0.01, gate_net(8), torch.zeros(19), torch.ones(19))
+    assert gate.settled(torch.zeros(3, 19, device="meta")).shape == (3,)
+
+
 class StopAt(ExitRule):
     """Row b is done after steps[b] steps, whatever its state."""
 
