@@ -37,7 +37,11 @@ def add_lora(model, rank, alpha, groups):
         raise ImportError("LoRA fine-tuning needs peft: pip install peft") from None
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_pattern(groups), lora_dropout=0.0)
     model.requires_grad_(False)
-    return inject_adapter_in_model(config, model)  # the adapters' parameters are the only trainable ones
+    model = inject_adapter_in_model(config, model)  # the adapters' parameters are the only trainable ones
+    for p in model.parameters():  # peft makes them in the base's dtype: float32 keeps AdamW's small updates
+        if p.requires_grad:       # (in bf16 most would round away)
+            p.data = p.data.float()
+    return model
 
 
 def lora_state(weights):

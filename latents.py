@@ -75,7 +75,7 @@ else:
     model, meta = load_released(init_from, device, getattr(torch, dtype))
     checkpoint = None
 encode, decode = get_tokenizer(meta)
-reasoning = "row_len" in meta  # aligned targets: an answer at every labelled position
+reasoning = "examples" in meta  # problems (prepare_data.py reasoning / problems); chat rows are text
 if think_meter and not reasoning:
     what = "this one continues text" if init_from == "resume" else f"{init_from} is a text model"
     fail(f"the think-meter needs a reasoning checkpoint (prepare_data.py reasoning or problems); {what}: "

@@ -71,8 +71,6 @@ if quantize and compile:
     fail("--quantize int8 runs eagerly: drop --compile")
 if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start):
     fail("--draft_steps (speculative decoding) is greedy: add --temperature 0; no --exit_criterion or --warm_start")
-if chat and init_from == "resume":
-    fail("--chat is for the released model: add --init_from=huginn-0125 (or a folder in its layout)")
 start = read_prompt(start)
 # the prompts: --start, or each line of --prompts, decoded together in one batch
 texts = [line for line in read_text(prompts, "--prompts").split("\n") if line.strip()] if prompts else [start]
@@ -93,10 +91,13 @@ if init_from == "resume":
     meta = checkpoint["meta"]
     if quantize:
         quantize_int8(model)
-    if "row_len" in meta:
+    if "examples" in meta:  # prepare_data.py reasoning / problems (a chat fine-tune's rows are text)
         fail(f"{out_dir} answers reasoning problems rather than continuing text: python eval.py --out_dir={out_dir}")
 else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
+if chat and meta["tokenizer"] != "huginn":
+    fail(f"--chat is for the released model and its fine-tunes: add --init_from=huginn-0125 (or a folder in its "
+         f"layout); {out_dir} uses {meta['tokenizer']}")
 encode, decode = get_tokenizer(meta)
 if exit_criterion == "gate" and not hasattr(model, "exit_gate"):
     fail(f"--exit_criterion gate needs the gate exits.py fits beside a checkpoint: python exits.py --out_dir={out_dir}")

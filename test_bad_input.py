@@ -171,7 +171,7 @@ CASES = [
     ("sample.py", ["--start=FILE:{tmp}/missing.txt"], "--start: '{tmp}/missing.txt' is not a file"),
     ("sample.py", ["--prompts={tmp}/latin1.txt", "--out_dir={tmp}/text"], "--prompts: '{tmp}/latin1.txt' is not UTF-8"),
     ("sample.py", ["--prompts={tmp}/blank.txt", "--out_dir={tmp}/text"], "holds no prompt; give one per line"),
-    ("sample.py", ["--chat"], "--chat is for the released model"),
+    ("sample.py", ["--chat", "--out_dir={tmp}/text"], "--chat is for the released model and its fine-tunes"),
     ("sample.py", ["--device=cuda"], "no CUDA GPU"),
     ("sample.py", ["--dtype=int8"], "--dtype must be one of"),
     ("sample.py", ["--compile=maybe"], "--compile must be True or False"),

@@ -124,6 +124,19 @@ def test_lora_trains_only_the_adapters_and_resumes_exactly(release, tmp_path):
     assert sum(a[i] for i in range(15, 20)) < sum(a[i] for i in range(5))  # and it learns
 
 
+def test_lora_adapters_stay_float32_over_a_bf16_base(release):
+    """On a GPU the frozen base is bf16; peft makes adapters in the base's dtype, where AdamW's small updates
+    would mostly round away: they are float32."""
+    pytest.importorskip("peft", reason="needs peft (pip install peft)")
+    from finetune import add_lora
+    model = from_pretrained(str(release / "model"))
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    model = add_lora(model, 4, 8.0, "core,adapter")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
 def test_fsdp_two_processes_match_one(release, tmp_path):
     common = ["--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=2", "--eval_iters=2"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -141,7 +154,7 @@ def test_fsdp_two_processes_match_one(release, tmp_path):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_export_round_trips(release, tmp_path, lora):
+def test_finetune_exports_samples_and_exits(release, tmp_path, lora):
     if lora:
         pytest.importorskip("peft", reason="needs peft (pip install peft)")
     out = tmp_path / "out"
@@ -156,6 +169,19 @@ def test_export_round_trips(release, tmp_path, lora):
         a, _ = model(idx, num_steps=3, init_scale=0)
         b, _ = exported(idx, num_steps=3, init_scale=0)
     assert torch.equal(a, b)  # tensor for tensor
+    # a fine-tune answers in the release's chat format (sample.py --chat), and latents.py looks inside it as text
+    proc = run("sample.py", f"--out_dir={out}", "--chat", "--start=what is 2+3?", "--max_new_tokens=4", "--r=2",
+               "--device=cpu", "--num_threads=1")
+    assert "<|end_header|>" in proc.stdout  # the prompt went in as a user turn (this tokenizer decodes spaced)
+    run("latents.py", f"--out_dir={out}", "--start=what is 2+3?", "--r=2", "--device=cpu", "--num_threads=1",
+        f"--plot_dir={tmp_path / 'plots'}")
+    if not lora:  # exits.py scores a fine-tune where it has targets: the answers, not the prompts and padding
+        proc = run("exits.py", f"--out_dir={out}", "--r=4", "--fixed_r=[4]", "--rules={}", "--rounds=1",
+                   "--max_rows=8", "--epochs=1", "--device=cpu", "--num_threads=1")
+        from dataloader import TokenData  # the rows exits.py reads: train.py's evaluation blocks, the first 8
+        data = TokenData(str(release / "chat"), json.loads((release / "chat" / "meta.json").read_text())["row_len"])
+        _, y = data.batch("val", data.evenly_spaced("val", 2 * 8)[:8])
+        assert f"({int((y >= 0).sum())} positions counted)" in proc.stdout and (y < 0).any()
     # exits.py's gate beside the checkpoint is loaded with it, a LoRA run's too
     net = gate_net(8)
     torch.save({"state_dict": net.state_dict(), "hidden": 8, "mean": torch.zeros(19), "std": torch.ones(19)},

@@ -239,9 +239,10 @@ if finetune:  # the release's weights and architecture; the objective's r_bar, k
     for k in ("mean_recurrence", "backprop_depth", "sigma"):
         setattr(model.config, k, globals()[k])
     model_config = model.config
-    if lora_rank:  # only the adapters train; the frozen base can live in bf16 on a GPU
-        model = add_lora(model.to(torch.bfloat16) if dtype == "bfloat16" else model, lora_rank, lora_alpha,
-                         lora_modules)
+    if lora_rank:  # only the adapters train (float32); the frozen base can live in bf16 on a GPU
+        for p in model.parameters() if dtype == "bfloat16" else []:  # the weights only: RoPE's table stays float32
+            p.data = p.data.to(torch.bfloat16)
+        model = add_lora(model, lora_rank, lora_alpha, lora_modules)
 else:
     vocab_size = vocab_multiple * math.ceil(meta["vocab_size"] / vocab_multiple)  # ids above the data's: unseen
     model_config = RecurrentConfig(vocab_size=vocab_size, **{k: globals()[k] for k in MODEL_KEYS})
