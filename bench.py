@@ -442,6 +442,7 @@ def decode_section():
                 runs[name].append((timed(lambda: run(1)), timed(lambda: run(new_tokens)), *run(new_tokens)))
         result["decode"][str(r_i)] = {name: decode_rates(t, runs["eager"][0][2]) for name, t in runs.items()}
     result["decode_recompiles"] = counters["stats"]["unique_graphs"] - graphs
+    result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]  # CUDA: graphs inductor declined to make
     return result
 
 
@@ -472,6 +473,8 @@ def print_decode(result):
     print(f"  compiling: the one-token step {result['decode_compile_seconds']:.1f} s, the speculative check "
           f"{result['decode_compile_speculative_seconds']:.1f} s more (wall clock, first calls); recompilations "
           f"over r = {decode_r} afterwards: {result['decode_recompiles']}")
+    if device_type == "cuda":  # why a step may run without its CUDA graph: TORCH_LOGS=cudagraphs says
+        print(f"  CUDA graphs inductor declined to make: {result['cudagraph_skips']}")
 
 
 # the run: each section measures, then prints; everything goes to out_dir/bench.json

@@ -110,15 +110,15 @@ def released_section(s):
         if child.returncode != 0:
             fail(f"decoding ({variant}) failed: {(child.stderr.strip() or 'no output').splitlines()[-1]}")
         runs[variant] = json.loads(child.stdout.strip().splitlines()[-1])
-    return {"bandwidth_bytes_per_s": stream_bandwidth(s), "runs": runs}
+    return {"bandwidth_bytes_per_s": stream_bandwidth(s), "runs": runs, "dtype": "float32"}  # whatever --dtype says
 
 
 def print_released(s, result):
     bandwidth, runs = result["bandwidth_bytes_per_s"], result["runs"]
     released = pretrained_config(s.released_folder) if s.released_folder else config_from_preset("huginn-0125")
-    print(f"\ndecoding at the released size ({s.released_folder or 'random weights'}), batch 1, greedy, prompt "
-          f"{s.prompt_len}, {s.new_tokens} tokens, median of {s.decode_repeats}; memory bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s")
+    print(f"\ndecoding at the released size ({s.released_folder or 'random weights'}, float32 weights whatever "
+          f"--dtype says), batch 1, greedy, prompt {s.prompt_len}, {s.new_tokens} tokens, median of "
+          f"{s.decode_repeats}; memory bandwidth {bandwidth / 1e9:.1f} GB/s; peak and RSS: the process's host memory")
     print(f"  {'r':>3} {'variant':<10} {'load s':>7} {'peak GB':>8} {'RSS GB':>7} {'tok/s':>7} {'x eager':>8} "
           f"{'bound tok/s':>12} {'same tokens':>12}")
     for r_i in map(str, s.decode_r):
