@@ -197,7 +197,7 @@ def sample_num_steps(mean_recurrence, sigma=0.5, generator=None):
     # E[exp(tau)] = r_bar, so r averages r_bar + 1; the median is lower and the tail heavy: the model sees both
     # shallow and very deep loops
     mu = math.log(mean_recurrence) - sigma**2 / 2
-    tau = torch.normal(mu, sigma, size=(1,), generator=generator)
+    tau = torch.normal(mu, sigma, size=(1,), generator=generator, device=generator.device if generator else None)
     return int(torch.poisson(tau.exp(), generator=generator).item()) + 1
 
 
