@@ -360,23 +360,22 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
              quantize=None, draft_steps=0, lookahead=4, generator=None, lengths=None):
     """Continue the prompts idx (B, T) by up to max_new_tokens tokens at num_steps (r, default r_bar) steps each.
 
-    Prompts of different lengths: pad them on the left to T and give lengths (B,) (pad_prompts makes both); each row
-    then decodes as it would alone. exit_criterion: a token stops early by that rule (EXIT_RULES, thresholds
-    EXIT_THRESHOLDS or exit_threshold). cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start
-    begins each token's state at the previous token's final state (the reference's continuous_compute). compile:
-    compile_for_decoding; quantize="int8": int8 weights, in place. draft_steps > 0: greedy self-speculation
-    (speculative_round; rows of one length). A row ends at its first stop id (padded with it after). Returns
-    (idx (B, T + new), stats): "steps" (B, new) the core steps of each new token (the first comes from the prompt's
-    pass), "lengths" (B,) each row's new tokens up to its stop, "drafted"/"accepted", "first_step_seconds"."""
+    Prompts of different lengths: left-padded to T with lengths (B,) (pad_prompts makes both); each row decodes as it
+    would alone until the batch's context is full (block_size), when all rows go on from its last block_size / 2
+    positions. exit_criterion: a token stops early by that rule (EXIT_RULES; EXIT_THRESHOLDS or exit_threshold).
+    cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start: a token's state starts at the last
+    one's final state (continuous_compute). compile: compile_for_decoding; quantize="int8": int8 weights, in place.
+    draft_steps > 0: greedy self-speculation (speculative_round). A row ends at its first stop id (padded with it
+    after). Returns (idx (B, T + new), stats): "steps" (B, new) the core steps of each new token (the first from the
+    prompt's pass), "lengths" (B,) each row's new tokens up to its stop, "drafted"/"accepted", "first_step_seconds"."""
     # 1. check the request, and prepare the model (int8 weights, compiled step) once
     num_steps = model.config.mean_recurrence if num_steps is None else num_steps
     B, T = idx.shape
     lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths).cpu()
     check_request(model.config, B, T, lengths, num_steps, exit_criterion, cache_budget, quantize, compile)
-    if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start or not
-                        1 <= lookahead < model.config.block_size // 2 or (lengths < T).any()):
-        raise ValueError("speculative decoding (draft_steps > 0) is greedy: temperature 0, no exit criterion, "
-                         "no warm start, 1 <= lookahead < block_size / 2, and prompts of one length")
+    if draft_steps:
+        check_speculation(model.config, T, lengths, num_steps, temperature, exit_criterion, warm_start, cache_budget,
+                          lookahead)
     rule = exit_rule(model, exit_criterion, exit_threshold)
     if quantize and not isinstance(model.lm_head, Int8Linear):
         quantize_int8(model)
@@ -401,34 +400,37 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that have produced a stop id
         # the first new token comes from the prompt's pass, at the full r (speculative rounds count their own)
         steps = [] if draft_steps else [torch.full((B, 1), num_steps)]
-        drafted, accepted, first_step_seconds = 0, 0, None
+        drafted, accepted, first_step_seconds, t0 = 0, 0, None, None
         while True:
-            if draft_steps:
-                if cache.pos + chunk > max_len:  # the context is full: start again from its last half (nanoGPT crops)
-                    logits, state = prefill(idx[:, -(max_len // 2):])
+            # speculation: as many drafts as the cache has room to check; with none, a plain greedy token, so the
+            # context is cropped where plain decoding crops it
+            fit = min(lookahead, max_len - cache.pos - 1) if draft_steps else 0
+            if fit > 0:
                 t0 = time.perf_counter()
-                new, logits, kept = speculative_round(model, logits, cache, noise, num_steps, draft_steps, lookahead)
-                drafted, accepted = drafted + lookahead, accepted + kept
-                steps.append(torch.full(new.shape, num_steps))
+                new, logits, kept = speculative_round(model, logits, cache, noise, num_steps, draft_steps, fit)
+                drafted, accepted = drafted + fit, accepted + kept
             else:
                 new = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+            if draft_steps:  # a speculative run's tokens are all at the full r, counted as they come
+                steps.append(torch.full(new.shape, num_steps))
             if stop_ids:  # a row that has stopped repeats its stop id; the others stop at their first
                 new = torch.where(done[:, None], stop[0], new)
                 done |= torch.isin(new, stop).any(dim=1)
             idx = torch.cat([idx, new], dim=1)
             if idx.size(1) - T >= max_new_tokens or (stop_ids and done.all()):
                 break
-            if not draft_steps:  # the new token's pass: its cache entries and the next token's logits
-                if cache.pos + chunk > max_len:
+            if fit <= 0:  # the new token's pass: its cache entries and the next token's logits
+                if cache.pos + 1 > max_len:  # the context is full: start again from its last half (nanoGPT crops)
                     logits, state = prefill(idx[:, -(max_len // 2):])
-                    steps.append(torch.full((B, 1), num_steps))
-                    continue
-                t0 = time.perf_counter()
-                logits, final, used = forward_cached(model, new, cache, num_steps, noise, state if warm_start else None,
-                                                     rule)
-                logits, state = logits[:, -1], final[:, -1:]
-                steps.append(used[:, None])
-            if first_step_seconds is None:  # with compile=True this includes compiling
+                    used = torch.full((B,), num_steps)
+                else:
+                    t0 = time.perf_counter()
+                    logits, final, used = forward_cached(model, new, cache, num_steps, noise,
+                                                         state if warm_start else None, rule)
+                    logits, state = logits[:, -1], final[:, -1:]
+                if not draft_steps:  # the steps of the token these logits give (speculation counts at selection)
+                    steps.append(used[:, None])
+            if first_step_seconds is None and t0 is not None:  # with compile=True this includes compiling
                 if idx.is_cuda:
                     torch.cuda.synchronize(idx.device)
                 first_step_seconds = time.perf_counter() - t0
@@ -474,6 +476,17 @@ def check_request(cfg, B, T, lengths, num_steps, exit_criterion, cache_budget, q
         raise ValueError(f"lengths must give each of the {B} rows a length from 1 to {T}, got {lengths.tolist()}")
     if quantize not in (None, "int8") or (quantize and compile):
         raise ValueError(f"quantize is None or 'int8' (not with compile=True); got {quantize!r}")
+
+
+def check_speculation(cfg, T, lengths, num_steps, temperature, exit_criterion, warm_start, cache_budget, lookahead):
+    """What self-speculation needs (a check of several tokens in one pass reads, under a cache budget below r
+    steps, other entries than one token at a time would)."""
+    short_cache = cache_budget is not None and cache_budget // cfg.n_layers_core < num_steps
+    if temperature != 0 or exit_criterion != "none" or warm_start or short_cache or not \
+            1 <= lookahead < cfg.block_size // 2 or (lengths < T).any():
+        raise ValueError("speculative decoding (draft_steps > 0) is greedy: temperature 0, no exit criterion, "
+                         "no warm start, no cache budget below r steps, 1 <= lookahead < block_size / 2, and prompts "
+                         "of one length")
 
 
 def pad_prompts(prompts, pad_id=0):

@@ -125,6 +125,9 @@ if draft_steps >= num_steps:
     fail(f"--draft_steps ({draft_steps}) must be below r ({num_steps}): the drafts are the cheap guesses r checks")
 if draft_steps and lookahead + 1 > model.config.block_size // 2:
     fail(f"--lookahead ({lookahead}) must be below half of block_size ({model.config.block_size})")
+if draft_steps and cache_budget is not None and cache_budget // model.config.n_layers_core < num_steps:
+    fail(f"--draft_steps (speculative decoding) needs every step's cache entries: drop --cache_budget or raise it to "
+         f"r x n_layers_core = {num_steps * model.config.n_layers_core}")
 if draft_steps and len(set(lengths.tolist())) > 1:
     fail("--draft_steps (speculative decoding) takes prompts of one length; decode --prompts without it")
 print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {model.get_num_params() / 1e6:.2f}M parameters, "

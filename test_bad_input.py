@@ -165,6 +165,8 @@ CASES = [
     ("sample.py", ["--cache_budget=3", "--out_dir={tmp}/text"], "multiple of n_layers_core"),
     ("sample.py", ["--draft_steps=8", "--r=4", "--temperature=0", "--out_dir={tmp}/text"], "must be below r (4)"),
     ("sample.py", ["--draft_steps=2"], "--temperature 0"),
+    ("sample.py", ["--draft_steps=2", "--r=4", "--temperature=0", "--cache_budget=2", "--out_dir={tmp}/text"],
+     "needs every step's cache entries"),
     ("sample.py", ["--draft_steps=2", "--r=4", "--temperature=0", "--lookahead=20", "--out_dir={tmp}/text"],
      "--lookahead (20) must be below half of block_size (32)"),
     ("sample.py", ["--start=FILE:{tmp}/latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 24)"),

@@ -273,6 +273,20 @@ def test_speculative_greedy_equals_plain_greedy(draft_steps, lookahead):
     assert stats["drafted"] > 0 and 0 <= stats["accepted"] <= stats["drafted"]
 
 
+def test_speculation_crops_where_plain_greedy_does():
+    """Near a full context a round checks only the drafts the cache has room for, then plain steps: the context is
+    cropped at the same token as in plain decoding, so the output stays exactly greedy (several crops here). A cache
+    budget below r is refused: a check of several tokens in one pass would read other entries."""
+    model = tiny_model(vocab_size=16, block_size=24)
+    for seed in range(6):
+        idx = prompt(model, T=6 + 3 * seed, seed=seed)
+        plain, _ = generate(model, idx, 40, num_steps=4, temperature=0, init_scale=0)
+        fast, stats = generate(model, idx, 40, num_steps=4, temperature=0, init_scale=0, draft_steps=1, lookahead=4)
+        assert torch.equal(plain, fast) and stats["steps"].shape == (1, 40)
+    with pytest.raises(ValueError, match="cache budget"):
+        generate(model, idx, 4, num_steps=4, temperature=0, draft_steps=1, cache_budget=2)
+
+
 def test_speculation_accepts_drafts_of_a_trained_model(trained_model):
     idx = torch.tensor([PATTERN[:5]])
     plain, _ = generate(trained_model, idx, 48, num_steps=16, temperature=0, init_scale=0)
