@@ -2,8 +2,8 @@
 decoding (eager, compiled, speculative) giving the same tokens."""
 
 import json
-import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -44,12 +44,19 @@ def test_plain_model_matches_flops(results):
 
 
 def test_training_figures_are_sane(results):
-    assert results["matmul_peak_flops"] > 0
+    """Each rate is its model's FLOPs over its own median time: the figures hang together."""
+    flops, train, median = results["flops_per_iteration"], results["train"], statistics.median
+    assert results["matmul_peak_flops"] == pytest.approx(2 * 256**3 / median(results["matmul_seconds"]))
     for name in ("recurrent", "plain", "recurrent compiled", "plain compiled"):
-        t = results["train"][name]
+        t = train[name]
         assert 0 < t["fwd_bwd_seconds"] <= t["iteration_seconds"]
-        assert math.isclose(t["mfu"], t["flops_per_s"] / results["matmul_peak_flops"])
-    assert results["ratio_recurrent_plain"] > 0 and results["compile_speedup"] > 0
+        assert t["fwd_bwd_seconds"] == median(s[0] for s in t["all_seconds"])
+        assert t["flops_per_s"] == pytest.approx(flops[name.split()[0]] / t["fwd_bwd_seconds"])
+        assert t["mfu"] == pytest.approx(t["flops_per_s"] / results["matmul_peak_flops"])
+    assert results["ratio_recurrent_plain"] == pytest.approx(train["recurrent"]["flops_per_s"]
+                                                             / train["plain"]["flops_per_s"])
+    assert results["compile_speedup"] == pytest.approx(train["recurrent"]["iteration_seconds"]
+                                                       / train["recurrent compiled"]["iteration_seconds"])
 
 
 def test_no_recompilation_across_r(results):

@@ -85,9 +85,19 @@ def test_cached_greedy_decoding_equals_recomputing(r):
 
 
 def test_context_longer_than_block_size_keeps_decoding():
+    """A full context starts again from its last block_size / 2 tokens (nanoGPT crops, in halves): greedy decoding
+    equals recomputing each token from that context, through several crops."""
     model = tiny_model(block_size=32)
     out, stats = generate(model, prompt(model, T=30), 40, num_steps=2, temperature=1.0)
     assert out.shape == (1, 70) and stats["steps"].shape == (1, 40)
+    cached, _ = generate(model, prompt(model, T=30), 40, num_steps=2, temperature=0, init_scale=0)
+    idx, context = prompt(model, T=30), prompt(model, T=30)
+    with torch.no_grad():
+        for _ in range(40):
+            new = model(context, num_steps=2, init_scale=0)[0][:, -1:].argmax(-1)
+            idx, context = torch.cat([idx, new], dim=1), torch.cat([context, new], dim=1)
+            context = context[:, -16:] if context.size(1) > 32 else context
+    assert torch.equal(cached, idx)
     with pytest.raises(ValueError, match="block_size"):
         generate(model, prompt(model, T=33), 1)
 
@@ -221,6 +231,15 @@ def test_cache_budget_bounds_core_entries(r):
     assert sum(k.size(0) for k, _ in cache.core_kv) == budget  # not r * n_layers_core
     out, stats = generate(model, idx, 16, num_steps=r, temperature=0, cache_budget=budget)
     assert out.shape == (1, 24) and stats["steps"].tolist() == [[r] * 16]
+    # step i lives in buffer i mod 2: after the prompt, each buffer holds the last step with its residue
+    full, noise = KVCache(model, 1, 16, r), noise_table(model, 1, 16)
+    with torch.no_grad():
+        for c in (cache, full):
+            forward_cached(model, idx, c, r, noise)
+    for (k, v), (k_full, v_full) in zip(cache.core_kv, full.core_kv):
+        for j in range(min(r, 2)):
+            last = max(i for i in range(r) if i % 2 == j)
+            assert torch.equal(k[j], k_full[last]) and torch.equal(v[j], v_full[last])
     with pytest.raises(ValueError, match="multiple of n_layers_core"):
         generate(model, idx, 1, num_steps=r, cache_budget=3)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import load_checkpoint
+from checkpoints import get_tokenizer, load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -129,8 +129,10 @@ def test_int8_beside_float(trained):
     assert f"{float_params / 1e6:.2f}M parameters" in proc.stdout and float_params > 0
     result = json.loads((out_dir / "accuracy_int8.json").read_text())
     assert result["quantize"] == "int8"
-    for r in ("1", "4"):  # a tiny model with int8 weights: mostly the same answers, not all by construction
-        assert 0.8 <= result["agreement"][r] <= 1.0
+    float_result = json.loads(before)
+    for r in ("1", "4"):  # a tiny model with int8 weights: mostly the same answers, and really other weights
+        assert 0.8 <= result["agreement"][r] <= 1.0 and result["val_loss"][r] != float_result["val_loss"][r]
+        assert result["val_loss"][r] == pytest.approx(float_result["val_loss"][r], abs=0.05)
     assert (out_dir / "accuracy.json").read_text() == before
 
 
@@ -148,22 +150,30 @@ def test_int8_yardstick(cups):
     assert agreement[1] < 0.99 and agreement[0] == 1.0
 
 
-def test_own_problem_and_the_picture(trained):
+def test_own_problem_and_the_picture(trained, tmp_path):
     """--problem answers a problem of one's own at each r; the picture is drawn when matplotlib is installed, and
     without it eval.py says how to get it and still finishes."""
     data, out_dir = trained
-    proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,3]", "--problem", "98")
+    proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,3]", "--problem", "98", "--init_scale=0")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     at = lines.index("98")
-    assert lines[at + 1].startswith("  r=1 ") and lines[at + 2].startswith("  r=3 ")
-    assert len(lines[at + 1].split()[1]) == 2  # a label per character of the problem
-    try:
-        import matplotlib  # noqa: F401  (only to learn which outcome to expect)
-    except ImportError:
-        assert "pip install matplotlib" in proc.stdout
-    else:
-        assert (out_dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model, checkpoint = load_checkpoint(str(out_dir))
+    encode, decode = get_tokenizer(checkpoint["meta"])
+    for i, num_steps in enumerate((1, 3)):  # the model's own argmax after each character, "\n" leading as in training
+        with torch.no_grad():
+            logits = model(torch.tensor([encode("\n98")]), num_steps=num_steps, init_scale=0)[0]
+        assert lines[at + 1 + i].split() == [f"r={num_steps}", decode(logits[0, 1:].argmax(-1).tolist())]
+    pytest.importorskip("matplotlib", reason="the picture needs matplotlib (pip install matplotlib)")
+    assert (out_dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without matplotlib (a stand-in package that fails to import): a one-line hint, and the figures all the same
+    fake = tmp_path / "no-matplotlib" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    (out_dir / "accuracy.png").unlink()
+    proc = subprocess.run([sys.executable, "eval.py", f"--out_dir={out_dir}", "--r=[1,3]"], cwd=REPO, text=True,
+                          env={**ENV, "PYTHONPATH": str(fake.parent)}, capture_output=True, timeout=300)
+    assert proc.returncode == 0 and "pip install matplotlib" in proc.stdout and not (out_dir / "accuracy.png").exists()
 
 
 def test_text_checkpoint_gets_val_loss_only(tmp_path):

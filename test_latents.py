@@ -5,6 +5,7 @@ Run: python -m pytest -q test_latents.py
 """
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -106,8 +107,16 @@ def test_reasoning_run_records_the_loop_and_the_think_meter(reasoning):
         torch.testing.assert_close(model.predict(saved["states"][r][None], rope), logits, rtol=1e-5, atol=1e-5)
         assert saved["predictions"][r].tolist() == logits[0].argmax(-1).tolist()
 
-    # 4. the think-meter covers every labelled val position; moves so far = index within its problem + 1
+    # the prompt's report: where each position's argmax settles (the first step from which it stays the final one,
+    # not before step 1) and its distance to the final state, from the recording itself
     report = json.loads((out / "latents.json").read_text())
+    preds = saved["predictions"]
+    settle = [max(1, min(i for i in range(r + 1) if (preds[i:, t] == preds[r, t]).all())) for t in range(T)]
+    assert report["prompt"]["settle"] == settle
+    distance = (saved["states"] - saved["states"][r]).norm(dim=-1).T  # (T, r + 1)
+    np.testing.assert_allclose(report["prompt"]["distance"], distance.numpy(), rtol=1e-5, atol=1e-6)
+
+    # 4. the think-meter covers every labelled val position; moves so far = index within its problem + 1
     targets = np.fromfile(data / "val_targets.bin", dtype=np.uint16)
     meter = report["think_meter"]
     moves = np.array(meter["moves"])
@@ -118,11 +127,17 @@ def test_reasoning_run_records_the_loop_and_the_think_meter(reasoning):
     # the exit rules' meters: decode.py's rules at their defaults, each exit step within 1 .. r
     names = {f"{name} {EXIT_THRESHOLDS[name]:g}" for name in ("kl", "latent-diff", "confident-run")}
     assert set(meter["spearman"]) == {"argmax-settle"} | names
+    for name, correlation in meter["spearman"].items():  # Pearson's on ranks, ties sharing their mean rank
+        values = np.array(meter[name])
+        if len(set(values.tolist())) > 1:
+            rank = lambda a: np.array([(a < v).sum() + ((a == v).sum() + 1) / 2 for v in a])
+            assert correlation == pytest.approx(np.corrcoef(rank(moves), rank(values))[0, 1], abs=1e-9)
     assert all(1 <= s <= r for name in names for s in meter[name])
 
-    # the pictures, when matplotlib is there
+    # the pictures, when matplotlib is installed (CI installs it; the next test checks the hint without it)
     pictures = ["trajectories", "distance", "think_meter"]
-    if "no pictures" not in printed:
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "no pictures" not in printed
         for name in pictures:
             assert (out / "pictures" / f"latents_{name}.png").stat().st_size > 1000
 

@@ -61,6 +61,7 @@ def test_sample_cli_inference_options(out_dir, tmp_path):
                         "--exit_threshold", "1", "--cache_budget", "2", "--warm_start", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].startswith("hello") and "(r = 32)" in result.stdout
+    assert "mean 32.00 steps" not in result.stdout  # the kl exit reached generate: tokens stopped early
 
 
 def test_sample_cli_bpe_tokenizer(tmp_path):
