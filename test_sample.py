@@ -127,7 +127,9 @@ def test_sample_cli_prompts_of_different_lengths_in_one_batch(out_dir, tmp_path)
         batch, alone = pool.map(lambda extra: run_sample(*common, *extra), [[f"--prompts={prompts}"],
                                                                           ["--start", "a b c d e f g"]])
     assert batch.returncode == alone.returncode == 0, batch.stderr
-    lines = batch.stdout.splitlines()
-    assert "decoding 3 prompt(s)" in lines[0]
-    assert lines[1].startswith("to be") and lines[3].startswith("z")
-    assert lines[2] == alone.stdout.splitlines()[1]  # the middle row as if alone
+    assert "decoding 3 prompt(s)" in batch.stdout.splitlines()[0]
+    # the rows, printed one after another (a continuation may hold a newline of its own)
+    rows, row = [out.stdout.split("\n", 1)[1].split("--- sample")[0] for out in (batch, alone)]
+    at = rows.index(row)  # the middle row as if alone
+    assert rows.startswith("to be") and rows[at - 1] == "\n" and row.startswith("a b c d e f g")
+    assert rows[at + len(row):].startswith("z")

@@ -134,6 +134,8 @@ device = pick_device(device)
 dtype = pick_dtype(dtype, device, allowed=("bfloat16", "float32"))
 if dtype == "bfloat16" and not device.startswith("cuda"):
     fail("bfloat16 autocast is supported here on CUDA only; use --dtype=float32")
+if fsdp and not device.startswith("cuda") and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 6):
+    fail(f"--fsdp off a GPU needs a torch newer than 2.5 (its FSDP2 needs CUDA streams); this is {torch.__version__}")
 
 # -----------------------------------------------------------------------------------------------------------
 # processes and device
