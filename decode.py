@@ -231,9 +231,10 @@ class Gate(ExitRule):
     def start(self, state):
         self.signals = Signals()
         self.signals.start(state)
+        if next(self.net.parameters()).device != state.device:  # read and fit on the CPU, used where the model runs
+            self.net.to(state.device)
 
     def settled(self, features):
-        self.net.to(features.device)  # read and fit on the CPU, used where the model runs (once; then a no-op)
         with torch.no_grad():
             return torch.sigmoid(self.net((features - self.mean.to(features)) / self.std.to(features)))[..., 0]
 

@@ -191,6 +191,7 @@ def test_the_gate_follows_the_model_to_its_device():
     meta device stands in for a GPU here: CI has none)."""
     from decode import Gate, gate_net
     gate = Gate(0.01, gate_net(8), torch.zeros(19), torch.ones(19))
+    gate.start(torch.zeros(3, 16, device="meta"))  # a token's s_0 (B, h)
     assert gate.settled(torch.zeros(3, 19, device="meta")).shape == (3,)
 
 
