@@ -176,13 +176,16 @@ def test_no_recompiles_when_r_changes(data_dir, tmp_path):
     assert graphs[-1] == graphs[0]  # ...and not one graph compiled after the first iteration
 
 
-def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path):
-    common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=4", f"--out_dir={tmp_path}"]
+@pytest.mark.parametrize("eval_interval, error", [(4, "error: loss nan at iteration 5; stopped before the update"),
+                                                  (1, "error: val loss nan at iteration 5; stopped before saving")])
+def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, eval_interval, error):
+    """A diverged run stops before its update, and before an evaluation's checkpoint could replace the good one."""
+    common = [*TINY, f"--data_dir={data_dir}", f"--eval_interval={eval_interval}", f"--out_dir={tmp_path}"]
     train(*common, "--max_iters=4")
     # resume with an absurd learning rate: the first update blows the weights up, the next loss is nan
     proc = train(*common, "--max_iters=8", "--init_from=resume", "--learning_rate=1e30", check=False)
     assert proc.returncode != 0
-    assert proc.stderr.strip().startswith("error: loss is nan at iteration 5")
+    assert proc.stderr.strip().startswith(error), proc.stderr
     assert "Traceback" not in proc.stderr
     assert torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=True)["iter_num"] == 4
 

@@ -334,6 +334,12 @@ def checkpoint_state():
     return state
 
 
+def stop_diverged(what, when):
+    """Stop a run whose numbers are no longer finite, before they reach the weights or the checkpoint."""
+    kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint yet"
+    fail(f"{what} at iteration {iter_num}; stopped {when} ({kept}); try a lower --learning_rate")
+
+
 def log(record):
     """One JSON line per log line, flushed at once, so a killed run leaves only whole lines."""
     if master:
@@ -382,6 +388,8 @@ while True:
                   + f" | {losses[('train', mean_recurrence)]:9.4f}")
             log({"iter": iter_num, "val_loss": {str(r): losses[("val", r)] for r in eval_r},
                  "train_loss": losses[("train", mean_recurrence)]})
+        if not all(map(math.isfinite, losses.values())):  # a diverged model never replaces the last good one
+            stop_diverged(f"val loss {val_loss}", "before saving")
         if iter_num > start_iter and (val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, val_loss)
             state = checkpoint_state()  # every process: gathering FSDP's shards takes them all
@@ -414,12 +422,12 @@ while True:
     # the logged loss is the true mean over the whole batch, not the last micro-step's
     step_loss = all_reduce_sum(loss_sum).item() / (accum * world_size)
     if not math.isfinite(step_loss):
-        kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint yet"
-        fail(f"loss is {step_loss} at iteration {iter_num}; stopped before the update ({kept}); "
-             "try a lower --learning_rate")
+        stop_diverged(f"loss {step_loss}", "before the update")
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    if not math.isfinite(grad_norm.item()):  # a finite loss can still have an overflowing gradient
+        stop_diverged(f"gradient norm {grad_norm.item()}", "before the update")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if device_type == "cuda":
