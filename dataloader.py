@@ -127,7 +127,8 @@ class TokenData:
 
     def evenly_spaced(self, split, n):
         """n block numbers spread over the whole split: a fixed evaluation set."""
-        return torch.linspace(0, self.num_blocks(split) - 1, n).long()
+        # in integers: float32's linspace rounds its last value up past the end above 2^24 blocks
+        return torch.arange(n) * (self.num_blocks(split) - 1) // max(n - 1, 1)
 
     def val_problems(self):
         """Reasoning data's val split as rows (n_rows, block_size): the targets, each position's difficulty, which

@@ -302,6 +302,12 @@ def test_train_on_shards_with_exact_resume(corpus, tmp_path):
                 for b in torch.randint(tokens.num_blocks("train"), (200,), generator=torch.Generator().manual_seed(0))
                 .tolist()]
     assert set(shard_of) == {0, 1, 2}
+    # the fixed evaluation blocks stay inside a split of more than 2^24 blocks (FineWeb-Edu's 2B tokens), where
+    # float32 steps would round the last one past the end
+    big = TokenData(str(data), 16)
+    big.first_block = {"train": np.array([0, 2**24 + 4])}  # one shard of 2^24 + 4 blocks
+    blocks = big.evenly_spaced("train", 64)
+    assert blocks[0] == 0 and blocks[-1] == 2**24 + 3 and (blocks.diff() > 0).all()
     x, y = tokens.batch("train", torch.tensor([tokens.first_block["train"][1]]))  # the first block of shard 1
     assert torch.equal(x[0], torch.from_numpy(read_shard(data, "train_000001.bin")[:16].astype(np.int64)))
     assert torch.equal(y[0, :-1], x[0, 1:])
