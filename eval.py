@@ -33,7 +33,7 @@ out_dir = "out"
 r = []                # the r to evaluate; [] means 1, 2, 4, ... up to 8 r_bar
 data_dir = ""         # "" means the data the checkpoint was trained on
 problem = ""          # reasoning checkpoints: a problem of your own to answer at each r, e.g. --problem 0123
-init_scale = 1.0      # std of the noise start s_0, relative to training (0: the zero state)
+init_scale = None     # std of the noise start s_0 (0: the zero state); None: what the checkpoint trained with
 plot = True           # draw out_dir/accuracy.png (needs matplotlib)
 quantize = ""         # "int8": evaluate with int8 weights (kernels.py), and say how often they agree with float32
 device = "cpu"
@@ -42,7 +42,8 @@ config = configure(globals())
 # -----------------------------------------------------------------------------------------------------------
 
 steps(config, "r")
-number(config, "init_scale", low=0)
+if init_scale is not None:
+    number(config, "init_scale", low=0)
 one_of(config, "quantize", ("", "int8"))
 device = pick_device(device)
 set_threads(num_threads)
@@ -51,6 +52,7 @@ writable_dir(out_dir)  # accuracy.json and the picture go there: checked before 
 train_config, meta, r_bar = checkpoint["config"], checkpoint["meta"], model.config.mean_recurrence
 r = sorted(set(r or [2**i for i in range(int(np.log2(8 * r_bar)) + 1)]))
 block_size, batch_size, seed = train_config["block_size"], train_config["batch_size"], train_config["seed"]
+init_scale = train_config["init_scale"] if init_scale is None else init_scale
 data = checkpoint_data(checkpoint, data_dir)
 encode, decode = get_tokenizer(meta)
 reasoning = os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin"))

@@ -48,7 +48,7 @@ goal_accuracy = 0.99    # reasoning: this accuracy in every group of moves so fa
 goal_steps = 16.0       # ... at no more than this many mean steps
 max_rows = 0            # at most this many val rows (0: all)
 batch_size = 64         # rows decoded together
-init_scale = 1.0        # std of the noise start s_0, relative to training (0: the zero state)
+init_scale = None       # std of the noise start s_0 (0: the zero state); None: what the checkpoint trained with
 seed = 1337
 device = "cpu"
 num_threads = 0
@@ -60,11 +60,13 @@ whole(config, 0, "hidden", "max_rows", "seed")
 steps(config, "fixed_r", allow_empty=False)
 number(config, "goal_accuracy", above=0, high=1)
 number(config, "goal_steps", above=0)
-number(config, "init_scale", low=0)
+if init_scale is not None:
+    number(config, "init_scale", low=0)
 number(config, "converged", above=0)
 device = pick_device(device)
 set_threads(num_threads)
 model, checkpoint = load_checkpoint(out_dir, device)
+init_scale = checkpoint["config"]["init_scale"] if init_scale is None else init_scale
 writable_dir(out_dir)  # exit_gate.pt and exits.json go there
 data = checkpoint_data(checkpoint, data_dir)
 reasoning = os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin"))

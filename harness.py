@@ -47,7 +47,7 @@ class NanoHuginn(TemplateLM):
     request scores the same in any batch."""
 
     def __init__(self, out_dir="out", init_from="resume", num_steps=None, exit_criterion="none", exit_threshold=None,
-                 cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=1.0, seed=1337):
+                 cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=None, seed=1337):
         super().__init__()
         self.device_name = pick_device(device)
         if init_from != "resume":  # the release, its weights in dtype (bfloat16 on GPUs, as the authors evaluate)
@@ -58,6 +58,8 @@ class NanoHuginn(TemplateLM):
             meta = checkpoint["meta"]
             if quantize:
                 quantize_int8(self.model)
+        if init_scale is None:  # the noise the model trained with (the release: the paper's)
+            init_scale = checkpoint["config"]["init_scale"] if init_from == "resume" else 1.0
         self.tokenizer_kind = meta["tokenizer"]
         self.encode, self.decode = get_tokenizer(meta)
         # what stands before a text with no context, and where a generation ends: end of text (BPE; the release's
@@ -174,7 +176,8 @@ def check_settings(config):
     whole(config, 0, "limit", "seed", "num_threads")
     whole(config, 1, "batch_size")
     whole(config, -1, "num_fewshot")
-    number(config, "init_scale", low=0)
+    if config["init_scale"] is not None:
+        number(config, "init_scale", low=0)
     one_of(config, "quantize", ("", "int8"))
     names = [t for t in config["tasks"].split(",") if t]
     if not names:
@@ -222,7 +225,7 @@ batch_size = 16
 exit_criterion = "none"  # the exits of generate_until (loglikelihood always runs every step)
 exit_threshold = None
 cache_budget = None
-init_scale = 1.0      # std of the noise start s_0, relative to training (0: the zero state)
+init_scale = None     # std of the noise start s_0 (0: the zero state); None: what the model trained with
 quantize = ""         # "int8": int8 weights (kernels.py)
 apply_chat_template = False  # the release's chat template around each prompt (the paper's GSM8K setting) ...
 system_instruction = ""     # ... with this system turn

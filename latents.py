@@ -41,7 +41,7 @@ tokens = []           # positions of the prompt to draw as trajectories; [] mean
                       # one farthest from its final state at step r/2 (an orbit, if the prompt has one)
 think_meter = None    # None: on for reasoning checkpoints, off for text; True asks for it
 batch_size = 64       # val rows per forward pass
-init_scale = 1.0      # std of the noise start s_0, relative to training (0: the zero state)
+init_scale = None     # std of the noise start s_0 (0: the zero state); None: what the model trained with
 seed = 1337           # the noise starts: torch.Generator().manual_seed(seed) (see record)
 plot = True           # draw the pictures (needs matplotlib)
 plot_dir = ""         # "" means out_dir
@@ -54,7 +54,8 @@ config = configure(globals())
 
 whole(config, 1, "r", "batch_size")
 whole(config, 0, "seed")
-number(config, "init_scale", low=0)
+if init_scale is not None:
+    number(config, "init_scale", low=0)
 one_of(config, "dtype", ("float32", "bfloat16"))
 if any(type(t) is not int for t in tokens):
     fail(f"--tokens must list positions of the prompt (whole numbers), got {tokens!r}")
@@ -74,6 +75,8 @@ if init_from == "resume":
 else:
     model, meta = load_released(init_from, device, getattr(torch, dtype))
     checkpoint = None
+if init_scale is None:  # the noise the model trained with (the release: the paper's)
+    init_scale = checkpoint["config"]["init_scale"] if checkpoint else 1.0
 encode, decode = get_tokenizer(meta)
 reasoning = "examples" in meta  # problems (prepare_data.py reasoning / problems); chat rows are text
 if think_meter and not reasoning:

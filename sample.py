@@ -39,7 +39,7 @@ exit_threshold = None  # None: the criterion's own (kl 1e-3, latent-diff 0.03: s
                        # gate 0.003: stop once its probability that the step is settled is >= 1 - that)
 cache_budget = None  # keep only this many core entries, a multiple of n_layers_core (None: every step's)
 warm_start = False  # start each token's state at the previous token's final state instead of noise
-init_scale = 1.0  # std of the noise start s_0, relative to training (0: the zero state)
+init_scale = None  # std of the noise start s_0 (0: the zero state); None: what the model trained with
 draft_steps = 0  # > 0: self-speculative greedy decoding, drafting at this r and checking at --r
 lookahead = 4  # tokens drafted per check
 compile = None  # compile the one-token step (minutes of compiling, then several times faster); None: on CUDA
@@ -54,7 +54,8 @@ config = configure(globals())
 whole(config, 1, "num_samples", "max_new_tokens", "lookahead")
 whole(config, 0, "top_k", "draft_steps", "seed")
 number(config, "temperature", low=0)
-number(config, "init_scale", low=0)
+if init_scale is not None:
+    number(config, "init_scale", low=0)
 one_of(config, "exit_criterion", list(EXIT_THRESHOLDS))
 if r is not None:
     whole(config, 1, "r")
@@ -95,6 +96,8 @@ if init_from == "resume":
         fail(f"{out_dir} answers reasoning problems rather than continuing text: python eval.py --out_dir={out_dir}")
 else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
+if init_scale is None:  # the noise the model trained with (the release: the paper's)
+    init_scale = checkpoint["config"]["init_scale"] if init_from == "resume" else 1.0
 if chat and meta["tokenizer"] != "huginn":
     fail(f"--chat is for the released model and its fine-tunes: add --init_from=huginn-0125 (or a folder in its "
          f"layout); {out_dir} uses {meta['tokenizer']}")

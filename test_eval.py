@@ -187,9 +187,16 @@ def test_text_checkpoint_gets_val_loss_only(tmp_path):
     (data / "meta.json").write_text(json.dumps(meta))
     out_dir = tmp_path / "out"
     assert run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out_dir}", "--block_size=16",
-               "--eval_interval=4", "--max_iters=4").returncode == 0
+               "--eval_interval=4", "--max_iters=4", "--init_scale=0", "--eval_r=[1,2]").returncode == 0
     proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,2]")
     assert proc.returncode == 0 and "exact-match" not in proc.stdout, proc.stderr
-    assert set(json.loads((out_dir / "eval.json").read_text())["val_loss"]) == {"1", "2"}
+    val_loss = json.loads((out_dir / "eval.json").read_text())["val_loss"]
+    assert set(val_loss) == {"1", "2"}
+    # trained from the zero state (--init_scale=0): train.py's evals and eval.py's default use it too
+    logged = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    final = [rec["val_loss"] for rec in logged if rec.get("iter") == 4 and "val_loss" in rec][0]
+    assert val_loss == pytest.approx({r: final[r] for r in ("1", "2")}, abs=1e-6)
+    assert run("eval.py", f"--out_dir={out_dir}", "--r=[1,2]", "--init_scale=1").returncode == 0
+    assert json.loads((out_dir / "eval.json").read_text())["val_loss"]["1"] != pytest.approx(final["1"], abs=1e-3)
     missing = run("eval.py", f"--out_dir={tmp_path / 'nowhere'}")
     assert missing.returncode != 0 and missing.stderr.strip().startswith("error: no checkpoint at")

@@ -305,7 +305,8 @@ def estimate_loss():
             for i in range(rank, eval_iters, world_size):
                 x, y = eval_batches[split][i]
                 with ctx:
-                    _, loss = raw_model(x, y, num_steps=r, generator=generator(-1, i, device=device))
+                    _, loss = raw_model(x, y, num_steps=r, init_scale=init_scale,
+                                        generator=generator(-1, i, device=device))
                 total += loss
             losses[(split, r)] = all_reduce_sum(total).item() / eval_iters
     raw_model.train()
