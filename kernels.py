@@ -43,7 +43,7 @@ def int8_rows(weight):
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-GRID = 2 / 127  # the step of fbgemm's 7-bit input grid on [-1, 1] (zero point 64)
+GRID = 2 / 127  # the step of fbgemm's 7-bit input grid on [-1, 1]: zero point 64, so -1 and 1 are -64 and 64 steps
 
 
 class Int8Linear(nn.Module):
@@ -77,12 +77,14 @@ class Int8Linear(nn.Module):
         rows = rows.float()
         row_max = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
         unit = rows / row_max
-        rest = unit - (torch.round(unit / GRID).clamp(-64, 63)) * GRID  # fbgemm's grid on [-1, 1]: 64 + q steps
+        rest = unit - torch.round(unit / GRID) * GRID  # what fbgemm's rounding leaves of each entry
         rest_max = rest.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
         y = torch.ops.quantized.linear_dynamic(torch.cat([unit, rest / rest_max, self.pin]), self.packed,
                                                reduce_range=True)  # (2N + 1, out)
         n = len(rows)
-        return ((y[:n] + y[n:2 * n] * rest_max) * row_max).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        # the output dtype of a float Linear: autocast's where it is on (the cache holds that), else x's
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        return ((y[:n] + y[n:2 * n] * rest_max) * row_max).to(dtype).view(*x.shape[:-1], self.out_features)
 
 
 class Int8Embedding(nn.Module):
@@ -93,9 +95,10 @@ class Int8Embedding(nn.Module):
         int8, scale = int8_rows(embedding.weight)
         self.register_buffer("int8", int8)  # (vocab, h)
         self.register_buffer("scale", scale)  # (vocab,)
+        self.dtype = embedding.weight.dtype  # what the model computes in (a bfloat16 model stays bfloat16)
 
     def forward(self, idx):
-        return self.int8[idx].float() * self.scale[idx, None]
+        return (self.int8[idx].float() * self.scale[idx, None]).to(self.dtype)
 
 
 def replace_linears(model, form, names=None):

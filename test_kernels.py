@@ -64,6 +64,11 @@ def test_int8_rows_do_not_depend_on_the_batch():
     # and near the float product: what is lost is the rounding of weights and inputs
     exact = F.linear(x, linear.weight)
     assert ((together - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.05
+    # the input's rounding alone, against the int8 weights' exact product: ~14 bits (7 + 7), whatever the signs
+    int8, scale = kernels.int8_rows(linear.weight)
+    for signs in (1, -1, torch.tensor([1, -1, 1, -1, 1, -1])[:, None]):
+        y, exact = layer(x.abs() * signs), F.linear(x.abs() * signs, int8.float() * scale[:, None])
+        assert ((y - exact).norm(dim=1) / exact.norm(dim=1)).max() < 5e-4
 
 
 def test_int8_is_close_to_float(trained_model):
@@ -101,6 +106,20 @@ def test_int8_decoding_equals_its_own_full_forward(trained_model):
         for t in range(10, out.size(1)):
             logits, _, _ = forward_cached(model, out[:, t:t + 1], cache, 6, noise)
             torch.testing.assert_close(logits[:, 0], full[:, t], atol=1e-3, rtol=0)
+
+
+def test_int8_decodes_in_bfloat16(trained_model):
+    """int8 in a bfloat16 model (the release as the authors run it) and under bfloat16 autocast (sample.py --dtype):
+    the activations and the cache keep that dtype, and decoding gives the model's own greedy tokens."""
+    idx = torch.tensor([PATTERN[:5]])
+    for bf16_weights in (True, False):
+        model = copy.deepcopy(trained_model).to(torch.bfloat16 if bf16_weights else torch.float32)
+        quantize_int8(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not bf16_weights), torch.no_grad():
+            assert model.embed(idx, model.rope[:5]).dtype == (torch.bfloat16 if bf16_weights else torch.float32)
+            out, _ = generate(model, idx, 8, num_steps=6, temperature=0, init_scale=0)
+            logits, _ = model(out[:, :-1], num_steps=6, init_scale=0)
+        assert torch.equal(out[0, 5:], logits[0, 4:].argmax(-1))
 
 
 def test_generate_quantizes_in_place(trained_model):
