@@ -10,9 +10,10 @@ compute means more steps of the core (the paper's section 3):
     s_i = R(e, s_{i-1}),  i = 1 .. r      core: adapter([s_{i-1}, e]), then blocks         RecurrentGPT.core_step
     p   = C(s_r)                          coda: ln_f, blocks, ln_f, lm_head               RecurrentGPT.predict
 
-Training draws r per step (sample_num_steps) and back-propagates through the last k steps only. Names, layouts,
-norms and init follow the released Huginn-0125, so its weights load into this file (checkpoints.py) and give its
-logits. Decoding with a KV cache lives in decode.py; this file is the model.
+Training draws r once per iteration (sample_num_steps; the same r for all its micro-steps) and back-propagates
+through the last k steps only. Names, layouts, norms and init follow the released Huginn-0125, so its weights load
+into this file (checkpoints.py) and give its logits. Decoding with a KV cache lives in decode.py; this file is the
+model.
 """
 
 import math
@@ -110,10 +111,11 @@ def apply_rope(x, rope):
 
 
 class Linear(nn.Linear):
-    """A Linear layer without bias. A product with a few rows (a prompt or a batch of tokens being decoded) is taken
-    as (W x^T)^T: the same product, but on a CPU the BLAS streams a wide weight far better as the left operand (a
-    16-token prompt of Huginn-0125 ran 2.1x faster, docs/released.md). Many rows (training) take the usual path, and
-    so does a compiled graph, where inductor packs the weight of F.linear for its own kernels."""
+    """A Linear layer without bias. On a CPU, a product with 2 to out_features // 4 rows (a prompt, a batch of tokens
+    being decoded) is taken as (W x^T)^T: the same product, but the BLAS streams a wide weight far better as the left
+    operand (16 rows by the core's MLP matrix of Huginn-0125: 342 ms as x W^T, 194 ms as (W x^T)^T, 1.8x;
+    docs/released.md). One row, more rows (training), other devices and compiled graphs (where inductor packs the
+    weight of F.linear for its own kernels) take the usual path."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
@@ -288,8 +290,9 @@ class RecurrentGPT(nn.Module):
         n_grad = min(num_steps, self.config.backprop_depth) if torch.is_grad_enabled() else 0
         for step in range(num_steps):
             with torch.set_grad_enabled(step >= num_steps - n_grad):
-                if self.checkpoint_steps and torch.is_grad_enabled():  # keep only the step's input; recompute in
-                    state = checkpoint(self.core_step, state, e, rope, use_reentrant=False)  # backward (finetune.py)
+                # --activation_checkpointing (train.py): keep only the step's input, recompute the step in backward
+                if self.checkpoint_steps and torch.is_grad_enabled():
+                    state = checkpoint(self.core_step, state, e, rope, use_reentrant=False)
                 else:
                     state = self.core_step(state, e, rope, cache.core(step) if cache else None)
             yield state
@@ -297,7 +300,9 @@ class RecurrentGPT(nn.Module):
     def forward(self, idx, targets=None, num_steps=None, init_scale=1.0, state=None, generator=None):
         # Logits (B, T, vocab) and, given targets, the mean next-token loss (targets -1 are ignored).
         # num_steps is r: None draws it in training mode and takes r_bar in eval mode. `state` replaces the noise
-        # start s_0; `generator` draws r and the noise (train.py keys one per step, for exact resume)
+        # start s_0. `generator` (a torch.Generator) draws r (when num_steps is None) and the noise start. train.py
+        # draws r itself, once per iteration (shared by its micro-steps and ranks), and passes a generator keyed by
+        # (iteration, micro-step), for exact resume; forward's own draw of r serves tests and outside callers
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")

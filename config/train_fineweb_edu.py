@@ -7,8 +7,8 @@
 # Tokens: 3,800 iterations x 524,288 tokens = 1.99B, one pass over the 36 shards: about Chinchilla's 20 tokens
 # per parameter (the loop makes the model compute like a deeper one, so it could use more).
 # Time on an H100-class GPU (989 TFLOP/s bf16 dense): training costs 1.64 GFLOP per token on average over the r
-# sampler (model.estimate_flops_per_token at r = 1 ... 30, weighted by how often sample_num_steps draws each;
-# E[r] = 9), so 3.26e18 FLOPs: 2.3 hours at 40% MFU, 3.1 hours at 30%. The evals add under 2%.
+# sampler (model.estimate_flops_per_token at each r, weighted by how often sample_num_steps draws it: E[r] = 9,
+# and r <= 30 in 99.6% of draws), so 3.26e18 FLOPs: 2.3 hours at 40% MFU, 3.1 hours at 30%. The evals add under 2%.
 # The log prints MFU against the GPU's datasheet peak, so the first minutes tell which of these it is.
 # None of this was run here: the project has had no GPU yet (docs/tests.md, "A first GPU run").
 out_dir = "out"

@@ -14,7 +14,7 @@ gradient_accumulation_steps = 1
 
 # No prelude and no coda: the whole network is one 64-wide block looped r times. With even one block before and
 # after the loop, the model first learns to solve short problems in those fixed blocks and ignores the loop
-# for a long time; with none, the only way to more compute is more iterations.
+# for a long time; with none, the only way to more compute is more steps of the core.
 n_embd = 64
 n_head = 4
 n_layers_prelude = 0
@@ -25,7 +25,7 @@ mean_recurrence = 8
 backprop_depth = 4
 
 learning_rate = 3e-3
-max_iters = 6000  # 3,000 left seed 0 short of the step (docs/training.md)
+max_iters = 6000  # 3,000 left seed 0 short on the longest problems (docs/training.md)
 warmup_iters = 100
 min_lr = 3e-4
 weight_decay = 0.05

@@ -1,4 +1,4 @@
-# Tiny shakespeare, characters, on a CPU in about 6 minutes, built to show what the recurrence buys: every block
+# Tiny shakespeare, characters, on a CPU in 4-6.5 minutes, built to show what the recurrence buys: every block
 # is inside the loop, so r = 1 is a one-block model and r = r_bar a four-block one (val loss by r: docs/training.md).
 #   python prepare_data.py shakespeare_char && python train.py config/train_shakespeare_char.py
 # (With one prelude and one coda block around the core, the same budget gave a gap of only ~0.03 nats between
@@ -14,7 +14,8 @@ batch_size = 12
 block_size = 64
 gradient_accumulation_steps = 1
 
-# no prelude, no coda: one 128-wide block looped r_bar = 4 times on average, gradients through the last k = 2
+# no prelude, no coda: one 128-wide block looped r times (r_bar = 4: training r averages 5), gradients through
+# the last k = 2 steps
 n_embd = 128
 n_head = 4
 n_layers_prelude = 0
