@@ -52,13 +52,14 @@ class KVCache:
         self.index = self.mask = None  # set by start(): where the current tokens go, what each may attend to
 
     def set_first(self, first):
-        """Each row's first index (B,), and from it, once rather than at every token, the RoPE rows (B, max_len,
-        hd/2, 2) of each index and what each index may attend to (B, 1, max_len, max_len): its own row's tokens up
-        to itself, from the row's first on. A padding slot before the first sees only itself (never nothing: an
-        empty softmax would be nan). These are small beside the cache: max_len bytes a position against its keys."""
+        """Each row's first index (B,), and from it, once rather than at every token, each index's position in its row
+        (B, max_len), its RoPE rows (B, max_len, hd/2, 2) and what it may attend to (B, 1, max_len, max_len): its own
+        row's tokens up to itself, from the row's first on. A padding slot (position 0) sees only itself (never nothing:
+        an empty softmax would be nan). These are small beside the cache: max_len bytes a position against its keys."""
         self.first = first.to(self.keys.device)
         keys, new = self.keys, self.keys[:, None]
-        self.rope_rows = self.rope[(keys[None] - self.first[:, None]).clamp(min=0)]
+        self.positions = (keys[None] - self.first[:, None]).clamp(min=0)  # (B, max_len)
+        self.rope_rows = self.rope[self.positions]
         self.visible = ((keys <= new) & (keys >= self.first[:, None, None]) | (keys == new))[:, None]
 
     def start(self, T):
@@ -278,7 +279,7 @@ def forward_cached(model, idx, cache, num_steps, noise, state=None, rule=None, l
     """Run new tokens idx (B, T) at positions cache.pos .. through the model, reading and filling the cache.
 
     The same embed, iterate and predict as model.forward, so the logits equal a full forward pass over the context.
-    noise (B, max_len, h) holds s_0 for every position; `state` replaces it (warm start). With an exit rule (an
+    noise (B, max_len, h) holds s_0 for every cache index; `state` replaces it (warm start). With an exit rule (an
     ExitRule; T = 1 only) each row stops at the first step the rule says it is done, and keeps that step's state.
     watch(step, state, log_probs), if given, sees every step's state (B, h) and prediction (B, vocab) of the last
     position; every row then runs all num_steps, but what a stopped row leaves (its state, its cache entries) is
@@ -390,22 +391,22 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
         chunk = lookahead + 1 if draft_steps else 1  # positions one pass after the prompt writes
         max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
         cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)
-        # s_0 of every position, drawn once: a position's noise is the same however it is decoded
-        noise = model.initial_state((B, max_len, cfg.n_embd), init_scale, generator)
-
-        prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, noise)
+        # s_0 of each position a row can have, shared by the rows; one shape, so the generator advances alike whatever
+        # the lengths. Cheap: a CPU thread draws 1024 x 768 in 17 ms, released 4096 x 5280 in 0.8 s (a token: 0.5-4 s)
+        table = model.initial_state((cfg.block_size, cfg.n_embd), init_scale, generator)  # (block_size, h)
+        prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, table)
         # 3. the loop. It keeps one invariant: the cache holds every token of idx, and logits are the next token's. So
         # the prompt takes one pass (as many reads of the weights as a token), and the last new token none
-        logits, state = prefill(idx)
+        logits, state, noise = prefill(idx)
         stop = torch.tensor(list(stop_ids) or [-1], device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that have produced a stop id
         # the first new token comes from the prompt's pass, at the full r (speculative rounds count their own)
         steps = [] if draft_steps else [torch.full((B, 1), num_steps)]
         drafted, accepted, first_step_seconds, t0 = 0, 0, None, None
         while True:
-            # speculation: as many drafts as the cache has room to check; with none, a plain greedy token, so the
-            # context is cropped where plain decoding crops it
-            fit = min(lookahead, max_len - cache.pos - 1) if draft_steps else 0
+            # speculation: as many drafts as the cache has room to check and the output still wants (a round gives one
+            # token more); with none, a plain greedy token, so the context is cropped where plain decoding crops it
+            fit = min(lookahead, max_len - cache.pos - 1, max_new_tokens - (idx.size(1) - T) - 1) if draft_steps else 0
             if fit > 0:
                 t0 = time.perf_counter()
                 new, logits, kept = speculative_round(model, logits, cache, noise, num_steps, draft_steps, fit)
@@ -422,7 +423,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                 break
             if fit <= 0:  # the new token's pass: its cache entries and the next token's logits
                 if cache.pos + 1 > max_len:  # the context is full: start again from its last half (nanoGPT crops)
-                    logits, state = prefill(idx[:, -(max_len // 2):])
+                    logits, state, noise = prefill(idx[:, -(max_len // 2):])
                     used = torch.full((B,), num_steps)
                 else:
                     t0 = time.perf_counter()
@@ -438,15 +439,17 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     return finish(idx, T, max_new_tokens, stop, steps, drafted, accepted, first_step_seconds)
 
 
-def prefill_cache(model, cache, context, cut, num_steps, noise):
+def prefill_cache(model, cache, context, cut, num_steps, table):
     """A cache holding context (B, t), at the full r (the reference never exits in the prefill): the next token's
-    logits (B, vocab), and the final state of the last position, for a warm start. cut: the tokens cut off the
-    front of the context (a full context starts again from its last half), by which each row's padding shrinks."""
+    logits (B, vocab), the last position's final state (a warm start's) and s_0 (B, max_len, h): row b's index p from
+    table (block_size, h) at its own position p - first[b]. cut: the tokens cut off the front of the context (a full
+    context starts again from its last half), by which each row's padding shrinks."""
     if cut:
         cache.set_first((cache.first - cut).clamp(min=0))
+    noise = table[cache.positions]  # (B, max_len, h), once per prompt or crop: the same alone or in a batch
     cache.rollback(0)
     logits, state, _ = forward_cached(model, context, cache, num_steps, noise, last=True)
-    return logits[:, -1], state[:, -1:]
+    return logits[:, -1], state[:, -1:], noise
 
 
 def finish(idx, T, max_new_tokens, stop, steps, drafted, accepted, first_step_seconds):

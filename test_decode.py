@@ -307,6 +307,33 @@ def test_speculation_crops_where_plain_greedy_does():
         generate(model, idx, 4, num_steps=4, temperature=0, draft_steps=1, cache_budget=2)
 
 
+def test_speculation_draws_the_noise_plain_decoding_draws():
+    """At init_scale=1 too, speculation is exactly greedy decoding at r, and so is a second call on the same
+    generator: the noise table's shape does not depend on the lookahead (it once had the cache's length, which
+    rounds T + 52 + 1 up to 64 positions and T + 52 + 5 to 128)."""
+    model = tiny_model()
+    idx = prompt(model, B=2)
+    runs = []
+    for kwargs in (dict(), dict(draft_steps=2, lookahead=4)):
+        g = torch.Generator().manual_seed(7)  # one generator for both calls, as sample.py's num_samples
+        runs.append([generate(model, idx, 52, num_steps=6, temperature=0, generator=g, **kwargs)[0] for _ in range(2)])
+    (plain, plain_again), (fast, fast_again) = runs
+    assert torch.equal(plain, fast)
+    assert torch.equal(plain_again, fast_again)
+    assert not torch.equal(plain, plain_again)  # the second call drew other noise, and the tokens follow it
+
+
+def test_speculation_drafts_nothing_past_max_new_tokens():
+    """A round gives its drafts and one token more: with one token left it drafts none, with two, one."""
+    model = tiny_model()
+    idx = prompt(model)
+    plain, _ = generate(model, idx, 2, num_steps=4, temperature=0, init_scale=0)
+    for n, drafts in ((1, 0), (2, 1)):
+        fast, stats = generate(model, idx, n, num_steps=4, temperature=0, init_scale=0, draft_steps=1)
+        assert torch.equal(fast, plain[:, :idx.size(1) + n])
+        assert stats["drafted"] == drafts and stats["accepted"] <= drafts and stats["steps"].shape == (1, n)
+
+
 def test_speculation_accepts_drafts_of_a_trained_model(trained_model):
     idx = torch.tensor([PATTERN[:5]])
     plain, _ = generate(trained_model, idx, 48, num_steps=16, temperature=0, init_scale=0)
@@ -474,6 +501,47 @@ def test_batched_logits_equal_alone_and_padding_is_never_read():
     for b, p in enumerate(prompts):
         alone = decode_steps(torch.tensor([p]), torch.tensor([len(p)]), 1)
         torch.testing.assert_close(together[b], alone[0], atol=1e-5, rtol=0)
+
+
+def test_a_row_sees_the_noise_it_sees_alone():
+    """At init_scale=1 every row of a padded batch gives the tokens it gives alone with the same seed: the rows
+    share one noise table, each reading it at its own positions (not at the batch's indices). At r = 2 the tokens
+    follow the noise: another seed changes them."""
+    from decode import pad_prompts
+    model = tiny_model()
+    prompts = [prompt(model, T=t, seed=t)[0].tolist() for t in (1, 5, 17)]
+    idx, lengths = pad_prompts(prompts)
+    run = lambda x, seed, **kwargs: generate(model, x, 12, num_steps=2, temperature=0, **kwargs,
+                                             generator=torch.Generator().manual_seed(seed))[0]
+    together = run(idx, 5, lengths=lengths)
+    assert not torch.equal(together, run(idx, 6, lengths=lengths))
+    for b, p in enumerate(prompts):
+        assert together[b, idx.size(1):].tolist() == run(torch.tensor([p]), 5)[0, len(p):].tolist()
+
+
+def test_noise_after_a_crop_is_at_each_rows_new_positions():
+    """A padded batch decoded past block_size: each token equals a full forward pass over its row's context at the
+    time (the batch's last block_size / 2 positions after a crop, less the row's padding) from the table's first
+    entries: a crop moves a row's positions, and its noise with them."""
+    from decode import pad_prompts
+    model = tiny_model(block_size=32)
+    prompts = [prompt(model, T=t, seed=t)[0].tolist() for t in (3, 10)]
+    idx, lengths = pad_prompts(prompts)
+    out, _ = generate(model, idx, 30, num_steps=2, temperature=0, lengths=lengths,
+                      generator=torch.Generator().manual_seed(4))
+    table = model.initial_state((32, model.config.n_embd), generator=torch.Generator().manual_seed(4))  # generate's
+    first, start = idx.size(1) - lengths, 0  # each row's padding; where the batch's context starts
+    expected = idx
+    with torch.no_grad():
+        for _ in range(30):
+            new = []
+            for b in range(2):
+                context = expected[b:b + 1, max(start, int(first[b])):]  # (1, t): the row's own tokens
+                logits, _ = model(context, num_steps=2, state=table[None, :context.size(1)])
+                new.append(logits[:, -1].argmax(-1))
+            expected = torch.cat([expected, torch.stack(new)], dim=1)
+            start = expected.size(1) - 16 if expected.size(1) - start > 32 else start  # crop as generate does
+    assert start > 0 and torch.equal(out, expected)
 
 
 def test_each_row_stops_at_its_own_stop_token():
