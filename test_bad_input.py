@@ -48,6 +48,9 @@ def files(tmp_path_factory):
     (tmp / "play.txt").write_text(play_text(20_000))
     assert run_script("prepare_data.py", "shakespeare_char", f"--input={tmp / 'play.txt'}",
                       f"--out_dir={tmp / 'char'}") is None
+    (tmp / "lower.txt").write_text(play_text(20_000).lower())  # another vocabulary
+    assert run_script("prepare_data.py", "shakespeare_char", f"--input={tmp / 'lower.txt'}",
+                      f"--out_dir={tmp / 'char-lower'}") is None
     assert run_script("prepare_data.py", "reasoning", f"--out_dir={tmp / 'rows'}", "--num_train_problems=300",
                       "--val_problems_per_difficulty=2", "--train_max_difficulty=4") is None
     for kind, data in (("text", "char"), ("cups", "rows")):  # a checkpoint in train.py's format, untrained
@@ -146,6 +149,10 @@ CASES = [
     ("train.py", ["--init_from=resume", "--out_dir={tmp}/ckpt-random"], "is not a readable checkpoint"),
     ("train.py", ["--init_from=resume", "--out_dir={tmp}/ckpt-zip"], "is not a readable checkpoint"),
     ("train.py", ["--init_from=resume", "--out_dir={tmp}/text", "--max_iters=5"], "raise --max_iters"),
+    ("train.py", ["--init_from=resume", "--out_dir={tmp}/text", "--max_iters=50", "--data_dir={tmp}/char-lower"],
+     "has another vocabulary than {tmp}/text/ckpt.pt (vocab_size differs)"),
+    ("train.py", ["--init_from=resume", "--out_dir={tmp}/text", "--max_iters=50", "--lora_rank=4"],
+     "was trained from scratch, not fine-tuned from the release; resume it without --lora_rank"),
     # sample.py
     ("sample.py", ["--draft_steps=2", "--temperature=0", "--lookahead=0"], "--lookahead must be a whole number >= 1"),
     ("sample.py", ["--exit_criterion=kl", "--exit_threshold=abc"], "--exit_threshold must be a number >= 0"),
@@ -239,6 +246,22 @@ def test_one_line_error(files, capsys, script, args, expected):
     assert isinstance(code, str), f"{script} {args} did not stop with an error (exit {code!r})"
     assert code.startswith("error: ") and "\n" not in code and fill(expected) in code, code
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_files_another_dataset_left_are_not_read(files, tmp_path):
+    """Character data prepared into a folder that held three-cups rows and shards: its meta.json says what the data
+    is, so the stale targets and shards are not read (they were, and the error's hint could not remove them)."""
+    from dataloader import TokenData
+    folder = tmp_path / "reused"
+    folder.mkdir()
+    for f in (files / "char").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    for name in ("train_targets.bin", "val_targets.bin"):
+        (folder / name).write_bytes((files / "rows" / name).read_bytes())
+    (folder / "train_000001.bin").write_bytes((files / "char" / "train.bin").read_bytes())
+    data = TokenData(str(folder), 32)
+    assert not data.aligned and data.shards == {"train": ["train.bin"], "val": ["val.bin"]}
+    assert data.num_blocks("train") == TokenData(str(files / "char"), 32).num_blocks("train")
 
 
 def test_checkpoint_and_log_survive_a_refused_scratch_run(files):

@@ -98,6 +98,16 @@ def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
     assert sum(logged[i] for i in range(25, 30)) < 0.85 * sum(logged[i] for i in range(5))
     checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert "model" in checkpoint and checkpoint["base"] == str(release / "model")
+    # the saved settings are what ran: the release's architecture, not train.py's defaults
+    assert {k: checkpoint["config"][k] for k in ("n_embd", "n_head", "intermediate_size")} == \
+        {k: checkpoint["model_config"][k] for k in ("n_embd", "n_head", "intermediate_size")} == \
+        {"n_embd": 32, "n_head": 2, "intermediate_size": 48}
+    # rows longer than the release's 64 positions: one line, before any training
+    run("prepare_data.py", "chat", f"--input={release / 'pairs.jsonl'}", "--row_len=100", "--val_fraction=0.1",
+        f"--tokenizer={release / 'model' / 'tokenizer.json'}", f"--out_dir={tmp_path / 'long'}")
+    proc = run(*finetune_args(release, tmp_path / "out-long", "--max_iters=1", f"--data_dir={tmp_path / 'long'}",
+                              "--block_size=100"), check=False)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "do not fit the release" in proc.stderr
 
 
 def test_lora_trains_only_the_adapters_and_resumes_exactly(release, tmp_path):

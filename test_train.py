@@ -74,6 +74,13 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert len({r["r"] for r in records(straight) if "r" in r}) > 1  # r really varied
     final = [r["val_loss"] for r in records(straight) + records(split) if r.get("iter") == 20 and "val_loss" in r]
     assert len(final) == 2 and final[0] == final[1]
+    # settings changed on a resume are said, and the optimizer runs with them (not the checkpoint's saved groups)
+    resumed = train(*common, "--max_iters=21", f"--out_dir={split}", "--init_from=resume", "--weight_decay=0.5",
+                    "--beta2=0.9")
+    assert "settings changed since the checkpoint: max_iters 20 -> 21, weight_decay 0.1 -> 0.5, beta2 0.95 -> 0.9" \
+        in resumed.stdout
+    groups = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["betas"]) for g in groups] == [(0.5, (0.9, 0.9)), (0.0, (0.9, 0.9))]
 
 
 # runs train.py with torch.save replaced: the second save writes half the file, says so, and hangs

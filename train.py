@@ -13,6 +13,7 @@ Every iteration draws a new r (paper section 3) and back-propagates through the 
 the loop over r stays in Python and only its fixed-shape pieces are compiled, so a new r never recompiles.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -27,8 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import (from_pretrained, lock_run_folder, pretrained_folder, read_checkpoint, released_layout,
-                         save_checkpoint)
+from checkpoints import load_released, lock_run_folder, read_checkpoint, released_layout, save_checkpoint
 from common import format_seconds, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps, whole
 from dataloader import TokenData
@@ -206,8 +206,20 @@ if init_from == "resume":
     if "base" in checkpoint:  # a fine-tuning run: the same base model (and adapters) again
         released, finetune = checkpoint["base"], True
         lora = checkpoint.get("lora_config", {"rank": 0, "alpha": lora_alpha, "modules": lora_modules})
-        lora_rank, lora_alpha, lora_modules = lora["rank"], lora["alpha"], lora["modules"]
-base = pretrained_folder(released) if finetune else None  # the release's folder (downloaded once if need be)
+        for k in ("rank", "alpha", "modules"):  # what the adapters are, whatever the settings say
+            config[f"lora_{k}"] = globals()[f"lora_{k}"] = lora[k]
+    if fsdp and not checkpoint["config"].get("fsdp"):  # its optimizer state is keyed by position, FSDP's by name
+        fail(f"{ckpt_path} was saved by a run without --fsdp; resume it without --fsdp (DDP or one process)")
+    if "base" not in checkpoint and lora_rank:
+        fail(f"--lora_rank: {ckpt_path} was trained from scratch, not fine-tuned from the release; resume it "
+             "without --lora_rank")
+    changed = [f"{k} {checkpoint['config'][k]!r} -> {v!r}" for k, v in config.items()
+               if k in checkpoint["config"] and k not in MODEL_KEYS + ["init_from", "overwrite"]
+               and checkpoint["config"][k] != v]
+    if changed and master:  # allowed (a longer schedule, another eval), but then not the run it would have been
+        print(f"resume: settings changed since the checkpoint: {', '.join(changed)}")
+if finetune and lora_rank and importlib.util.find_spec("peft") is None:  # before the release loads
+    fail("LoRA fine-tuning (--lora_rank) needs peft: pip install peft")
 
 # -----------------------------------------------------------------------------------------------------------
 # data: token files written by prepare_data.py, read as batches of numbered blocks (dataloader.py)
@@ -215,6 +227,11 @@ base = pretrained_folder(released) if finetune else None  # the release's folder
 data = TokenData(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset), block_size,
                  dataset, block_size_flag="--block_size")
 meta = data.meta
+if init_from == "resume":  # ids must mean what they meant: the same tokenizer, and the same characters
+    for k in ("tokenizer", "vocab_size", "chars"):
+        if meta.get(k) != checkpoint["meta"].get(k):
+            fail(f"{data.data_dir} has another vocabulary than {ckpt_path} ({k} differs); resume on the data it "
+                 "was trained on (--data_dir or --dataset)")
 
 
 def get_batch(split, blocks):
@@ -237,9 +254,16 @@ if finetune:  # the release's weights and architecture; the objective's r_bar, k
     if meta["tokenizer"] != "huginn":
         fail(f"fine-tuning the release needs data in its tokenizer (prepare_data.py gsm8k or chat); "
              f"{data.data_dir} uses {meta['tokenizer']}")
-    model = from_pretrained(base, device=device).requires_grad_(True).train()
+    model, release = load_released(released, device, torch.float32)  # errors in one line
+    base, model = release["folder"], model.requires_grad_(True).train()
+    if block_size > model.config.block_size or meta["vocab_size"] > model.config.vocab_size:
+        fail(f"{data.data_dir}: rows of {block_size} tokens (ids below {meta['vocab_size']}) do not fit the release "
+             f"({model.config.block_size} positions, {model.config.vocab_size} ids); prepare it with a smaller "
+             "--row_len, in the release's tokenizer")
     for k in ("mean_recurrence", "backprop_depth", "sigma"):
         setattr(model.config, k, globals()[k])
+    # the saved settings say what ran: the release's architecture (block_size stays the rows' length)
+    config.update({k: getattr(model.config, k) for k in MODEL_KEYS if k != "block_size"})
     model_config = model.config
     if lora_rank:  # only the adapters train (float32); the frozen base can live in bf16 on a GPU
         for p in model.parameters() if dtype == "bfloat16" else []:  # the weights only: RoPE's table stays float32
@@ -263,11 +287,14 @@ plan = memory_plan(raw_model, batch_size, block_size, 2 if dtype == "bfloat16" e
 if fsdp:
     model = raw_model = shard(model)  # in place: the model's parameters become shards
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+fresh_settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 if checkpoint is not None and fsdp:  # FSDP's optimizer state is keyed by parameter name
     set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
 elif checkpoint is not None:
     optimizer.load_state_dict(checkpoint["optimizer"])
+for group, settings in zip(optimizer.param_groups, fresh_settings):  # a resumed run: this run's weight decay and
+    group.update(settings)  # betas, not the checkpoint's (lr is set at every iteration)
 checkpoint = None  # free the memory
 if compile:
     model.compile_pieces()  # embed, core_step and predict; the loop over r stays in Python, so r never recompiles
