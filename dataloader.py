@@ -54,15 +54,16 @@ class TokenData:
         if not isinstance(self.meta, dict) or type(self.meta.get("vocab_size")) is not int or \
                 not 1 <= self.meta["vocab_size"] <= 2**16 or "tokenizer" not in self.meta:
             fail(f"{meta_path} lacks a tokenizer and a vocab_size from 1 to 65536; {hint} again")
-        # a sharded corpus's meta.json names its shards: those are the data, whatever else an earlier run left
-        files = self.meta.get("shards") or os.listdir(data_dir)
+        # a sharded corpus's meta.json names its shards, other data is train.bin and val.bin: those are the data,
+        # whatever else an earlier run left in the folder
+        files = self.meta.get("shards") or [f for f in os.listdir(data_dir) if f in ("train.bin", "val.bin")]
         self.shards = {split: sorted(f for f in files if re.fullmatch(rf"{split}(_\d+)?\.bin", f))
                        for split in ("train", "val")}
         self.row_len = self.meta.get("row_len")  # rows of a fixed length (reasoning data): a block is a row
-        self.aligned = os.path.isfile(os.path.join(data_dir, "train_targets.bin"))  # targets given per position
-        if (self.aligned or self.row_len) and not (self.shards == {"train": ["train.bin"], "val": ["val.bin"]}
-                                                   and os.path.isfile(os.path.join(data_dir, "val_targets.bin"))):
-            fail(f"{data_dir} has rows or aligned targets but not one train.bin and val.bin with their targets; {hint}")
+        self.aligned = self.row_len is not None  # rows come with their targets, one per position (*_targets.bin)
+        if self.aligned and not (self.shards == {"train": ["train.bin"], "val": ["val.bin"]}
+                                 and os.path.isfile(os.path.join(data_dir, "val_targets.bin"))):
+            fail(f"{data_dir} has rows but not one train.bin and val.bin with their targets; {hint}")
         for split, files in self.shards.items():
             if not files:
                 fail(f"no {split}.bin or {split}_*.bin shards in {data_dir}; {hint}")

@@ -52,7 +52,7 @@ writable_dir(out_dir)  # accuracy.json and the picture go there: checked before 
 train_config, meta, r_bar = checkpoint["config"], checkpoint["meta"], model.config.mean_recurrence
 r = sorted(set(r or [2**i for i in range(int(np.log2(8 * r_bar)) + 1)]))
 block_size, batch_size, seed = train_config["block_size"], train_config["batch_size"], train_config["seed"]
-init_scale = train_config["init_scale"] if init_scale is None else init_scale
+init_scale = train_config.get("init_scale", 1.0) if init_scale is None else init_scale
 data = checkpoint_data(checkpoint, data_dir)
 encode, decode = get_tokenizer(meta)
 reasoning = os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin"))

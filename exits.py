@@ -66,7 +66,7 @@ number(config, "converged", above=0)
 device = pick_device(device)
 set_threads(num_threads)
 model, checkpoint = load_checkpoint(out_dir, device)
-init_scale = checkpoint["config"]["init_scale"] if init_scale is None else init_scale
+init_scale = checkpoint["config"].get("init_scale", 1.0) if init_scale is None else init_scale
 writable_dir(out_dir)  # exit_gate.pt and exits.json go there
 data = checkpoint_data(checkpoint, data_dir)
 reasoning = os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin"))

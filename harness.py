@@ -59,7 +59,7 @@ class NanoHuginn(TemplateLM):
             if quantize:
                 quantize_int8(self.model)
         if init_scale is None:  # the noise the model trained with (the release: the paper's)
-            init_scale = checkpoint["config"]["init_scale"] if init_from == "resume" else 1.0
+            init_scale = checkpoint["config"].get("init_scale", 1.0) if init_from == "resume" else 1.0
         self.tokenizer_kind = meta["tokenizer"]
         self.encode, self.decode = get_tokenizer(meta)
         # what stands before a text with no context, and where a generation ends: end of text (BPE; the release's

@@ -76,7 +76,7 @@ else:
     model, meta = load_released(init_from, device, getattr(torch, dtype))
     checkpoint = None
 if init_scale is None:  # the noise the model trained with (the release: the paper's)
-    init_scale = checkpoint["config"]["init_scale"] if checkpoint else 1.0
+    init_scale = checkpoint["config"].get("init_scale", 1.0) if checkpoint else 1.0
 encode, decode = get_tokenizer(meta)
 reasoning = "examples" in meta  # problems (prepare_data.py reasoning / problems); chat rows are text
 if think_meter and not reasoning:

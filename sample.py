@@ -97,7 +97,7 @@ if init_from == "resume":
 else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
 if init_scale is None:  # the noise the model trained with (the release: the paper's)
-    init_scale = checkpoint["config"]["init_scale"] if init_from == "resume" else 1.0
+    init_scale = checkpoint["config"].get("init_scale", 1.0) if init_from == "resume" else 1.0
 if chat and meta["tokenizer"] != "huginn":
     fail(f"--chat is for the released model and its fine-tunes: add --init_from=huginn-0125 (or a folder in its "
          f"layout); {out_dir} uses {meta['tokenizer']}")
