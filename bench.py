@@ -430,8 +430,8 @@ def decode_section():
     compile_for_decoding(compiled_model, compile_backend)
     result = {"prompt": prompt.size(1), "decode": {}}
     result["decode_compile_seconds"] = timed(lambda: decode(compiled_model, 2, decode_r[0], compile=True))
-    result["decode_compile_speculative_seconds"] = timed(lambda: decode(compiled_model, 1, decode_r[0],
-                                                                        **variants["speculative"][1]))
+    result["decode_compile_speculative_seconds"] = timed(lambda: decode(compiled_model, lookahead + 1, decode_r[0],
+                                                                        **variants["speculative"][1]))  # 1 round
     graphs = counters["stats"]["unique_graphs"]
     for i, r_i in enumerate(decode_r):
         runs = {name: [] for name in variants} | ({"no cache (recompute)": []} if i == 0 else {})
