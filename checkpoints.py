@@ -65,11 +65,18 @@ def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
     gate = os.path.join(out_dir, "exit_gate.pt")
     if os.path.isfile(gate):  # exits.py's learned exit, for generate(..., exit_criterion="gate")
         try:
-            model.exit_gate = load_gate(gate)
+            exit_gate = load_gate(gate)
         except Exception as err:  # as for ckpt.pt: a damaged file has many ways to fail
             fail(f"{gate} is not a readable exit gate ({type(err).__name__}); fit it again: python exits.py "
                  f"--out_dir={out_dir}")
+        if exit_gate["fitted_on"] in (None, fitted_on(checkpoint)):  # not a gate fit on an earlier checkpoint
+            model.exit_gate = exit_gate
     return model.to(device).eval(), checkpoint
+
+
+def fitted_on(checkpoint):
+    """What exits.py records of the checkpoint it fit a gate on: a gate learned on other weights is not used."""
+    return {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"]}
 
 
 def save_checkpoint(checkpoint, path):

@@ -252,7 +252,7 @@ def load_gate(path):
     saved = torch.load(path, map_location="cpu", weights_only=True)
     net = gate_net(saved["hidden"])
     net.load_state_dict(saved["state_dict"])
-    return {"net": net.eval(), "mean": saved["mean"], "std": saved["std"]}
+    return {"net": net.eval(), "mean": saved["mean"], "std": saved["std"], "fitted_on": saved.get("fitted_on")}
 
 
 # the exit criteria by name and their default thresholds: the reference's automatic values for kl and latent-diff
@@ -270,7 +270,7 @@ def exit_rule(model, criterion, threshold=None):
     if criterion == "gate":
         gate = getattr(model, "exit_gate", None)
         if gate is None:
-            raise ValueError("this model has no exit gate: fit one with python exits.py --out_dir=<its checkpoint>")
+            raise ValueError("this model has no exit gate fit on it: python exits.py --out_dir=<its checkpoint>")
         return Gate(EXIT_THRESHOLDS["gate"] if threshold is None else threshold, gate["net"], gate["mean"], gate["std"])
     return EXIT_RULES[criterion](EXIT_THRESHOLDS[criterion] if threshold is None else threshold)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_checkpoint
+from checkpoints import fitted_on, load_checkpoint
 from common import keyed_generator, pick_device, set_threads, writable_dir
 from configurator import configure, number, steps, whole
 from dataloader import checkpoint_data
@@ -221,7 +221,7 @@ for round_ in range(rounds):
           f"({time.time() - t0:.0f} s)")
 gate_path = os.path.join(out_dir, "exit_gate.pt")
 torch.save({"state_dict": gate["net"].state_dict(), "hidden": hidden, "mean": gate["mean"], "std": gate["std"],
-            "r": r, "rounds": rounds}, gate_path)
+            "r": r, "rounds": rounds, "fitted_on": fitted_on(checkpoint)}, gate_path)
 
 # the table
 table = []

@@ -103,7 +103,7 @@ if chat and meta["tokenizer"] != "huginn":
          f"layout); {out_dir} uses {meta['tokenizer']}")
 encode, decode = get_tokenizer(meta)
 if exit_criterion == "gate" and not hasattr(model, "exit_gate"):
-    fail(f"--exit_criterion gate needs the gate exits.py fits beside a checkpoint: python exits.py --out_dir={out_dir}")
+    fail(f"--exit_criterion gate needs a gate exits.py fit on this checkpoint: python exits.py --out_dir={out_dir}")
 
 # the prompts, as token ids
 stop_ids = []

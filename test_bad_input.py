@@ -159,7 +159,7 @@ CASES = [
     ("sample.py", ["--exit_criterion=kl", "--exit_threshold=-1"], "--exit_threshold must be a number >= 0"),
     ("sample.py", ["--exit_criterion=confident-run", "--exit_threshold=0.5"], "--exit_threshold must be a whole"),
     ("sample.py", ["--exit_criterion=entropy"], "--exit_criterion must be one of"),
-    ("sample.py", ["--exit_criterion=gate", "--out_dir={tmp}/text"], "needs the gate exits.py fits"),
+    ("sample.py", ["--exit_criterion=gate", "--out_dir={tmp}/text"], "needs a gate exits.py fit on this checkpoint"),
     ("sample.py", ["--out_dir={tmp}/gate-broken"], "exit_gate.pt is not a readable exit gate"),
     ("sample.py", ["--num_samples=0"], "--num_samples must be a whole number >= 1"),
     ("sample.py", ["--max_new_tokens=0"], "--max_new_tokens must be a whole number >= 1"),

@@ -77,3 +77,10 @@ def test_generate_uses_the_gate_beside_the_checkpoint(gated):
     del model.exit_gate
     with pytest.raises(ValueError, match="no exit gate"):
         generate(model, torch.tensor([[0, 1]]), 2, exit_criterion="gate")
+    # trained on (or trained again) after the gate was fit: the gate is not used with the new weights
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=False)
+    torch.save({**checkpoint, "iter_num": checkpoint["iter_num"] + 1}, out / "ckpt.pt")
+    try:
+        assert not hasattr(load_checkpoint(str(out))[0], "exit_gate")
+    finally:
+        torch.save(checkpoint, out / "ckpt.pt")
