@@ -65,6 +65,8 @@ if exit_threshold is not None and exit_criterion == "confident-run":  # a count 
     whole(config, 1, "exit_threshold")
 elif exit_threshold is not None:  # kl and latent-diff stop below a number, the gate above 1 - it
     number(config, "exit_threshold", low=0)
+if exit_threshold is not None and exit_criterion == "none":
+    fail("--exit_threshold is the exit criterion's: add --exit_criterion (kl, latent-diff, confident-run or gate)")
 if compile not in (None, True, False):
     fail(f"--compile must be True or False, got {compile!r}")
 one_of(config, "quantize", ("", "int8"))
@@ -72,6 +74,8 @@ if quantize and compile:
     fail("--quantize int8 runs eagerly: drop --compile")
 if draft_steps and (temperature != 0 or exit_criterion != "none" or warm_start):
     fail("--draft_steps (speculative decoding) is greedy: add --temperature 0; no --exit_criterion or --warm_start")
+if prompts and start != "\n":
+    fail("--start and --prompts both give the prompt: one prompt with --start, or a file of them with --prompts")
 start = read_prompt(start)
 # the prompts: --start, or each line of --prompts, decoded together in one batch
 texts = [line for line in read_text(prompts, "--prompts").split("\n") if line.strip()] if prompts else [start]
