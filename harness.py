@@ -187,6 +187,8 @@ def check_settings(config):
     checkpoint = os.path.join(config["out_dir"], "ckpt.pt")
     if config["init_from"] == "resume" and not os.path.isfile(checkpoint):  # before lm-eval indexes its tasks
         fail(f"no checkpoint at {checkpoint}; train one first (python train.py ...) or point --out_dir at one")
+    if config["init_from"] == "resume" and config["dtype"]:
+        fail("--dtype is the released model's (its weights in that dtype); a checkpoint runs in float32: drop it")
     task_manager = TaskManager(include_path=config["include_path"] or None)
     unknown = [t for t in names if t not in task_manager.all_tasks]
     if unknown:

@@ -96,6 +96,7 @@ def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
     (["--tasks=reasoning", "--r=[0]"], "--r must list whole numbers of steps >= 1"),
     (["--tasks="], "give the tasks to run with --tasks"),
     (["--tasks=reasoning", "--out_dir=/nonexistent/nowhere"], "no checkpoint at /nonexistent/nowhere/ckpt.pt"),
+    (["--tasks=reasoning", "--dtype=bfloat16"], "--dtype is the released model's"),
 ])
 @needs_lm_eval
 def test_bad_input_is_one_line(cups, args, message):
