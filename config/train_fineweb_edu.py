@@ -4,8 +4,9 @@
 #   python eval.py --out_dir=out --r="[1,2,4,8,16,32,64]"   # val loss by test-time r on the val shard
 #
 # Model: the ~96M `small` preset, 2 prelude + 4 core + 2 coda blocks, 768 wide, r_bar 8, k 4.
-# Tokens: 3,800 iterations x 524,288 tokens = 1.99B, one pass over the 36 shards: about Chinchilla's 20 tokens
-# per parameter (the loop makes the model compute like a deeper one, so it could use more).
+# Tokens: 3,800 iterations x 524,288 tokens = 1.99B, as many as the 36 shards hold (blocks drawn at random, so not
+# exactly each once): about Chinchilla's 20 tokens per parameter (the loop makes the model compute like a deeper
+# one, so it could use more).
 # Time on an H100-class GPU (989 TFLOP/s bf16 dense): training costs 1.64 GFLOP per token on average over the r
 # sampler (model.estimate_flops_per_token at each r, weighted by how often sample_num_steps draws it: E[r] = 9,
 # and r <= 30 in 99.6% of draws), so 3.26e18 FLOPs: 2.3 hours at 40% MFU, 3.1 hours at 30%. The evals add under 2%.
