@@ -29,9 +29,8 @@ class KVCache:
 
     Prelude and coda layers run once per token: one buffer each. The core runs r times and step i of a new token
     attends to the earlier tokens' keys of step i, so each core layer keeps one buffer per step (the reference's
-    HuginnDynamicCache). A cache_budget of N entries keeps N / n_layers_core steps per core layer, step i in
-    buffer i mod that, so later steps overwrite earlier ones (the reference's compress-sN; N = n_layers_core keeps
-    the last step only: the memory of a plain transformer of the same width)."""
+    HuginnDynamicCache). A cache_budget of N entries keeps N / n_layers_core steps per core layer, step i in buffer
+    i mod that (the reference's compress-sN; N = n_layers_core: the memory of a plain transformer of the width)."""
 
     def __init__(self, model, batch_size, max_len, num_steps, cache_budget=None, first=None):
         cfg = model.config
@@ -388,12 +387,9 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     with decoding_context(model):  # on a CPU, compiled steps freeze the weights in (kernels.py)
         # 2. the cache, the noise starts, and the prompts' pass
         cfg = model.config
-        chunk = lookahead + 1 if draft_steps else 1  # positions one pass after the prompt writes
-        max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + chunk) / 64))  # few distinct shapes
+        max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + 1) / 64))  # few distinct shapes
         cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)
-        # s_0 of each position a row can have, shared by the rows; one shape, so the generator advances alike whatever
-        # the lengths. Cheap: a CPU thread draws 1024 x 768 in 17 ms, released 4096 x 5280 in 0.8 s (a token: 0.5-4 s)
-        table = model.initial_state((cfg.block_size, cfg.n_embd), init_scale, generator)  # (block_size, h)
+        table = noise_table(model, max_len, init_scale, generator)  # s_0 by position, shared by the rows
         prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, table)
         # 3. the loop. It keeps one invariant: the cache holds every token of idx, and logits are the next token's. So
         # the prompt takes one pass (as many reads of the weights as a token), and the last new token none
@@ -439,22 +435,27 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     return finish(idx, T, max_new_tokens, stop, steps, drafted, accepted, first_step_seconds)
 
 
+def noise_table(model, length, init_scale=1.0, generator=None):
+    """s_0 by position (>= length, h), drawn 64 positions at a time: position p's does not depend on how many are
+    drawn, so a row alone reads what it reads in a batch (each at its own positions)."""
+    return torch.cat([model.initial_state((64, model.config.n_embd), init_scale, generator)
+                      for _ in range(math.ceil(length / 64))])
+
+
 def prefill_cache(model, cache, context, cut, num_steps, table):
     """A cache holding context (B, t), at the full r (the reference never exits in the prefill): the next token's
-    logits (B, vocab), the last position's final state (a warm start's) and s_0 (B, max_len, h): row b's index p from
-    table (block_size, h) at its own position p - first[b]. cut: the tokens cut off the front of the context (a full
-    context starts again from its last half), by which each row's padding shrinks."""
+    logits (B, vocab), the last position's final state (a warm start's) and s_0 (B, max_len, h), row b's index p at
+    its own position p - first[b]. cut: the tokens cut off the front (a full context goes on from its last half)."""
     if cut:
         cache.set_first((cache.first - cut).clamp(min=0))
-    noise = table[cache.positions]  # (B, max_len, h), once per prompt or crop: the same alone or in a batch
+    noise = table[cache.positions]  # (B, max_len, h), once per prompt or crop
     cache.rollback(0)
     logits, state, _ = forward_cached(model, context, cache, num_steps, noise, last=True)
     return logits[:, -1], state[:, -1:], noise
 
 
 def finish(idx, T, max_new_tokens, stop, steps, drafted, accepted, first_step_seconds):
-    """generate's result: the prompts and at most max_new_tokens new tokens, every row padded with a stop id past its
-    first stop (a speculative round may run on), and the stats."""
+    """generate's result: the prompts and at most max_new_tokens new tokens (a stop id past a row's first), stats."""
     new = idx[:, T:T + max_new_tokens]
     is_stop = torch.isin(new, stop).int()
     after = is_stop.cumsum(dim=1) - is_stop > 0  # past each row's first stop id
@@ -483,8 +484,7 @@ def check_request(cfg, B, T, lengths, num_steps, exit_criterion, cache_budget, q
 
 
 def check_speculation(cfg, T, lengths, num_steps, temperature, exit_criterion, warm_start, cache_budget, lookahead):
-    """What self-speculation needs (a check of several tokens in one pass reads, under a cache budget below r
-    steps, other entries than one token at a time would)."""
+    """What self-speculation needs (under a cache budget below r, a check of several tokens reads other entries)."""
     short_cache = cache_budget is not None and cache_budget // cfg.n_layers_core < num_steps
     if temperature != 0 or exit_criterion != "none" or warm_start or short_cache or not \
             1 <= lookahead < cfg.block_size // 2 or (lengths < T).any():
