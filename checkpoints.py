@@ -30,12 +30,13 @@ TRAIN_KEYS = {"model_config", "meta", "config", "iter_num"}  # what train.py wri
 # "model" (the weights) or, for a LoRA run, "lora" (the adapters) with "base" (the released model they adapt)
 
 
-def read_checkpoint(path, device="cpu", flag="--out_dir"):
-    """The dict train.py saved at path, or one line that says why it cannot be read."""
+def read_checkpoint(path, device="cpu", flag="--out_dir", mmap=False):
+    """The dict train.py saved at path, or one line that says why it cannot be read. mmap=True maps the file instead
+    of reading it: what is never used (the optimizer's state, when sampling) is never read."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train one first (python train.py ...) or point {flag} at one")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as err:  # a truncated zip, random bytes, a foreign pickle: each has its own exception type
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         fail(f"{path} is not a readable checkpoint ({type(err).__name__}{': ' + reason if reason else ''}); "
@@ -48,7 +49,7 @@ def read_checkpoint(path, device="cpu", flag="--out_dir"):
 def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
     """The model of out_dir/ckpt.pt in eval mode, and the checkpoint (its meta, train.py's config, ...)."""
     path = os.path.join(out_dir, "ckpt.pt")
-    checkpoint = read_checkpoint(path, "cpu", flag)
+    checkpoint = read_checkpoint(path, "cpu", flag, mmap=True)
     if "lora" in checkpoint:  # the released model it adapts, with the adapters folded into its weights
         model, _ = load_released(checkpoint["base"], "cpu", torch.float32)
         lora = checkpoint["lora_config"]
@@ -59,6 +60,8 @@ def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
         try:  # the weights must fit the architecture the checkpoint names
             model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"]))
             model.load_state_dict(checkpoint["model"])
+            if "rope" in checkpoint:  # a fine-tune of the release: the RoPE table it trained with, the release's
+                model.rope = checkpoint["rope"]
         except (TypeError, ValueError, RuntimeError) as err:
             fail(f"{path} does not hold a model this code can build ({type(err).__name__}: "
                  f"{(str(err).strip().splitlines() or [''])[0][:200]}); retrain, or restore a copy")

@@ -116,8 +116,8 @@ def pyplot(missing):
 
 
 def chat_text(messages, reply=True):
-    """Huginn-0125's chat template (the reference's) for [(role, text), ...]: a header per turn, each turn closed by
-    <|end_turn|>, the assistant named Huginn; reply=True opens Huginn's turn after them."""
+    """Huginn-0125's chat template (the reference's) for [(role, text), ...]: a header per turn, each text trimmed
+    and closed by <|end_turn|>, the assistant named Huginn; reply=True opens Huginn's turn after them."""
     header = lambda role: f"<|begin_header|>{'Huginn' if role == 'assistant' else role}<|end_header|>\n\n"
-    turns = "".join(header(role) + text + "<|end_turn|>" for role, text in messages)
+    turns = "".join(header(role) + text.strip() + "<|end_turn|>" for role, text in messages)
     return turns + (header("Huginn") if reply else "")

@@ -107,8 +107,9 @@ def download(c, url, path):
          "or download the parquet files yourself and pass --input=DIR")
 
 
-def open_parquet(path):
-    """A parquet file with a text column, or a one-line error that says what to do about it."""
+def open_parquet(path, columns=(TEXT_COLUMN,)):
+    """A parquet file with these columns (FineWeb-Edu's text, GSM8K's question and answer), or a one-line error that
+    says what to do about it."""
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -117,9 +118,10 @@ def open_parquet(path):
     except (pyarrow.ArrowException, OSError) as e:
         fail(f"{path} is not a readable parquet file ({str(e).splitlines()[0]}); it may be truncated: "
              "delete it and run again")
-    if TEXT_COLUMN not in parquet.schema_arrow.names:
-        fail(f"{path} has no {TEXT_COLUMN!r} column (it has {', '.join(parquet.schema_arrow.names)}); "
-             "FineWeb-Edu parquet files keep their documents there")
+    missing = [name for name in columns if name not in parquet.schema_arrow.names]
+    if missing:
+        fail(f"{path} has no {' and '.join(map(repr, missing))} column (it has "
+             f"{', '.join(parquet.schema_arrow.names)}); is it the dataset the command names?")
     return parquet
 
 
@@ -245,6 +247,7 @@ def prepare_fineweb_edu(c):
 # format above, so train.py, eval.py and dataloader.py read it as they read reasoning data).
 
 ANSWER = "{}<|end_turn|>"  # closes Huginn's turn, which chat_text opens
+CHAT_TOKENS = ("<|begin_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>")
 
 
 def released_tokenizer(c):
@@ -268,10 +271,17 @@ def released_tokenizer(c):
 def write_chat(c, train, val, source):
     """(question, answer) pairs -> rows of row_len tokens; a pair longer than a row is skipped and counted."""
     tok, path = released_tokenizer(c)
+    missing = [t for t in CHAT_TOKENS if tok.token_to_id(t) is None]
+    if missing:  # else the template would be spelled out as plain text
+        fail(f"--tokenizer={path} lacks the chat template's tokens {', '.join(missing)}; give the released model's")
     encode = lambda text: tok.encode(text, add_special_tokens=False).ids  # the template's tokens are read as ids
     pad = tok.token_to_id("<|pad|>")
-    pairs = {name: [(encode("<|begin_text|>" + chat_text([("user", q)])), encode(ANSWER.format(a))) for q, a in split]
-             for name, split in (("train", train), ("val", val))}
+    for q, a in train + val:
+        if not (isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip()):
+            fail(f"{source}: every pair needs a question and an answer as text; got {q!r} and {a!r}")
+    # the answer trimmed too, as the release's template trims every text
+    pairs = {name: [(encode("<|begin_text|>" + chat_text([("user", q)])), encode(ANSWER.format(a.strip())))
+                    for q, a in split] for name, split in (("train", train), ("val", val))}
     length = c.row_len or max(len(p) + len(a) for split in pairs.values() for p, a in split)
     skipped = {}
     for name, split in pairs.items():
@@ -302,7 +312,7 @@ def prepare_gsm8k(c):
     """GSM8K (openai/gsm8k, its "main" config as parquet): 7,473 train and 1,319 test pairs; the test split
     validates. --input=DIR reads train*.parquet and test*.parquet from a folder instead of downloading."""
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet  # noqa: F401 (checked here, used by open_parquet)
     except ImportError:
         fail("gsm8k needs pyarrow to read parquet: pip install pyarrow")
     files = {}
@@ -320,9 +330,7 @@ def prepare_gsm8k(c):
                 download(c, f"{c.gsm8k_url}/{split}-00000-of-00001.parquet", files[split])
     splits = {}
     for split, path in files.items():
-        table = pq.read_table(path)
-        if not {"question", "answer"} <= set(table.column_names):
-            fail(f"{path} has no question and answer columns (it has {', '.join(table.column_names)})")
+        table = open_parquet(path, ("question", "answer")).read(columns=["question", "answer"])
         splits[split] = list(zip(table.column("question").to_pylist(), table.column("answer").to_pylist()))
     write_chat(c, splits["train"], splits["test"], os.path.abspath(c.input) if c.input else c.gsm8k_url)
 
@@ -338,7 +346,7 @@ def prepare_chat(c):
             continue
         try:
             pair = json.loads(line)
-            pairs.append((str(pair["question"]), str(pair["answer"])))
+            pairs.append((pair["question"], pair["answer"]))  # text: write_chat checks
         except (ValueError, KeyError, TypeError):
             fail(f'{c.input} line {n}: expected {{"question": ..., "answer": ...}}, got {line[:60]!r}')
     in_val = np.random.default_rng(c.seed).random(len(pairs)) < c.val_fraction

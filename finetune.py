@@ -11,6 +11,8 @@ backprop through the last k steps. What changes is how the 3.5B parameters fit:
   all kept at once.
 """
 
+import re
+
 import torch
 
 # the Linear layers of each group, by name (lora_modules picks groups)
@@ -35,7 +37,11 @@ def add_lora(model, rank, alpha, groups):
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ImportError("LoRA fine-tuning needs peft: pip install peft") from None
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_pattern(groups), lora_dropout=0.0)
+    pattern, names = lora_pattern(groups), [name for name, _ in model.named_modules()]
+    empty = [g for g in groups.split(",") if g and not any(re.fullmatch(LORA_GROUPS[g], n) for n in names)]
+    if empty:  # (a model without prelude or coda blocks)
+        raise ValueError(f"lora_modules: this model has no {' or '.join(empty)} layers to adapt")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, lora_dropout=0.0)
     model.requires_grad_(False)
     model = inject_adapter_in_model(config, model)  # the adapters' parameters are the only trainable ones
     for p in model.parameters():  # peft makes them in the base's dtype: float32 keeps AdamW's small updates

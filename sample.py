@@ -113,7 +113,7 @@ if exit_criterion == "gate" and not hasattr(model, "exit_gate"):
 stop_ids = []
 if meta["tokenizer"] == "huginn":  # the released model's text starts with <|begin_text|>; --chat adds a user turn
     if chat:  # the reference's chat template: the prompt is the user's turn, Huginn's opens after it
-        texts = [chat_text([("user", text.strip())]) for text in texts]
+        texts = [chat_text([("user", text)]) for text in texts]
     texts = ["<|begin_text|>" + text for text in texts]
     stop_ids = [encode("<|end_text|>")[0], encode("<|end_turn|>")[0]]  # 65505, 65508: where a reply ends
 start_ids = [encode(text) for text in texts]

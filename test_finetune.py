@@ -98,6 +98,8 @@ def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
     assert sum(logged[i] for i in range(25, 30)) < 0.85 * sum(logged[i] for i in range(5))
     checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert "model" in checkpoint and checkpoint["base"] == str(release / "model")
+    # it runs, as it trained, with the release's stored RoPE table (ours differs in the last bits)
+    assert torch.equal(load_checkpoint(str(tmp_path / "out"))[0].rope, from_pretrained(str(release / "model")).rope)
     # the saved settings are what ran: the release's architecture, not train.py's defaults
     assert {k: checkpoint["config"][k] for k in ("n_embd", "n_head", "intermediate_size")} == \
         {k: checkpoint["model_config"][k] for k in ("n_embd", "n_head", "intermediate_size")} == \
@@ -201,6 +203,28 @@ def test_finetune_exports_samples_and_exits(release, tmp_path, lora):
     assert torch.equal(load_checkpoint(str(out))[0].exit_gate["net"][0].weight, net[0].weight)
 
 
+def test_chat_pairs_are_trimmed_and_checked(release, tmp_path):
+    """Each text is trimmed as the release's template trims it: pairs with spaces and newlines around them give the
+    very rows of clean ones. A pair without text, or a tokenizer without the template's tokens, is one line."""
+    from tokenizers import Tokenizer, models
+    tokenizer = release / "model" / "tokenizer.json"
+    clean, padded = pairs(30), [{"question": f"  {p['question']}\n", "answer": f" {p['answer']}\n\n"} for p in pairs(30)]
+    for name, rows in (("clean", clean), ("padded", padded), ("null", [*clean, {"question": "what?", "answer": None}])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in rows))
+    prepare = lambda name, tok=tokenizer: run("prepare_data.py", "chat", f"--input={tmp_path / (name + '.jsonl')}",
+                                              f"--tokenizer={tok}", f"--out_dir={tmp_path / name}", "--row_len=40",
+                                              "--val_fraction=0.2", check=False)
+    assert prepare("clean").returncode == 0 and prepare("padded").returncode == 0
+    for file in ("train.bin", "train_targets.bin", "val.bin", "val_targets.bin"):
+        assert (tmp_path / "clean" / file).read_bytes() == (tmp_path / "padded" / file).read_bytes(), file
+    null = prepare("null")
+    assert null.returncode != 0 and null.stderr.count("\n") == 1 and "a question and an answer as text" in null.stderr
+    plain = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="?"))  # no special tokens
+    plain.save(str(tmp_path / "plain.json"))
+    no_chat = prepare("clean", tmp_path / "plain.json")
+    assert no_chat.returncode != 0 and "lacks the chat template's tokens <|begin_text|>" in no_chat.stderr
+
+
 def test_gsm8k_from_local_parquet_skips_what_does_not_fit(release, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -219,3 +243,7 @@ def test_gsm8k_from_local_parquet_skips_what_does_not_fit(release, tmp_path):
     bad = run("prepare_data.py", "gsm8k", f"--input={tmp_path}", f"--tokenizer={release / 'model' / 'tokenizer.json'}",
               f"--out_dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "holds no train*.parquet" in bad.stderr
+    (data / "train-00000-of-00001.parquet").write_bytes(b"PAR1 cut short")  # a damaged download: one line
+    cut = run("prepare_data.py", "gsm8k", f"--input={data}", f"--tokenizer={release / 'model' / 'tokenizer.json'}",
+              f"--out_dir={tmp_path / 'cut'}", check=False)
+    assert cut.returncode != 0 and cut.stderr.strip().count("\n") == 0 and "is not a readable parquet" in cut.stderr

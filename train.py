@@ -268,7 +268,10 @@ if finetune:  # the release's weights and architecture; the objective's r_bar, k
     if lora_rank:  # only the adapters train (float32); the frozen base can live in bf16 on a GPU
         for p in model.parameters() if dtype == "bfloat16" else []:  # the weights only: RoPE's table stays float32
             p.data = p.data.to(torch.bfloat16)
-        model = add_lora(model, lora_rank, lora_alpha, lora_modules)
+        try:
+            model = add_lora(model, lora_rank, lora_alpha, lora_modules)
+        except ValueError as err:
+            fail(f"--{err}")
 else:
     vocab_size = vocab_multiple * math.ceil(meta["vocab_size"] / vocab_multiple)  # ids above the data's: unseen
     model_config = RecurrentConfig(vocab_size=vocab_size, **{k: globals()[k] for k in MODEL_KEYS})
@@ -352,8 +355,8 @@ def checkpoint_state():
         weights, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
     state = {"model_config": asdict(model_config), "meta": meta, "config": config, "iter_num": iter_num,
              "best_val_loss": best_val_loss, "optimizer": optimizer_state}
-    if finetune:
-        state["base"] = base
+    if finetune:  # and the release's stored RoPE table, which it ran with (not ours, which differs in the last bits)
+        state.update(base=base, rope=raw_model.rope.cpu())
     if lora_rank:
         state.update(lora=lora_state(weights), lora_config={"rank": lora_rank, "alpha": lora_alpha,
                                                             "modules": lora_modules})
