@@ -15,6 +15,7 @@ import atexit
 import json
 import os
 import socket
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,8 @@ def read_checkpoint(path, device="cpu", flag="--out_dir", mmap=False):
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train one first (python train.py ...) or point {flag} at one")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        # (only a zip can be mapped: anything else gets torch.load's own reason below)
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # a truncated zip, random bytes, a foreign pickle: each has its own exception type
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         fail(f"{path} is not a readable checkpoint ({type(err).__name__}{': ' + reason if reason else ''}); "
