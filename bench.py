@@ -38,7 +38,7 @@ from configurator import configure, fail, one_of, steps, whole
 from bench_released import decode_child_run, print_released, released_section
 from checkpoints import load_checkpoint, released_layout
 from dataloader import checkpoint_data
-from decode import compile_for_decoding, generate
+from decode import compile_for_decoding, generate, noise_table
 from kernels import quantize_int8
 from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, precompute_rope
 
@@ -417,10 +417,10 @@ def decode_section():
                             **kwargs)
 
     def recompute(m, n, r_i):  # no cache: the whole context again for every token, as nanoGPT's generate does
-        idx = prompt
+        idx, table = prompt, noise_table(m, prompt.size(1) + n, generator=torch.Generator(device).manual_seed(seed))
         with torch.no_grad(), ctx:
-            for _ in range(n):
-                logits, _ = m(idx, num_steps=r_i, generator=torch.Generator(device).manual_seed(seed))
+            for _ in range(n):  # the noise start decoding draws, at each position
+                logits, _ = m(idx, num_steps=r_i, state=table[None, :idx.size(1)])
                 idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
         return idx, {"steps": torch.full((1, n), r_i)}
 
