@@ -81,7 +81,7 @@ def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
 
 def fitted_on(checkpoint):
     """What exits.py records of the checkpoint it fit a gate on: a gate learned on other weights is not used."""
-    return {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint["best_val_loss"]}
+    return {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint.get("best_val_loss")}
 
 
 def save_checkpoint(checkpoint, path):

@@ -346,9 +346,13 @@ def prepare_chat(c):
             continue
         try:
             pair = json.loads(line)
-            pairs.append((pair["question"], pair["answer"]))  # text: write_chat checks
+            q, a = (str(v) if type(v) in (int, float) else v for v in (pair["question"], pair["answer"]))  # 408 too
         except (ValueError, KeyError, TypeError):
-            fail(f'{c.input} line {n}: expected {{"question": ..., "answer": ...}}, got {line[:60]!r}')
+            q = a = None
+        if not (isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip()):
+            fail(f'{c.input} line {n}: expected {{"question": ..., "answer": ...}} with text in both, '
+                 f'got {line[:60]!r}')
+        pairs.append((q, a))
     in_val = np.random.default_rng(c.seed).random(len(pairs)) < c.val_fraction
     train = [p for p, v in zip(pairs, in_val) if not v]
     val = [p for p, v in zip(pairs, in_val) if v]

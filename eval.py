@@ -55,7 +55,7 @@ block_size, batch_size, seed = train_config["block_size"], train_config["batch_s
 init_scale = train_config.get("init_scale", 1.0) if init_scale is None else init_scale
 data = checkpoint_data(checkpoint, data_dir)
 encode, decode = get_tokenizer(meta)
-reasoning = os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin"))
+reasoning = data.aligned and "examples" in data.meta  # problems (reasoning, problems), not chat rows
 float_model = copy.deepcopy(model) if quantize else None  # kept to compare with, before quantizing in place
 if quantize:
     quantize_int8(model)

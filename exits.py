@@ -69,7 +69,7 @@ model, checkpoint = load_checkpoint(out_dir, device)
 init_scale = checkpoint["config"].get("init_scale", 1.0) if init_scale is None else init_scale
 writable_dir(out_dir)  # exit_gate.pt and exits.json go there
 data = checkpoint_data(checkpoint, data_dir)
-reasoning = os.path.isfile(os.path.join(data.data_dir, "val_difficulty.bin"))
+reasoning = data.aligned and "examples" in data.meta  # problems (reasoning, problems), not chat rows
 fixed_r = sorted(n for n in fixed_r if n <= r)
 
 

@@ -133,8 +133,8 @@ def compile_for_decoding(model, backend="inductor", freeze=None):
 
     On CUDA: CUDA graphs are asked for, one per step (not yet run on a GPU: inductor declines a graph for a
     function that writes its inputs in place, as the cache writes do; bench.py counts the graphs it declined). On
-    a CPU: inductor freezes the weights into the graphs as constants it repacks for batch 1 (1.4-2.7x faster on
-    small models; compile a model once it is trained). Frozen constants are a second copy of the weights, so
+    a CPU: inductor freezes the weights into the graphs as constants it repacks for batch 1 (1.4-2.7x faster on small
+    models across runs; compile a model once it is trained). Frozen constants are a second copy of the weights, so
     freeze=None freezes only a model whose weights fit three times in the machine's memory. A larger one (the
     released 3.5B) has its Linear weights packed in place for oneDNN instead, one copy and no compiling (inductor
     cannot compile around packed weights): kernels.pack_linears."""

@@ -259,12 +259,17 @@ def test_files_another_dataset_left_are_not_read(files, tmp_path):
     folder.mkdir()
     for f in (files / "char").iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
-    for name in ("train_targets.bin", "val_targets.bin"):
+    for name in ("train_targets.bin", "val_targets.bin", "val_difficulty.bin"):
         (folder / name).write_bytes((files / "rows" / name).read_bytes())
     (folder / "train_000001.bin").write_bytes((files / "char" / "train.bin").read_bytes())
     data = TokenData(str(folder), 32)
     assert not data.aligned and data.shards == {"train": ["train.bin"], "val": ["val.bin"]}
     assert data.num_blocks("train") == TokenData(str(files / "char"), 32).num_blocks("train")
+    out = tmp_path / "out"  # and eval.py scores it as the text it is, not as problems
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((files / "text" / "ckpt.pt").read_bytes())
+    assert run_script("eval.py", f"--out_dir={out}", f"--data_dir={folder}", "--r=[1,2]", "--plot=False") is None
+    assert (out / "eval.json").is_file() and not (out / "accuracy.json").exists()
 
 
 def test_checkpoint_and_log_survive_a_refused_scratch_run(files):

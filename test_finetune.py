@@ -208,7 +208,8 @@ def test_chat_pairs_are_trimmed_and_checked(release, tmp_path):
     very rows of clean ones. A pair without text, or a tokenizer without the template's tokens, is one line."""
     from tokenizers import Tokenizer, models
     tokenizer = release / "model" / "tokenizer.json"
-    clean, padded = pairs(30), [{"question": f"  {p['question']}\n", "answer": f" {p['answer']}\n\n"} for p in pairs(30)]
+    clean = pairs(30)
+    padded = [{"question": f"  {p['question']}\n", "answer": f" {p['answer']}\n\n"} for p in clean]
     for name, rows in (("clean", clean), ("padded", padded), ("null", [*clean, {"question": "what?", "answer": None}])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in rows))
     prepare = lambda name, tok=tokenizer: run("prepare_data.py", "chat", f"--input={tmp_path / (name + '.jsonl')}",
@@ -218,7 +219,7 @@ def test_chat_pairs_are_trimmed_and_checked(release, tmp_path):
     for file in ("train.bin", "train_targets.bin", "val.bin", "val_targets.bin"):
         assert (tmp_path / "clean" / file).read_bytes() == (tmp_path / "padded" / file).read_bytes(), file
     null = prepare("null")
-    assert null.returncode != 0 and null.stderr.count("\n") == 1 and "a question and an answer as text" in null.stderr
+    assert null.returncode != 0 and null.stderr.count("\n") == 1 and "with text in both" in null.stderr
     plain = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="?"))  # no special tokens
     plain.save(str(tmp_path / "plain.json"))
     no_chat = prepare("clean", tmp_path / "plain.json")

@@ -183,8 +183,9 @@ def test_no_recompiles_when_r_changes(data_dir, tmp_path):
     assert graphs[-1] == graphs[0]  # ...and not one graph compiled after the first iteration
 
 
-@pytest.mark.parametrize("eval_interval, error", [(4, "error: loss nan at iteration 5; stopped before the update"),
-                                                  (1, "error: val loss nan at iteration 5; stopped before saving")])
+@pytest.mark.parametrize("eval_interval, error", [
+    (4, "error: loss nan at iteration 5; stopped before the update"),
+    (1, "error: val loss nan at r_bar at iteration 5; stopped before saving")])
 def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, eval_interval, error):
     """A diverged run stops before its update, and before an evaluation's checkpoint could replace the good one."""
     common = [*TINY, f"--data_dir={data_dir}", f"--eval_interval={eval_interval}", f"--out_dir={tmp_path}"]

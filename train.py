@@ -207,6 +207,8 @@ if init_from == "resume":
         released, finetune = checkpoint["base"], True
         lora = checkpoint.get("lora_config", {"rank": 0, "alpha": lora_alpha, "modules": lora_modules})
         for k in ("rank", "alpha", "modules"):  # what the adapters are, whatever the settings say
+            if config[f"lora_{k}"] != lora[k] and master:
+                print(f"resume: lora_{k} = {lora[k]!r} from the checkpoint (settings said {config[f'lora_{k}']!r})")
             config[f"lora_{k}"] = globals()[f"lora_{k}"] = lora[k]
     if fsdp and not checkpoint["config"].get("fsdp"):  # its optimizer state is keyed by position, FSDP's by name
         fail(f"{ckpt_path} was saved by a run without --fsdp; resume it without --fsdp (DDP or one process)")
@@ -419,8 +421,9 @@ while True:
                   + f" | {losses[('train', mean_recurrence)]:9.4f}")
             log({"iter": iter_num, "val_loss": {str(r): losses[("val", r)] for r in eval_r},
                  "train_loss": losses[("train", mean_recurrence)]})
-        if not all(map(math.isfinite, losses.values())):  # a diverged model never replaces the last good one
-            stop_diverged(f"val loss {val_loss}", "before saving")
+        for split in ("val", "train"):  # a diverged model never replaces the last good one
+            if not math.isfinite(losses[(split, mean_recurrence)]):
+                stop_diverged(f"{split} loss {losses[(split, mean_recurrence)]} at r_bar", "before saving")
         if iter_num > start_iter and (val_loss < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, val_loss)
             state = checkpoint_state()  # every process: gathering FSDP's shards takes them all
