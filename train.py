@@ -157,7 +157,8 @@ if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
 accum = gradient_accumulation_steps // world_size  # micro-steps on this process
 set_threads(num_threads)
-# weights stay float32; autocast runs the matmuls in bf16 (RMSNorm, RoPE and the logits stay float32)
+# weights stay float32 (but a LoRA run's frozen base, read in bf16); autocast runs the matmuls in bf16; RMSNorm and
+# RoPE compute in float32, and the logits are cast to it
 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls outside autocast use TF32 tensor cores
@@ -256,7 +257,9 @@ if finetune:  # the release's weights and architecture; the objective's r_bar, k
     if meta["tokenizer"] != "huginn":
         fail(f"fine-tuning the release needs data in its tokenizer (prepare_data.py gsm8k or chat); "
              f"{data.data_dir} uses {meta['tokenizer']}")
-    model, release = load_released(released, device, torch.float32)  # errors in one line
+    # a LoRA run's frozen base is read straight into bf16 on a GPU (never a float32 copy there); else float32
+    frozen_bf16 = lora_rank and dtype == "bfloat16"
+    model, release = load_released(released, device, torch.bfloat16 if frozen_bf16 else torch.float32)
     base, model = release["folder"], model.requires_grad_(True).train()
     if block_size > model.config.block_size or meta["vocab_size"] > model.config.vocab_size:
         fail(f"{data.data_dir}: rows of {block_size} tokens (ids below {meta['vocab_size']}) do not fit the release "
@@ -267,9 +270,7 @@ if finetune:  # the release's weights and architecture; the objective's r_bar, k
     # the saved settings say what ran: the release's architecture (block_size stays the rows' length)
     config.update({k: getattr(model.config, k) for k in MODEL_KEYS if k != "block_size"})
     model_config = model.config
-    if lora_rank:  # only the adapters train (float32); the frozen base can live in bf16 on a GPU
-        for p in model.parameters() if dtype == "bfloat16" else []:  # the weights only: RoPE's table stays float32
-            p.data = p.data.to(torch.bfloat16)
+    if lora_rank:  # only the adapters train, in float32 (add_lora)
         try:
             model = add_lora(model, lora_rank, lora_alpha, lora_modules)
         except ValueError as err:
@@ -304,7 +305,8 @@ checkpoint = None  # free the memory
 if compile:
     model.compile_pieces()  # embed, core_step and predict; the loop over r stays in Python, so r never recompiles
 if ddp and not fsdp:
-    model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+    model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
+                gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: one copy, not two
 
 
 def get_lr(it):
@@ -442,11 +444,11 @@ while True:
     r = sample_num_steps(mean_recurrence, sigma, generator(iter_num))
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
-        key = (iter_num, rank * accum + micro)  # micro-step g of the global batch: 1 process x accum 2 == 2 x 1
+        key = (iter_num, rank * accum + micro)  # its place in the global batch: 1 process x accum 2 draws as 2 x 1
         x, y = get_batch("train", torch.randint(data.num_blocks("train"), (batch_size,), generator=generator(*key, 0)))
-        if fsdp:  # reduce-scatter the gradients only once, after the last micro-step
-            model.set_requires_gradient_sync(micro == accum - 1)
-        elif ddp:  # all-reduce them only once
+        # FSDP reduce-scatters the gradients after every micro-step, so a process holds only its shard of them
+        # (delaying it to the last micro-step would keep the whole model's gradients in each: 13 GiB at 3.5B)
+        if ddp and not fsdp:  # DDP all-reduces them only once, after the last micro-step
             model.require_backward_grad_sync = micro == accum - 1
         with ctx:  # the noise start s_0 comes from the micro-step's own generator
             _, loss = model(x, y, num_steps=r, init_scale=init_scale, generator=generator(*key, 1, device=device))
