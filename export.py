@@ -7,7 +7,8 @@ code (AutoModelForCausalLM with trust_remote_code), lm-eval's HF path, the vLLM 
 
 Writes config.json (the reference's keys), model.safetensors or shards of at most --shard_gb with
 model.safetensors.index.json (the reference's tensor names; the RoPE table freqs_cis too, as released; lm_head is
-tied to the embedding and not stored twice), and tokenizer.json where the checkpoint has one. Needs safetensors.
+tied to the embedding and not stored twice), and the tokenizer's files with generation_config.json (the chat template
+and the stop tokens) where the base or the data has them. Needs safetensors.
 """
 
 import json
@@ -51,9 +52,10 @@ ours = {theirs: getattr(model.config, key) for key, theirs in CONFIG_KEYS.items(
 released.update(ours, n_layers=model.config.n_layers_prelude + model.config.n_layers_core + model.config.n_layers_coda,
                 architectures=["RavenForCausalLM"], model_type="huginn_raven", bias=False, injection_type="linear",
                 state_init="like-init", torch_dtype=dtype or str(model.wte.weight.dtype).replace("torch.", ""))
-released.setdefault("auto_map", {"AutoConfig": "tomg-group-umd/huginn-0125--raven_config_minimal.RavenConfig",
-                                 "AutoModelForCausalLM":
-                                     "tomg-group-umd/huginn-0125--raven_modeling_minimal.RavenForCausalLM"})
+# the reference's modeling code by its hub name: a local name (the hub's own config.json may have one) would need its
+# .py files beside the weights, which are not downloaded
+released["auto_map"] = {"AutoConfig": "tomg-group-umd/huginn-0125--raven_config_minimal.RavenConfig",
+                        "AutoModelForCausalLM": "tomg-group-umd/huginn-0125--raven_modeling_minimal.RavenForCausalLM"}
 
 # the tensors under the released names, cut into shards in the release's order
 tensors = {released_name(name): t.detach().to(getattr(torch, dtype) if dtype else t.dtype).contiguous()
@@ -76,9 +78,14 @@ if len(shards) > 1:
                    "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}, f, indent=1)
 with open(os.path.join(to, "config.json"), "w") as f:
     json.dump(released, f, indent=1)
-meta = checkpoint["meta"]
-if meta.get("tokenizer") == "huginn" and os.path.isfile(os.path.join(meta["folder"], "tokenizer.json")):
-    shutil.copy(os.path.join(meta["folder"], "tokenizer.json"), os.path.join(to, "tokenizer.json"))
+# the tokenizer and what reads it (the chat template, the stop tokens): the base's files, else the data's tokenizer
+meta, copied = checkpoint["meta"], []
+for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+    sources = [checkpoint.get("base"), meta.get("folder") if meta.get("tokenizer") == "huginn" else None]
+    source = next((os.path.join(d, name) for d in sources if d and os.path.isfile(os.path.join(d, name))), None)
+    if source:
+        shutil.copy(source, os.path.join(to, name))
+        copied.append(name)
 size = sum(t.nbytes for t in tensors.values()) / 1e9
 print(f"wrote {to}: {len(tensors)} tensors in {len(files)} file(s), {size:.2f} GB, {model.get_num_params():,} "
-      "parameters" + (", tokenizer.json" if meta.get("tokenizer") == "huginn" else ""))
+      f"parameters{''.join(', ' + name for name in copied)}")

@@ -173,10 +173,17 @@ def test_finetune_exports_samples_and_exits(release, tmp_path, lora):
         pytest.importorskip("peft", reason="needs peft (pip install peft)")
     out = tmp_path / "out"
     run(*finetune_args(release, out, "--max_iters=6", "--eval_interval=6", *(["--lora_rank=4"] if lora else [])))
+    (release / "model" / "generation_config.json").write_text('{"eos_token_id": [65505, 65508]}')  # the hub's has one
+    config = json.loads((release / "model" / "config.json").read_text())  # and a local auto_map, as the authors' repo
+    config["auto_map"] = {"AutoConfig": "raven_config_minimal.RavenConfig"}
+    (release / "model" / "config.json").write_text(json.dumps(config))
     run("export.py", f"--out_dir={out}", f"--to={tmp_path / 'exported'}", "--shard_gb=0.0001")
     model, _ = load_checkpoint(str(out))  # adapters folded in
     exported = from_pretrained(str(tmp_path / "exported"))
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    assert (tmp_path / "exported" / "generation_config.json").read_text() == '{"eos_token_id": [65505, 65508]}'
+    auto_map = json.loads((tmp_path / "exported" / "config.json").read_text())["auto_map"]
+    assert all(name.startswith("tomg-group-umd/huginn-0125--") for name in auto_map.values())  # code by its hub name
     assert (tmp_path / "exported" / "model.safetensors.index.json").is_file()  # tiny shards: several files
     idx = torch.randint(0, 40, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
