@@ -279,6 +279,8 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, quantize=No
         if stored not in ours:
             raise ValueError(f"{folder}: unexpected tensor {stored} in the checkpoint")
         name = ours[stored]
+        if name not in missing:
+            raise ValueError(f"{folder}: {stored} is stored twice (in more than one shard)")
         module_name, _, attribute = name.rpartition(".")
         module = model.get_submodule(module_name)
         expected = getattr(module, attribute).shape

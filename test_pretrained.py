@@ -178,6 +178,13 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     write_checkpoint(tmp_path / "extra", tiny(), tensors)
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.weight"):
         from_pretrained(str(tmp_path / "extra"))
+    # a tensor in two shards (which one would win?): named, not loaded
+    write_checkpoint(tmp_path / "twice", tiny(), reference_tensors(tiny()), shards=2)
+    from safetensors.torch import load_file, save_file
+    second = tmp_path / "twice" / "model-00002-of-00002.safetensors"
+    save_file({**load_file(second), "transformer.adapter.weight": torch.zeros(32, 64)}, second)
+    with pytest.raises(ValueError, match=r"transformer\.adapter\.weight is stored twice"):
+        from_pretrained(str(tmp_path / "twice"))
 
 
 def test_bad_folder_and_unsupported_config(tmp_path):
