@@ -43,8 +43,8 @@ class NanoHuginn(TemplateLM):
     """A nanoHuginn model for lm-eval: our checkpoint (out_dir) or the release (init_from=huginn-0125 or a folder),
     run at num_steps (r). loglikelihood: one forward pass at r per batch of requests, padded on the right (a causal
     model never reads what follows a position). generate_until: decode.generate's batch of prompts of different
-    lengths, with its exits and cache budget. Each request's noise start s_0 is keyed by its own tokens, so a
-    request scores the same in any batch."""
+    lengths, with its exits and cache budget. A request's noise start s_0 does not depend on its batch: keyed by
+    its own tokens (loglikelihood), or one table every batch reads at its rows' own positions (greedy generation)."""
 
     def __init__(self, out_dir="out", init_from="resume", num_steps=None, exit_criterion="none", exit_threshold=None,
                  cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=None, seed=1337):
@@ -150,14 +150,16 @@ class NanoHuginn(TemplateLM):
             max_new = int(kwargs.get("max_gen_toks", 256))
             until = [kwargs["until"]] if isinstance(kwargs.get("until"), str) else list(kwargs.get("until", []))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            # the last block_size tokens of each context (generate crops the context itself as it grows)
+            # the last block_size tokens of each context (generate crops the context itself as it grows). Every
+            # batch draws the same noise table, read by each row at its own positions: a greedy request decodes
+            # alike in any batch
             block = self.model.config.block_size
             idx, lengths = pad_prompts([self.tok_encode(context)[-block:] for context, _ in batch])
             out, stats = generate(self.model, idx.to(self.device_name), max_new, self.num_steps,
                                   temperature=temperature, exit_criterion=self.exit_criterion,
                                   exit_threshold=self.exit_threshold, cache_budget=self.cache_budget,
                                   init_scale=self.init_scale, stop_ids=self.stop_ids, lengths=lengths,
-                                  generator=keyed_generator(self.seed, ids[0], device=self.device_name))
+                                  generator=keyed_generator(self.seed, device=self.device_name))
             for b, i in enumerate(ids):
                 new = out[b, idx.size(1):idx.size(1) + int(stats["lengths"][b])].tolist()
                 text = self.decode([t for t in new if t not in self.stop_ids])
