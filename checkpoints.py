@@ -79,6 +79,12 @@ def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
     return model.to(device).eval(), checkpoint
 
 
+def trained_init_scale(checkpoint):
+    """The noise start a model trained with, the scripts' default: train.py's setting (1, the paper's, for the
+    release, checkpoint None, and for a checkpoint that names none)."""
+    return checkpoint["config"].get("init_scale", 1.0) if checkpoint else 1.0
+
+
 def fitted_on(checkpoint):
     """What exits.py records of the checkpoint it fit a gate on: a gate learned on other weights is not used."""
     return {"iter_num": checkpoint["iter_num"], "best_val_loss": checkpoint.get("best_val_loss")}

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import torch
 
-from checkpoints import get_tokenizer, load_checkpoint
+from checkpoints import get_tokenizer, load_checkpoint, trained_init_scale
 from common import keyed_generator, pick_device, pyplot, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps
 from dataloader import checkpoint_data
@@ -52,7 +52,7 @@ writable_dir(out_dir)  # accuracy.json and the picture go there: checked before 
 train_config, meta, r_bar = checkpoint["config"], checkpoint["meta"], model.config.mean_recurrence
 r = sorted(set(r or [2**i for i in range(int(np.log2(8 * r_bar)) + 1)]))
 block_size, batch_size, seed = train_config["block_size"], train_config["batch_size"], train_config["seed"]
-init_scale = train_config.get("init_scale", 1.0) if init_scale is None else init_scale
+init_scale = trained_init_scale(checkpoint) if init_scale is None else init_scale
 data = checkpoint_data(checkpoint, data_dir)
 encode, decode = get_tokenizer(meta)
 reasoning = data.aligned and "examples" in data.meta  # problems (reasoning, problems), not chat rows

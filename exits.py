@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import fitted_on, load_checkpoint
+from checkpoints import fitted_on, load_checkpoint, trained_init_scale
 from common import keyed_generator, pick_device, set_threads, writable_dir
 from configurator import configure, number, steps, whole
 from dataloader import checkpoint_data
@@ -66,7 +66,7 @@ number(config, "converged", above=0)
 device = pick_device(device)
 set_threads(num_threads)
 model, checkpoint = load_checkpoint(out_dir, device)
-init_scale = checkpoint["config"].get("init_scale", 1.0) if init_scale is None else init_scale
+init_scale = trained_init_scale(checkpoint) if init_scale is None else init_scale
 writable_dir(out_dir)  # exit_gate.pt and exits.json go there
 data = checkpoint_data(checkpoint, data_dir)
 reasoning = data.aligned and "examples" in data.meta  # problems (reasoning, problems), not chat rows

@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoints import get_tokenizer, load_checkpoint, load_released
+from checkpoints import get_tokenizer, load_checkpoint, load_released, trained_init_scale
 from common import chat_text, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps, whole
 from decode import generate, pad_prompts
@@ -58,8 +58,8 @@ class NanoHuginn(TemplateLM):
             meta = checkpoint["meta"]
             if quantize:
                 quantize_int8(self.model)
-        if init_scale is None:  # the noise the model trained with (the release: the paper's)
-            init_scale = checkpoint["config"].get("init_scale", 1.0) if init_from == "resume" else 1.0
+        if init_scale is None:  # the noise the model trained with
+            init_scale = trained_init_scale(checkpoint if init_from == "resume" else None)
         self.tokenizer_kind = meta["tokenizer"]
         self.encode, self.decode = get_tokenizer(meta)
         # what stands before a text with no context, and where a generation ends: end of text (BPE; the release's

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import get_tokenizer, load_checkpoint, load_released
+from checkpoints import get_tokenizer, load_checkpoint, load_released, trained_init_scale
 from common import pick_device, pyplot, read_prompt, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, whole
 from dataloader import checkpoint_data
@@ -75,8 +75,7 @@ if init_from == "resume":
 else:
     model, meta = load_released(init_from, device, getattr(torch, dtype))
     checkpoint = None
-if init_scale is None:  # the noise the model trained with (the release: the paper's)
-    init_scale = checkpoint["config"].get("init_scale", 1.0) if checkpoint else 1.0
+init_scale = trained_init_scale(checkpoint) if init_scale is None else init_scale
 encode, decode = get_tokenizer(meta)
 reasoning = "examples" in meta  # problems (prepare_data.py reasoning / problems); chat rows are text
 if think_meter and not reasoning:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from checkpoints import get_tokenizer, load_checkpoint, load_released
+from checkpoints import get_tokenizer, load_checkpoint, load_released, trained_init_scale
 from common import chat_text, pick_device, pick_dtype, read_prompt, read_text, set_threads
 from configurator import configure, fail, number, one_of, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
@@ -100,8 +100,8 @@ if init_from == "resume":
         fail(f"{out_dir} answers reasoning problems rather than continuing text: python eval.py --out_dir={out_dir}")
 else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
-if init_scale is None:  # the noise the model trained with (the release: the paper's)
-    init_scale = checkpoint["config"].get("init_scale", 1.0) if init_from == "resume" else 1.0
+if init_scale is None:  # the noise the model trained with
+    init_scale = trained_init_scale(checkpoint if init_from == "resume" else None)
 if chat and meta["tokenizer"] != "huginn":
     fail(f"--chat is for the released model and its fine-tunes: add --init_from=huginn-0125 (or a folder in its "
          f"layout); {out_dir} uses {meta['tokenizer']}")
