@@ -28,11 +28,17 @@ def checkpoint_data(checkpoint, data_dir=""):
     folder = data_dir or train_config.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                        "data", dataset)
     data = TokenData(folder, train_config["block_size"], dataset)
-    for key in ("tokenizer", "vocab_size", "chars"):
-        if data.meta.get(key) != checkpoint["meta"].get(key):
-            fail(f"the data in {folder} has another vocabulary than the checkpoint ({key} differs); give the data "
-                 "it was trained on with --data_dir")
+    key = vocabulary_differs(data.meta, checkpoint["meta"])
+    if key:
+        fail(f"the data in {folder} has another vocabulary than the checkpoint ({key} differs); give the data "
+             "it was trained on with --data_dir")
     return data
+
+
+def vocabulary_differs(meta, other):
+    """The first of tokenizer, vocab_size, chars in which two datasets' meta.json differ: None if an id means the
+    same token in both."""
+    return next((key for key in ("tokenizer", "vocab_size", "chars") if meta.get(key) != other.get(key)), None)
 
 
 class TokenData:

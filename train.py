@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoints import load_released, lock_run_folder, read_checkpoint, released_layout, save_checkpoint
 from common import format_seconds, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps, whole
-from dataloader import TokenData
+from dataloader import TokenData, vocabulary_differs
 from finetune import add_lora, describe, load_lora_state, lora_pattern, lora_state, memory_plan, peak_memory, shard
 from model import RecurrentConfig, RecurrentGPT, sample_num_steps
 
@@ -230,11 +230,10 @@ if finetune and lora_rank and importlib.util.find_spec("peft") is None:  # befor
 data = TokenData(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset), block_size,
                  dataset, block_size_flag="--block_size")
 meta = data.meta
-if init_from == "resume":  # ids must mean what they meant: the same tokenizer, and the same characters
-    for k in ("tokenizer", "vocab_size", "chars"):
-        if meta.get(k) != checkpoint["meta"].get(k):
-            fail(f"{data.data_dir} has another vocabulary than {ckpt_path} ({k} differs); resume on the data it "
-                 "was trained on (--data_dir or --dataset)")
+differs = vocabulary_differs(meta, checkpoint["meta"]) if init_from == "resume" else None
+if differs:  # ids must mean what they meant when the checkpoint was saved
+    fail(f"{data.data_dir} has another vocabulary than {ckpt_path} ({differs} differs); resume on the data it was "
+         "trained on (--data_dir or --dataset)")
 
 
 def get_batch(split, blocks):
@@ -462,8 +461,9 @@ while True:
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    if not math.isfinite(grad_norm.item()):  # a finite loss can still have an overflowing gradient
-        stop_diverged(f"gradient norm {grad_norm.item()}", "before the update")
+    grad_norm = grad_norm.item()
+    if not math.isfinite(grad_norm):  # a finite loss can still have an overflowing gradient
+        stop_diverged(f"gradient norm {grad_norm}", "before the update")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if device_type == "cuda":
@@ -479,7 +479,7 @@ while True:
         eta = format_seconds((max_iters - iter_num - 1) * (dt_avg or dt))
         print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, r {r} ({r - n_grad}+{n_grad}), "
               f"{dt * 1000:.0f} ms, {tokens_per_iter / dt:,.0f} tok/s, mfu {mfu}, eta {eta}")
-        log({"iter": iter_num, "loss": step_loss, "lr": lr, "r": r, "n_grad": n_grad, "grad_norm": grad_norm.item(),
+        log({"iter": iter_num, "loss": step_loss, "lr": lr, "r": r, "n_grad": n_grad, "grad_norm": grad_norm,
              "ms": dt * 1000, "tok_per_s": tokens_per_iter / dt, "mfu": mfu})
     iter_num += 1
 
