@@ -80,8 +80,8 @@ with open(os.path.join(to, "config.json"), "w") as f:
     json.dump(released, f, indent=1)
 # the tokenizer and what reads it (the chat template, the stop tokens): the base's files, else the data's tokenizer
 meta, copied = checkpoint["meta"], []
+sources = [checkpoint.get("base"), meta.get("folder") if meta.get("tokenizer") == "huginn" else None]
 for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-    sources = [checkpoint.get("base"), meta.get("folder") if meta.get("tokenizer") == "huginn" else None]
     source = next((os.path.join(d, name) for d in sources if d and os.path.isfile(os.path.join(d, name))), None)
     if source:
         shutil.copy(source, os.path.join(to, name))
