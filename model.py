@@ -343,15 +343,22 @@ class RecurrentGPT(nn.Module):
             setattr(self, name, torch.compile(getattr(self, name), **compile_kwargs))
         return self
 
-    def estimate_flops_per_token(self, num_steps=None, seq_len=None, training=True):
+    def estimate_flops_per_token(self, num_steps=None, seq_len=None, training=True, frozen=False):
         # 2 FLOPs per weight per token in every matmul, plus attention (QK^T and AV, 4*T*h per layer, unmasked
-        # as in PaLM appendix B). The core and adapter run r times forward; backward (2x forward) runs over the
-        # graph: everything but the core once, the core min(r, k) times
+        # as in PaLM appendix B). The core and adapter run r times forward; backward runs over the graph:
+        # everything but the core once, the core min(r, k) times. A backward product is 2x its forward (the
+        # input's gradient and the weight's); frozen=True (LoRA: the weights do not train) leaves the weight's
+        # out, so 1x, except in attention, which has no weights (the adapters' rank-sized products are left out)
         cfg = self.config
         r = cfg.mean_recurrence if num_steps is None else num_steps
         T, h = cfg.block_size if seq_len is None else seq_len, cfg.n_embd
-        block = 2 * (4 * h * h + 3 * h * cfg.intermediate_size) + 4 * T * h  # Wqkv+proj, fc+proj, attention
-        once = (cfg.n_layers_prelude + cfg.n_layers_coda) * block + 2 * h * cfg.vocab_size
-        step = cfg.n_layers_core * block + 2 * (2 * h * h)  # core blocks + adapter
+        weights, attention = 2 * (4 * h * h + 3 * h * cfg.intermediate_size), 4 * T * h  # per block: Wqkv+proj, fc+proj; QK^T, AV
+        once = (cfg.n_layers_prelude + cfg.n_layers_coda) * (weights + attention) + 2 * h * cfg.vocab_size
+        step = cfg.n_layers_core * (weights + attention) + 2 * (2 * h * h)  # core blocks + adapter
         forward = once + r * step
-        return forward + (2 * (once + min(r, cfg.backprop_depth) * step) if training else 0)
+        if not training:
+            return forward
+        graph = once + min(r, cfg.backprop_depth) * step  # what the backward runs over ...
+        graph_attention = (cfg.n_layers_prelude + cfg.n_layers_coda + min(r, cfg.backprop_depth)
+                           * cfg.n_layers_core) * attention  # ... of it, attention
+        return forward + (graph + graph_attention if frozen else 2 * graph)

@@ -272,6 +272,16 @@ def test_flops_estimate_matches_counted_matmuls(r):
         model(idx, num_steps=r)
     assert fwd.get_total_flops() in (model.estimate_flops_per_token(r, seq_len=0, training=False) * tokens,
                                      model.estimate_flops_per_token(r, seq_len=32, training=False) * tokens)
+    # frozen weights (as under LoRA; the norms still train, so the backward runs through every layer): the
+    # weights' gradients are not computed
+    for p in model.parameters():
+        p.requires_grad_(p.dim() == 1)
+    frozen = FlopCounterMode(display=False)
+    with frozen:
+        _, loss = model(idx, idx, num_steps=r)
+        loss.backward()
+    assert frozen.get_total_flops() in (model.estimate_flops_per_token(r, seq_len=0, frozen=True) * tokens,
+                                        model.estimate_flops_per_token(r, seq_len=32, frozen=True) * tokens)
 
 
 # --- it learns ------------------------------------------------------------------------------------------------
