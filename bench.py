@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from common import pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, one_of, steps, whole
 from bench_released import decode_child_run, print_released, released_section
-from checkpoints import load_checkpoint, released_layout
+from checkpoints import load_checkpoint, released_layout, trained_init_scale
 from dataloader import checkpoint_data
 from decode import compile_for_decoding, generate, noise_table
 from kernels import quantize_int8
@@ -392,19 +392,20 @@ def print_train(result):
 #    starts (one generator seed), so greedy decoding must give the same tokens in all of them.
 
 def decoding_model():
-    """The model to decode and its prompt: a trained checkpoint prompted with its own val text, or the random one."""
+    """The model to decode, its prompt and its noise start: a trained checkpoint prompted with its own val text, from
+    the noise it trained with (sample.py's default), or the random model from the paper's."""
     if decode_out_dir:
         model, checkpoint = load_checkpoint(decode_out_dir, device, flag="--decode_out_dir")
         data = checkpoint_data(checkpoint)
         room = model.config.block_size - new_tokens - lookahead - 1
         prompt = torch.from_numpy(data.tokens(data.shards["val"][0])[:min(prompt_len, room)].astype("int64"))
-        return model, prompt[None].to(device)
+        return model, prompt[None].to(device), trained_init_scale(checkpoint)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
-    return RecurrentGPT(cfg).to(device).eval(), prompt
+    return RecurrentGPT(cfg).to(device).eval(), prompt, 1.0
 
 
 def decode_section():
-    model, prompt = decoding_model()
+    model, prompt, init_scale = decoding_model()
     compiled_model, int8_model = copy.deepcopy(model), quantize_int8(copy.deepcopy(model))
     variants = {"eager": (model, dict()), "compiled": (compiled_model, dict(compile=True)),
                 "speculative": (compiled_model, dict(compile=True, draft_steps=draft_steps, lookahead=lookahead)),
@@ -413,11 +414,12 @@ def decode_section():
 
     def decode(m, n, r_i, **kwargs):
         with ctx:
-            return generate(m, prompt, n, r_i, temperature=0, generator=torch.Generator(device).manual_seed(seed),
-                            **kwargs)
+            return generate(m, prompt, n, r_i, temperature=0, init_scale=init_scale,
+                            generator=torch.Generator(device).manual_seed(seed), **kwargs)
 
     def recompute(m, n, r_i):  # no cache: the whole context again for every token, as nanoGPT's generate does
-        idx, table = prompt, noise_table(m, prompt.size(1) + n, generator=torch.Generator(device).manual_seed(seed))
+        idx, table = prompt, noise_table(m, prompt.size(1) + n, init_scale,
+                                         torch.Generator(device).manual_seed(seed))
         with torch.no_grad(), ctx:
             for _ in range(n):  # the noise start decoding draws, at each position
                 logits, _ = m(idx, num_steps=r_i, state=table[None, :idx.size(1)])
@@ -428,7 +430,7 @@ def decode_section():
     # compiles in worker processes. Every later call must find its graphs: the recompilations are counted
     from torch._dynamo.utils import counters
     compile_for_decoding(compiled_model, compile_backend)
-    result = {"prompt": prompt.size(1), "decode": {}}
+    result = {"prompt": prompt.size(1), "init_scale": init_scale, "decode": {}}
     result["decode_compile_seconds"] = timed(lambda: decode(compiled_model, 2, decode_r[0], compile=True))
     result["decode_compile_speculative_seconds"] = timed(lambda: decode(compiled_model, lookahead + 1, decode_r[0],
                                                                         **variants["speculative"][1]))  # 1 round
@@ -460,7 +462,8 @@ def decode_rates(runs, eager_tokens):
 
 def print_decode(result):
     print(f"\ndecoding {decode_out_dir or 'the random model above'}: prompt {result['prompt']}, batch 1, greedy, "
-          f"{new_tokens} tokens, median of {decode_repeats}; speculative: {lookahead} drafts at r = {draft_steps}")
+          f"{new_tokens} tokens, median of {decode_repeats}, noise start init_scale {result['init_scale']}; "
+          f"speculative: {lookahead} drafts at r = {draft_steps}")
     print(f"  {'r':>4} {'':<22} {'tok/s after the prompt':>22} {'x eager':>8} {'same tokens':>12} {'steps/token':>12}")
     for r_i, rates in result["decode"].items():
         for name, d in rates.items():

@@ -3,11 +3,13 @@ decoding (eager, compiled, speculative) giving the same tokens."""
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -106,13 +108,20 @@ def test_released_size_variants_run_in_processes_of_their_own(tmp_path):
 
 def test_decoding_a_run_folder_of_ours(cups, tmp_path):
     """--decode_out_dir=<our run folder>: train.py writes a config.json of its settings there, which must not pass
-    for the released layout (config.json beside *.safetensors)."""
-    run = subprocess.run([sys.executable, "bench.py", "--sections=decode", f"--decode_out_dir={cups.out}",
+    for the released layout (config.json beside *.safetensors). The checkpoint decodes from the noise start it
+    trained with (here the zero state), as sample.py does."""
+    shutil.copytree(cups.out, tmp_path / "run")
+    checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    checkpoint["config"]["init_scale"] = 0.0
+    torch.save(checkpoint, tmp_path / "run" / "ckpt.pt")
+    run = subprocess.run([sys.executable, "bench.py", "--sections=decode", f"--decode_out_dir={tmp_path / 'run'}",
                           "--compile_backend=eager", "--decode_r=[3]", "--draft_steps=2", "--lookahead=2",
                           "--prompt_len=8", "--new_tokens=4", "--decode_repeats=1", "--num_threads=1",
                           f"--out_dir={tmp_path}"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     with open(tmp_path / "bench.json") as f:
-        decode = json.load(f)["decode"]
+        result = json.load(f)
+    decode = result["decode"]
     assert decode["3"]["compiled"]["same_tokens_as_eager"] and "decode_released" not in decode
+    assert result["init_scale"] == 0.0 and "noise start init_scale 0.0" in run.stdout
