@@ -4,7 +4,7 @@ settings as plain globals at the top of the file and overrides them from the com
 
     config = configure(globals())   # python train.py config/train_shakespeare_char.py --batch_size=32 --compile False
 
-- a bare argument is a config file, run as Python; it may set any of the script's settings
+- a bare argument is a config file (.py), run as Python; it may set any of the script's settings
 - `--key=value` or `--key value` sets one setting; the value is read as a Python literal (else as a string)
 - unknown keys and wrong types stop with a one-line error; an int is accepted where a float is expected, and a
   single value where a list is expected (--r=8 is --r=[8])
@@ -66,8 +66,8 @@ def configure(namespace, argv=None):
         if not sep:  # --key value, or a bare --flag (True) for a setting that is a bool or None by default
             if isinstance(defaults[key], (bool, type(None))) and (not args or args[0].startswith("--")):
                 text = "True"
-            elif not args:
-                fail(f"--{key} needs a value")
+            elif not args or args[0].startswith("--") and args[0][2:].partition("=")[0] in config:
+                fail(f"--{key} needs a value (a value that starts with -- is given as --{key}=...)")
             else:
                 text = args.pop(0)
         config[key] = parse_value(key, text, defaults[key])
@@ -79,15 +79,17 @@ def read_config_file(path, config):
     """The settings a config file (Python) sets, checked against the script's."""
     if not os.path.isfile(path):
         fail(f"config file {path!r} not found (settings are given as --key=value)")
-    file_settings = {}
+    if not path.endswith(".py"):
+        fail(f"{path}: a bare argument is a config file (Python, .py); give files of data as --input={path}")
+    file_settings = {}  # one namespace, as a module has: a comprehension in the file sees the names it set
     try:  # a config file is Python; a mistake in it is the user's to fix, in one line
         with open(path, encoding="utf-8") as f:
-            exec(compile(f.read(), path, "exec"), {}, file_settings)
+            exec(compile(f.read(), path, "exec"), file_settings)
     except Exception as err:
         fail(f"config file {path}: {type(err).__name__}: {err}")
     settings = {}
     for key, value in file_settings.items():
-        if key.startswith("_") or type(value).__name__ == "module":  # private names, `import math`
+        if key.startswith("_") or type(value).__name__ == "module" or callable(value):  # `import math`, `def f`
             continue
         if key not in config:
             fail(f"unknown setting {key!r} in {path}")

@@ -1,5 +1,7 @@
 """configurator.py: how every script reads --key=value, --key value, bare flags and config files."""
 
+import os
+
 import pytest
 
 from configurator import configure
@@ -22,12 +24,21 @@ def test_config_file_then_flags(tmp_path):
     path.write_text("import math\nr = 16\nlearning_rate = 3\nstart = 'to be'\n")
     config = configure(dict(DEFAULTS), [str(path), "--r=4"])
     assert (config["r"], config["learning_rate"], config["start"]) == (4, 3.0, "to be")
+    # a config file runs as a module does: a comprehension sees the names set above it; imported functions and
+    # the file's own are not settings
+    path.write_text("from math import sqrt\nr = 16\neval_r = [r // k for k in (1, 2)]\n"
+                    "def half(x):\n    return x / 2\nlearning_rate = half(sqrt(4))\n")
+    config = configure(dict(DEFAULTS), [str(path)])
+    assert (config["eval_r"], config["learning_rate"]) == ([16, 8], 1.0)
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--bogus=1"], "unknown setting --bogus"),
     (["--r=big"], "r expects int"),
     (["--r"], "--r needs a value"),
+    (["--device", "--r=4"], "--device needs a value"),  # a flag is not taken as the value before it
+    (["--device", "--compile"], "--device needs a value"),
+    ([os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")], "a bare argument is a config file"),
     (["missing.py"], "config file 'missing.py' not found"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
