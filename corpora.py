@@ -183,7 +183,8 @@ def tokenize_parquet(c, pool, workers, parquet_path, name, max_tokens=None):
 
 def prepare_fineweb_edu(c):
     """Download (or take from --input) the parquet files, tokenize each into its own shard, write meta.json last.
-    A shard already written is skipped, so running the same command again resumes where it stopped."""
+    A shard already written from the same file is skipped, so running the same command again resumes where it
+    stopped (shard_sources.json records what each shard was made from)."""
     try:
         import pyarrow.parquet  # noqa: F401  (only this dataset needs it)
     except ImportError:
@@ -209,13 +210,29 @@ def prepare_fineweb_edu(c):
     _worker["enc"] = r50k_base()  # load it (or fail) once here; forked workers inherit it
     shards, train_done, train_tokens, train_time = {}, 0, 0, 0.0
     print(f"{len(sources) - 1} train shards and 1 val shard from {source}; {workers} tokenizer processes")
-    finished = [name for name in sources if os.path.isfile(os.path.join(c.out_dir, name))]
+    # A shard from an earlier run is kept only if it was made from what it would be made from now: a parquet file
+    # added to --input moves the val shard to another file, and a new --val_tokens changes its length
+    record_path = os.path.join(c.out_dir, "shard_sources.json")  # shard -> what it was made from
+    made_from = {}
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            made_from = json.load(f)
+
+    def origin(name):
+        return {"source": source, "parquet": os.path.basename(sources[name])} | \
+            ({"val_tokens": c.val_tokens} if name.startswith("val") else {})
+
+    on_disk = [name for name in sources if os.path.isfile(os.path.join(c.out_dir, name))]
+    finished = [name for name in on_disk if made_from.get(name) == origin(name)]
     if finished:
         print(f"{len(finished)} shards were written by an earlier run and are kept (delete one to make it again)")
+    if len(on_disk) > len(finished):
+        print(f"{len(on_disk) - len(finished)} shards of an earlier run were made from other files or settings "
+              "and are made again")
     with multiprocessing.Pool(workers) as pool:
         for name, parquet_path in sources.items():  # val first: it is small, and a bad connection shows at once
             shard_path = os.path.join(c.out_dir, name)
-            if os.path.isfile(shard_path):  # finished in an earlier run (a shard appears under its name whole)
+            if name in finished:  # a shard appears under its name only whole
                 shards[name] = os.path.getsize(shard_path) // 2
                 continue
             t0 = time.time()
@@ -225,6 +242,10 @@ def prepare_fineweb_edu(c):
                 download(c, url, parquet_path)
             shards[name] = tokenize_parquet(c, pool, workers, parquet_path, name,
                                             c.val_tokens if name.startswith("val") else None)
+            made_from[name] = origin(name)
+            with open(record_path + ".tmp", "w") as f:
+                json.dump(made_from, f, indent=1)
+            os.replace(record_path + ".tmp", record_path)
             line = f"{name}: {shards[name]:,} tokens | {len(shards)}/{len(sources)} shards done"
             if name.startswith("train"):  # rate and ETA from this run's train shards, downloads included
                 train_done += 1

@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_input_folder_round_trip_and_determinism(corpus, enc, tmp_path):
         assert np.array_equal(tokens, expected_tokens(enc, source_docs)), name
         assert enc.decode(tokens.tolist()) == "".join("<|endoftext|>" + doc for doc in source_docs)
         assert meta["shards"][name] == len(tokens) and (out / name).stat().st_size == 2 * len(tokens)
-    assert sorted(os.listdir(out)) == sorted(names + ["meta.json"])  # no .tmp left behind
+    assert sorted(os.listdir(out)) == sorted(names + ["meta.json", "shard_sources.json"])  # no .tmp left behind
     for name in names + ["meta.json"]:  # the same bytes with one process or two
         assert (out / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -129,6 +130,34 @@ def test_rerun_keeps_finished_shards_and_remakes_missing_ones(corpus, tmp_path):
     assert "3 shards were written by an earlier run" in proc.stdout
     assert (tmp_path / "train_000000.bin").stat().st_mtime_ns == kept  # not written again
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_rerun_remakes_shards_whose_source_changed(corpus, pq, tmp_path):
+    """A parquet file added to --input moves the val shard to it (the last by name validates): the old val shard
+    is not kept, so the file it was made from, now a train shard, is not in val as well. A new --val_tokens
+    remakes the val shard too; the train shards stay."""
+    import pyarrow as pa
+
+    folder, docs = corpus
+    inputs = tmp_path / "in"
+    shutil.copytree(folder, inputs)
+    out = tmp_path / "out"
+    assert prepare(f"--input={inputs}", f"--out_dir={out}").returncode == 0
+    old_val = read_shard(out, "val_000000.bin")
+    added = documents(50, seed=99)
+    pq.write_table(pa.table({"text": added}), inputs / "zz_added.parquet", row_group_size=ROWS_PER_GROUP)
+    proc = prepare(f"--input={inputs}", f"--out_dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 shards of an earlier run were made from other files or settings" in proc.stdout
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["parquet_files"]["val_000000.bin"] == "zz_added.parquet"
+    val, last_train = read_shard(out, "val_000000.bin"), read_shard(out, f"train_{len(docs) - 1:06d}.bin")
+    assert np.array_equal(last_train, old_val) and not np.array_equal(val, old_val)  # not in both splits
+    kept = (out / "train_000000.bin").stat().st_mtime_ns
+    proc = prepare(f"--input={inputs}", f"--out_dir={out}", f"--val_tokens={len(val) // 2}")
+    assert "1 shards of an earlier run were made from other files" in proc.stdout
+    assert len(read_shard(out, "val_000000.bin")) < len(val)
+    assert (out / "train_000000.bin").stat().st_mtime_ns == kept
 
 
 # -----------------------------------------------------------------------------------------------------------
