@@ -70,9 +70,10 @@ TEXT_COLUMN = "text"       # the documents; the official release names its colum
 EOT = 50256                # <|endoftext|> in r50k_base: before every document, as GPT-2 and nanoGPT do
 
 
-def download(c, url, path):
+def download(c, url, path, instead="download the parquet files yourself and pass --input=DIR"):
     """Fetch url to path through path.part: resume the part with an HTTP Range request, retry with backoff, and
-    rename the file into place only once complete, so a file under its final name is always whole."""
+    rename the file into place only once complete, so a file under its final name is always whole. `instead`: what
+    the user can do when it fails."""
     part, reason = path + ".part", ""
     for attempt in range(1, c.download_attempts + 1):
         if attempt > 1:
@@ -97,14 +98,17 @@ def download(c, url, path):
             return
         except urllib.error.HTTPError as e:
             reason = f"HTTP {e.code} {e.reason}"
+            if e.code == 416 and e.headers.get("Content-Range") == f"bytes */{have}":  # the part is the whole file
+                os.replace(part, path)  # (a run stopped between its last byte and the rename)
+                return
             if e.code == 416:  # our part is longer than the file: it is not the start of this file, start over
                 os.remove(part)
             elif 400 <= e.code < 500 and e.code not in (408, 429):
                 break  # not found, forbidden, ...: asking again will not help
         except (OSError, http.client.HTTPException) as e:  # no network, DNS, timeout, reset: worth another try
             reason = str(getattr(e, "reason", None) or e) or e.__class__.__name__
-    fail(f"could not download {url} ({reason}); check the connection and run again (finished shards are kept), "
-         "or download the parquet files yourself and pass --input=DIR")
+    fail(f"could not download {url} ({reason}); check the connection and run again (what is finished is kept), "
+         f"or {instead}")
 
 
 def open_parquet(path, columns=(TEXT_COLUMN,)):

@@ -36,21 +36,23 @@ the input text (and the seed, for generated datasets), so running it twice gives
 import json
 import os
 import sys
-import urllib.request
 from types import SimpleNamespace
 
 import numpy as np
 
 from common import read_text, writable_dir
 from configurator import configure, fail, number, whole
-from corpora import NO_LOSS, prepare_chat, prepare_fineweb_edu, prepare_gsm8k, r50k_base, write_meta, write_split
+from corpora import NO_LOSS, download, prepare_chat, prepare_fineweb_edu, prepare_gsm8k, r50k_base, write_meta, write_split
 
 # -----------------------------------------------------------------------------------------------------------
 # settings (the dataset name is the first argument; everything else is --key=value)
 input = ""          # a local text file to use instead of downloading the source (fineweb_edu: a folder of parquet)
 out_dir = ""        # where the files go; "" means data/<dataset> next to this script
-val_fraction = 0.1  # the last 10% of the text is the validation split
+val_fraction = 0.1  # the validation split: the last 10% of a text, a random 10% of problems or pairs
 seed = 1337         # for generated datasets
+download_attempts = 5  # tries per downloaded file, with 1, 2, 4, 8 s waits between them
+# shakespeare(_char): the text, downloaded once unless --input is given
+shakespeare_url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # reasoning / problems (aligned targets)
 train_max_difficulty = 8       # harder problems go to val only: the test beyond the training range
 num_train_problems = 200_000   # reasoning: problems in train.bin (difficulties 1..train_max_difficulty)
@@ -60,7 +62,6 @@ row_len = 0                    # tokens per row; 0 means the longest problem + 1
 num_shards = 36                # train shards to download, ~55M tokens each: ~2.0B tokens from ~3.5 GB of parquet
 val_tokens = 10_000_000        # validation: whole row groups of the held-out shard until at least this many tokens
 num_workers = 0                # tokenizer processes; 0 means one per CPU core
-download_attempts = 5          # tries per file, with 1, 2, 4, 8 s waits between them
 fineweb_url = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"  # + /shard_00000.parquet
 # gsm8k and chat (question/answer pairs for fine-tuning the released model)
 tokenizer = "huginn-0125"      # the release's tokenizer: huginn-0125 (downloaded once), its folder, or a tokenizer.json
@@ -68,7 +69,6 @@ gsm8k_url = "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main"  # 
 # -----------------------------------------------------------------------------------------------------------
 
 SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def source_text(url):
@@ -79,12 +79,8 @@ def source_text(url):
         if not os.path.isfile(path):
             print(f"downloading {url}")
             os.makedirs(out_dir, exist_ok=True)
-            try:
-                data = urllib.request.urlopen(url, timeout=60).read()
-            except OSError as e:  # no network, DNS, HTTP error: say what to do instead of a traceback
-                fail(f"could not download {url} ({e}); download it yourself and pass --input=FILE")
-            with open(path, "wb") as f:
-                f.write(data)
+            download(SimpleNamespace(download_attempts=download_attempts), url, path,
+                     instead="download it yourself and pass --input=FILE")
     text = read_text(path, "--input")
     if not text:
         fail(f"input file {path!r} is empty; give a text file with some content")
@@ -106,7 +102,7 @@ def split_text(text):
 
 def prepare_shakespeare_char():
     """Every distinct character is a token, ids in sorted order (tiny shakespeare: 65 of them)."""
-    text = source_text(SHAKESPEARE_URL)
+    text = source_text(shakespeare_url)
     chars = "".join(sorted(set(text)))
     stoi = {c: i for i, c in enumerate(chars)}
     train_text, val_text = split_text(text)
@@ -118,7 +114,7 @@ def prepare_shakespeare_char():
 def prepare_shakespeare():
     """GPT-2's BPE (tiktoken calls it r50k_base; the same 50,257 tokens as "gpt2"); ids < 50257 fit in uint16."""
     enc = r50k_base()
-    text = source_text(SHAKESPEARE_URL)
+    text = source_text(shakespeare_url)
     train_text, val_text = split_text(text)
     write_split(out_dir, "train", enc.encode_ordinary(train_text), enc.n_vocab)  # tiny shakespeare: 301,966 tokens
     write_split(out_dir, "val", enc.encode_ordinary(val_text), enc.n_vocab)      # 36,059 tokens

@@ -185,6 +185,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.send_error(404)
         data = (self.server.root / name).read_bytes()
         start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-")) if self.headers["Range"] else 0
+        if start >= len(data):  # as the hub answers a Range past the end
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -216,12 +222,15 @@ def test_download_resumes_and_matches_the_input_folder(corpus, server, tmp_path)
     (out / "parquet").mkdir(parents=True)
     whole = (folder / "shard_00000.parquet").read_bytes()
     (out / "parquet" / "shard_00000.parquet.part").write_bytes(whole[: len(whole) // 2])  # from an earlier run
+    complete = (folder / "shard_00002.parquet").stat().st_size  # an earlier run stopped before its rename
+    (out / "parquet" / "shard_00002.parquet.part").write_bytes((folder / "shard_00002.parquet").read_bytes())
     server.cut_once.add("shard_00001.parquet")  # this one breaks off half-way and must resume
     proc = prepare(f"--fineweb_url={server.url}/data", "--num_shards=3", f"--out_dir={out}", "--download_attempts=2")
     assert proc.returncode == 0, proc.stderr
     assert ("/data/shard_00000.parquet", f"bytes={len(whole) // 2}-") in server.requests
     half = (folder / "shard_00001.parquet").stat().st_size // 2
     assert [r for p, r in server.requests if p.endswith("shard_00001.parquet")] == [None, f"bytes={half}-"]
+    assert [r for p, r in server.requests if p.endswith("shard_00002.parquet")] == [f"bytes={complete}-"]
     for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_01822.parquet"):
         assert (out / "parquet" / name).read_bytes() == (folder / name).read_bytes(), name
     assert not list((out / "parquet").glob("*.part"))
@@ -231,6 +240,30 @@ def test_download_resumes_and_matches_the_input_folder(corpus, server, tmp_path)
     assert meta["source"] == f"{server.url}/data" and len(meta["shards"]) == 4
     for name in meta["shards"]:
         assert (out / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_shakespeare_download_resumes_a_cut_connection(tmp_path):
+    """prepare_data.py's text download goes through the same resuming download (a cut connection was a traceback)."""
+    (tmp_path / "serve").mkdir()
+    text = "".join(f"Line {i}: to be, or not to be.\n" for i in range(2000))
+    (tmp_path / "serve" / "input.txt").write_text(text)
+    server = Server(tmp_path / "serve")
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        server.cut_once.add("input.txt")
+        proc = subprocess.run([sys.executable, "prepare_data.py", "shakespeare_char", f"--out_dir={tmp_path / 'out'}",
+                               f"--shakespeare_url={server.url}/data/input.txt", "--download_attempts=2"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, **NO_PROXY})
+        missing = subprocess.run([sys.executable, "prepare_data.py", "shakespeare_char", f"--out_dir={tmp_path / 'b'}",
+                                  f"--shakespeare_url={server.url}/data/gone.txt"], cwd=REPO,
+                                 capture_output=True, text=True, timeout=120, env={**os.environ, **NO_PROXY})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "input.txt").read_text() == text
+    assert [r for _, r in server.requests[:2]] == [None, f"bytes={len(text) // 2}-"]
+    one_line_error(missing, "could not download", "(HTTP 404", "pass --input=FILE")
 
 
 def test_failed_download_is_one_line(server, tmp_path):
