@@ -158,9 +158,12 @@ def get_tokenizer(meta):
             from tokenizers import Tokenizer
         except ImportError:
             fail("the released tokenizer needs: pip install tokenizers")
-        if not os.path.isfile(os.path.join(meta["folder"], "tokenizer.json")):
+        if "tokenizer_json" in meta:  # a checkpoint carries its data's (dataloader.py): nothing else to find
+            tokenizer = Tokenizer.from_str(meta["tokenizer_json"])
+        elif os.path.isfile(os.path.join(meta["folder"], "tokenizer.json")):  # the release's folder
+            tokenizer = Tokenizer.from_file(os.path.join(meta["folder"], "tokenizer.json"))
+        else:
             fail(f"no tokenizer.json in {meta['folder']}")
-        tokenizer = Tokenizer.from_file(os.path.join(meta["folder"], "tokenizer.json"))
         # special tokens written in the text (<|begin_text|>, <|end_turn|>, ...) are read as their ids
         return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
                 lambda ids: tokenizer.decode(ids, skip_special_tokens=False))

@@ -60,6 +60,12 @@ class TokenData:
         if not isinstance(self.meta, dict) or type(self.meta.get("vocab_size")) is not int or \
                 not 1 <= self.meta["vocab_size"] <= 2**16 or "tokenizer" not in self.meta:
             fail(f"{meta_path} lacks a tokenizer and a vocab_size from 1 to 65536; {hint} again")
+        if self.meta["tokenizer"] == "huginn":  # the release's tokenizer, copied beside the data (corpora.write_chat):
+            path = os.path.join(data_dir, "tokenizer.json")  # its text goes into the meta, so checkpoints carry it
+            if not os.path.isfile(path):
+                fail(f"no tokenizer.json in {data_dir} (its meta.json names the released tokenizer); {hint} again")
+            with open(path, encoding="utf-8") as f:
+                self.meta["tokenizer_json"] = f.read()
         # a sharded corpus's meta.json names its shards, other data is train.bin and val.bin: those are the data,
         # whatever else an earlier run left in the folder
         files = self.meta.get("shards") or [f for f in os.listdir(data_dir) if f in ("train.bin", "val.bin")]

@@ -78,14 +78,17 @@ if len(shards) > 1:
                    "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}, f, indent=1)
 with open(os.path.join(to, "config.json"), "w") as f:
     json.dump(released, f, indent=1)
-# the tokenizer and what reads it (the chat template, the stop tokens): the base's files, else the data's tokenizer
-meta, copied = checkpoint["meta"], []
-sources = [checkpoint.get("base"), meta.get("folder") if meta.get("tokenizer") == "huginn" else None]
+# the tokenizer and what reads it (the chat template, the stop tokens): the base's files, else the tokenizer the
+# checkpoint carries (a model trained here on chat data)
+meta, base, copied = checkpoint["meta"], checkpoint.get("base"), []
 for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-    source = next((os.path.join(d, name) for d in sources if d and os.path.isfile(os.path.join(d, name))), None)
-    if source:
-        shutil.copy(source, os.path.join(to, name))
+    if base and os.path.isfile(os.path.join(base, name)):
+        shutil.copy(os.path.join(base, name), os.path.join(to, name))
         copied.append(name)
+if "tokenizer.json" not in copied and "tokenizer_json" in meta:
+    with open(os.path.join(to, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(meta["tokenizer_json"])
+    copied.append("tokenizer.json")
 size = sum(t.nbytes for t in tensors.values()) / 1e9
 print(f"wrote {to}: {len(tensors)} tensors in {len(files)} file(s), {size:.2f} GB, {model.get_num_params():,} "
       f"parameters{''.join(', ' + name for name in copied)}")

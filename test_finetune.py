@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -92,7 +93,9 @@ def test_chat_rows_carry_the_loss_on_the_answer_only(release):
 
 
 def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
-    proc = run(*finetune_args(release, tmp_path / "out", "--max_iters=30", "--eval_interval=30"))
+    shutil.copytree(release / "chat", tmp_path / "chat")
+    proc = run(*finetune_args(release, tmp_path / "out", "--max_iters=30", "--eval_interval=30",
+                              f"--data_dir={tmp_path / 'chat'}"))
     assert "memory plan per process: weights" in proc.stdout and "peak memory of this process" in proc.stdout
     logged = losses(tmp_path / "out")
     assert sum(logged[i] for i in range(25, 30)) < 0.85 * sum(logged[i] for i in range(5))
@@ -104,6 +107,12 @@ def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
     assert {k: checkpoint["config"][k] for k in ("n_embd", "n_head", "intermediate_size")} == \
         {k: checkpoint["model_config"][k] for k in ("n_embd", "n_head", "intermediate_size")} == \
         {"n_embd": 32, "n_head": 2, "intermediate_size": 48}
+    # the checkpoint carries its tokenizer: it samples with its data folder gone
+    assert checkpoint["meta"]["tokenizer_json"] == (release / "model" / "tokenizer.json").read_text()
+    shutil.rmtree(tmp_path / "chat")
+    proc = run("sample.py", f"--out_dir={tmp_path / 'out'}", "--chat", "--start=what is 2+3?", "--max_new_tokens=2",
+               "--r=2", "--device=cpu", "--num_threads=1")
+    assert "<|end_header|>" in proc.stdout
     # rows longer than the release's 64 positions: one line, before any training
     run("prepare_data.py", "chat", f"--input={release / 'pairs.jsonl'}", "--row_len=100", "--val_fraction=0.1",
         f"--tokenizer={release / 'model' / 'tokenizer.json'}", f"--out_dir={tmp_path / 'long'}")
