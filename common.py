@@ -71,7 +71,7 @@ def read_text(path, what):
     except OSError as err:
         fail(f"{what}: cannot read {path!r} ({err.strerror})")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # without the byte-order mark some Windows editors write first
     except UnicodeDecodeError as err:
         fail(f"{what}: {path!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
              "save it as UTF-8")

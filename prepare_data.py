@@ -163,7 +163,7 @@ def read_problems(path):
         if len(fields) != 3:
             fail(f"{where}: expected difficulty<TAB>problem<TAB>answer, got {len(fields)} tab-separated fields")
         difficulty, problem, answer = fields
-        if not difficulty.strip().isdigit() or not 1 <= int(difficulty) < 2**16:
+        if not difficulty.strip().isdecimal() or not 1 <= int(difficulty) < 2**16:  # (isdigit takes "²")
             fail(f"{where}: difficulty must be an integer from 1 to 65535, got {difficulty!r}")
         if not answer or len(answer) > len(problem):
             fail(f"{where}: the answer must have 1 to len(problem) characters (it labels the problem's last ones)")
@@ -195,6 +195,8 @@ def write_problems(train, val, meta_extra):
     if longest + 1 > length:
         fail(f"a problem of {longest} characters does not fit in row_len={length}; raise --row_len or shorten it")
     chars = "".join(sorted({"\n"} | {c for _, p, a in train + val for c in p + a}))
+    if len(chars) > NO_LOSS:  # ids are uint16 and the last one marks "no loss"
+        fail(f"the problems use {len(chars):,} distinct characters; at most {NO_LOSS:,} fit")
     stoi = {c: i for i, c in enumerate(chars)}
     for name, problems in (("train", train), ("val", val)):
         cells = pack_rows(problems, length)

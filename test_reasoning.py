@@ -29,7 +29,8 @@ def read_split(out_dir, name):
 def test_problems_file_gives_aligned_targets(tmp_path):
     # two problems: a dense one (a label on every character) and one answer at a placeholder
     problems = tmp_path / "problems.txt"
-    problems.write_text("# a comment\n2\tab\tba\n\n5\t1+2=__\t03\n9\txyz\tz\n")
+    # (saved with the byte-order mark some Windows editors write: it is not part of the first line)
+    problems.write_bytes("\ufeff# a comment\n2\tab\tba\n\n5\t1+2=__\t03\n9\txyz\tz\n".encode())
     out = tmp_path / "data"
     result = run("prepare_data.py", "problems", f"--input={problems}", f"--out_dir={out}", "--val_fraction=0",
                  "--train_max_difficulty=5")
@@ -50,13 +51,19 @@ def test_problems_file_gives_aligned_targets(tmp_path):
 
 
 def test_problems_file_errors_are_one_line(tmp_path):
-    for text in ("3\tabc\n", "3\tab\tabc\n", "x\tab\tb\n"):
+    for text in ("3\tabc\n", "3\tab\tabc\n", "x\tab\tb\n", "\u00b2\tab\tb\n"):  # (a superscript two)
         problems = tmp_path / "bad.txt"
         problems.write_text(text)
         result = run("prepare_data.py", "problems", f"--input={problems}", f"--out_dir={tmp_path / 'data'}")
         assert result.returncode != 0
         assert result.stderr.startswith("error: ") and "line 1" in result.stderr
         assert "Traceback" not in result.stderr
+    # 65,535 characters and the row's "\n": the last id would be the "no loss" marker, and its labels lost
+    problem = "".join(chr(0x10000 + i) for i in range(65535))
+    problems.write_text(f"1\t{problem}\t{problem[-1]}\n9\t{problem}\t{problem[-1]}\n")
+    result = run("prepare_data.py", "problems", f"--input={problems}", f"--out_dir={tmp_path / 'data'}",
+                 "--val_fraction=0")
+    assert result.stderr.strip() == "error: the problems use 65,536 distinct characters; at most 65,535 fit"
 
 
 def test_reasoning_labels_are_the_running_arrangement(tmp_path):
