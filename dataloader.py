@@ -1,6 +1,6 @@
 """
 Read the token files that prepare_data.py writes (the format is in its docstring) as batches of blocks. Used by
-train.py, eval.py and latents.py.
+train.py, and by eval.py, exits.py, latents.py and bench.py on a checkpoint's data.
 
 A split ("train", "val") is one file, train.bin, or several shards, train_000000.bin, train_000001.bin, ... (uint16
 token ids). Blocks of block_size tokens are numbered over all shards, so a batch is a tensor of block numbers:
