@@ -392,8 +392,7 @@ def print_train(result):
 #    starts (one generator seed), so greedy decoding must give the same tokens in all of them.
 
 def decoding_model():
-    """The model to decode, its prompt and its noise start: a trained checkpoint prompted with its own val text, from
-    the noise it trained with (sample.py's default), or the random model from the paper's."""
+    """A trained checkpoint, its own val text and the noise start it trained with; or the random model and 1."""
     if decode_out_dir:
         model, checkpoint = load_checkpoint(decode_out_dir, device, flag="--decode_out_dir")
         data = checkpoint_data(checkpoint)
@@ -418,8 +417,7 @@ def decode_section():
                             generator=torch.Generator(device).manual_seed(seed), **kwargs)
 
     def recompute(m, n, r_i):  # no cache: the whole context again for every token, as nanoGPT's generate does
-        idx, table = prompt, noise_table(m, prompt.size(1) + n, init_scale,
-                                         torch.Generator(device).manual_seed(seed))
+        idx, table = prompt, noise_table(m, prompt.size(1) + n, init_scale, torch.Generator(device).manual_seed(seed))
         with torch.no_grad(), ctx:
             for _ in range(n):  # the noise start decoding draws, at each position
                 logits, _ = m(idx, num_steps=r_i, state=table[None, :idx.size(1)])
