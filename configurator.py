@@ -131,3 +131,28 @@ def steps(config, key, allow_empty=True):
     values = config[key]
     if not allow_empty and not values or any(type(r) is not int or r < 1 for r in values):
         fail(f"--{key} must list whole numbers of steps >= 1, e.g. --{key}=\"[1,4,8]\"; got {values!r}")
+
+
+def decoding_settings(config, criteria):
+    """sample.py's and harness.py's exits and cache budget, before the model loads: --exit_criterion one of criteria,
+    an --exit_threshold that fits it, a whole --cache_budget. What needs the model: decoding_fits."""
+    one_of(config, "exit_criterion", list(criteria))
+    if config["cache_budget"] is not None:
+        whole(config, 1, "cache_budget")
+    threshold, criterion = config["exit_threshold"], config["exit_criterion"]
+    if threshold is not None and criterion == "confident-run":  # a count of steps in a row
+        whole(config, 1, "exit_threshold")
+    elif threshold is not None:  # kl and latent-diff stop below a number, the gate above 1 - it
+        number(config, "exit_threshold", low=0)
+    if threshold is not None and criterion == "none":
+        fail("--exit_threshold is the exit criterion's: add --exit_criterion (kl, latent-diff, confident-run or gate)")
+
+
+def decoding_fits(model, config):
+    """The loaded model has what the exits and cache budget ask: a gate fit on it, whole steps of cache entries."""
+    if config["exit_criterion"] == "gate" and not hasattr(model, "exit_gate"):
+        fail(f"--exit_criterion gate needs a gate exits.py fit on this checkpoint: "
+             f"python exits.py --out_dir={config['out_dir']}")
+    n_layers_core = model.config.n_layers_core
+    if config["cache_budget"] is not None and config["cache_budget"] % n_layers_core:
+        fail(f"--cache_budget must be a multiple of n_layers_core ({n_layers_core}), got {config['cache_budget']!r}")

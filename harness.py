@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released, trained_init_scale
 from common import chat_text, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
-from configurator import configure, fail, number, one_of, steps, whole
-from decode import generate, pad_prompts
+from configurator import configure, decoding_fits, decoding_settings, fail, number, one_of, steps, whole
+from decode import EXIT_THRESHOLDS, generate, pad_prompts
 from kernels import quantize_int8
 
 try:  # the harness is optional: only this file needs it
@@ -44,7 +44,8 @@ class NanoHuginn(TemplateLM):
     run at num_steps (r). loglikelihood: one forward pass at r per batch of requests, padded on the right (a causal
     model never reads what follows a position). generate_until: decode.generate's batch of prompts of different
     lengths, with its exits and cache budget. A request's noise start s_0 does not depend on its batch: keyed by
-    its own tokens (loglikelihood), or one table every batch reads at its rows' own positions (greedy generation)."""
+    its own tokens (loglikelihood), or one table every batch reads at its rows' own positions (generation; a greedy
+    answer is the same in any batch until the batch's context fills block_size: its rows are cropped together)."""
 
     def __init__(self, out_dir="out", init_from="resume", num_steps=None, exit_criterion="none", exit_threshold=None,
                  cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=None, seed=1337):
@@ -152,7 +153,7 @@ class NanoHuginn(TemplateLM):
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             # the last block_size tokens of each context (generate crops the context itself as it grows). Every
             # batch draws the same noise table, read by each row at its own positions: a greedy request decodes
-            # alike in any batch
+            # alike in any batch until the batch's longest row fills block_size (then its rows are cropped together)
             block = self.model.config.block_size
             idx, lengths = pad_prompts([self.tok_encode(context)[-block:] for context, _ in batch])
             out, stats = generate(self.model, idx.to(self.device_name), max_new, self.num_steps,
@@ -181,6 +182,7 @@ def check_settings(config):
     if config["init_scale"] is not None:
         number(config, "init_scale", low=0)
     one_of(config, "quantize", ("", "int8"))
+    decoding_settings(config, EXIT_THRESHOLDS)
     names = [t for t in config["tasks"].split(",") if t]
     if not names:
         fail("give the tasks to run with --tasks, e.g. --tasks=arc_easy,hellaswag (lm-eval's names)")
@@ -200,6 +202,28 @@ def check_settings(config):
     return names, task_manager, path
 
 
+def metrics_of(results):
+    """{task: {metric: value}} of one lm-eval run: every task it ran (a tag or a group names several) and every group
+    it scored. A metric lm-eval reports under one filter keeps its name ("acc"), one under several is named with
+    each ("exact_match,strict-match" and "exact_match,flexible-extract": GSM8K's, the paper's two figures)."""
+    metrics = {}
+    for task, values in results["results"].items():
+        keys = [k for k, v in values.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))]
+        names = [k.split(",")[0] for k in keys]
+        if keys:  # a group without an aggregate metric has none
+            metrics[task] = {(name if names.count(name) == 1 else k): values[k] for name, k in zip(names, keys)}
+    return metrics
+
+
+def shown_metrics(metrics):
+    """The metrics a task's row of the table shows: the first of acc_norm, acc, exact_match it reports (under each
+    of its filters), else all of them."""
+    for name in ("acc_norm", "acc", "exact_match"):
+        if any(m.split(",")[0] == name for m in metrics):
+            return [m for m in metrics if m.split(",")[0] == name]
+    return sorted(metrics)
+
+
 def table_by_r(lm, names, task_manager, rs, config):
     """Run the harness once per r on the loaded model: {task: {r: {metric: value}}}."""
     table = {}
@@ -209,11 +233,9 @@ def table_by_r(lm, names, task_manager, rs, config):
                                   num_fewshot=None if config["num_fewshot"] < 0 else config["num_fewshot"],
                                   apply_chat_template=config["apply_chat_template"], log_samples=False,
                                   system_instruction=config["system_instruction"] or None, bootstrap_iters=0)
-        for task in names:
-            table.setdefault(task, {})[str(num_steps)] = {
-                k.split(",")[0]: v for k, v in results["results"][task].items()
-                if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
-        print(f"r = {num_steps}: " + ", ".join(f"{t} {table[t][str(num_steps)]}" for t in names), flush=True)
+        for task, metrics in metrics_of(results).items():
+            table.setdefault(task, {})[str(num_steps)] = metrics
+        print(f"r = {num_steps}: " + ", ".join(f"{t} {table[t][str(num_steps)]}" for t in table), flush=True)
     return table
 
 
@@ -245,15 +267,15 @@ if __name__ == "__main__":
     set_threads(num_threads)
     lm = NanoHuginn(out_dir, init_from, None, exit_criterion, exit_threshold, cache_budget, batch_size, device,
                     dtype, quantize, init_scale, seed)
+    decoding_fits(lm.model, config)
     rs = r or [lm.model.config.mean_recurrence]
     table = table_by_r(lm, names, task_manager, rs, config)
-    # the metric shown for a task: the first of acc_norm, acc, exact_match it reports
-    shown = {t: next((m for m in ("acc_norm", "acc", "exact_match") if m in table[t][str(rs[0])]),
-                     sorted(table[t][str(rs[0])])[0]) for t in names}
+    rows = [(task, metric) for task in table for metric in shown_metrics(table[task][str(rs[0])])]
+    width = max([12] + [len(metric) for _, metric in rows])
     print(f"\n{init_from if init_from != 'resume' else out_dir}: {limit or 'all'} examples per task")
-    print(f"{'task':<24} {'metric':<12} " + " ".join(f"{'r=' + str(n):>8}" for n in rs))
-    for task in names:
-        print(f"{task:<24} {shown[task]:<12} " + " ".join(f"{table[task][str(n)][shown[task]]:8.4f}" for n in rs))
+    print(f"{'task':<24} {'metric':<{width}} " + " ".join(f"{'r=' + str(n):>8}" for n in rs))
+    for task, metric in rows:
+        print(f"{task:<24} {metric:<{width}} " + " ".join(f"{table[task][str(n)][metric]:8.4f}" for n in rs))
     with open(output_path, "w") as f:
         json.dump(table, f, indent=1)
     print(f"wrote {output_path}")

@@ -18,7 +18,7 @@ import torch
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released, trained_init_scale
 from common import chat_text, pick_device, pick_dtype, read_prompt, read_text, set_threads
-from configurator import configure, fail, number, one_of, whole
+from configurator import configure, decoding_fits, decoding_settings, fail, number, one_of, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
 from kernels import quantize_int8
 
@@ -56,17 +56,9 @@ whole(config, 0, "top_k", "draft_steps", "seed")
 number(config, "temperature", low=0)
 if init_scale is not None:
     number(config, "init_scale", low=0)
-one_of(config, "exit_criterion", list(EXIT_THRESHOLDS))
+decoding_settings(config, EXIT_THRESHOLDS)
 if r is not None:
     whole(config, 1, "r")
-if cache_budget is not None:
-    whole(config, 1, "cache_budget")
-if exit_threshold is not None and exit_criterion == "confident-run":  # a count of steps in a row
-    whole(config, 1, "exit_threshold")
-elif exit_threshold is not None:  # kl and latent-diff stop below a number, the gate above 1 - it
-    number(config, "exit_threshold", low=0)
-if exit_threshold is not None and exit_criterion == "none":
-    fail("--exit_threshold is the exit criterion's: add --exit_criterion (kl, latent-diff, confident-run or gate)")
 if compile not in (None, True, False):
     fail(f"--compile must be True or False, got {compile!r}")
 one_of(config, "quantize", ("", "int8"))
@@ -106,8 +98,7 @@ if chat and meta["tokenizer"] != "huginn":
     fail(f"--chat is for the released model and its fine-tunes: add --init_from=huginn-0125 (or a folder in its "
          f"layout); {out_dir} uses {meta['tokenizer']}")
 encode, decode = get_tokenizer(meta)
-if exit_criterion == "gate" and not hasattr(model, "exit_gate"):
-    fail(f"--exit_criterion gate needs a gate exits.py fit on this checkpoint: python exits.py --out_dir={out_dir}")
+decoding_fits(model, config)
 
 # the prompts, as token ids
 stop_ids = []
@@ -123,8 +114,6 @@ if max(map(len, start_ids)) > model.config.block_size:
     print(f"warning: a prompt has {max(map(len, start_ids))} tokens, more than block_size "
           f"{model.config.block_size}; keeping the last {model.config.block_size}", file=sys.stderr)
     start_ids = [ids[-model.config.block_size:] for ids in start_ids]
-if cache_budget is not None and cache_budget % model.config.n_layers_core:
-    fail(f"--cache_budget must be a multiple of n_layers_core ({model.config.n_layers_core}), got {cache_budget!r}")
 x, lengths = pad_prompts(start_ids)  # (B, T) padded on the left, and each prompt's length
 x = x.to(device)
 num_steps = model.config.mean_recurrence if r is None else r

@@ -97,6 +97,9 @@ def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
     (["--tasks="], "give the tasks to run with --tasks"),
     (["--tasks=reasoning", "--out_dir=/nonexistent/nowhere"], "no checkpoint at /nonexistent/nowhere/ckpt.pt"),
     (["--tasks=reasoning", "--dtype=bfloat16"], "--dtype is the released model's"),
+    (["--tasks=reasoning_choice", "--exit_criterion=kl_divergence"], "--exit_criterion must be one of"),
+    (["--tasks=reasoning", "--exit_threshold=0.1"], "--exit_threshold is the exit criterion's"),
+    (["--tasks=reasoning", "--exit_criterion=gate"], "needs a gate exits.py fit on this checkpoint"),
 ])
 @needs_lm_eval
 def test_bad_input_is_one_line(cups, args, message):
@@ -112,3 +115,31 @@ def test_without_lm_eval_one_line_says_how_to_install(tmp_path):
                             env={**ENV, "PYTHONPATH": str(tmp_path)}, timeout=120)
     assert result.returncode != 0 and result.stderr.strip() == "error: harness.py needs the evaluation harness: " \
                                                                "pip install lm-eval"
+
+
+@needs_lm_eval
+def test_tags_groups_and_filters_each_get_their_rows(cups, tmp_path):
+    """--tasks may name an lm-eval tag (its tasks are run and reported), a group without an aggregate metric (its task
+    is reported, the group has no row), and a task scoring one metric under two filters (GSM8K's strict-match and
+    flexible-extract) reports both. The run kept only the last filter's figure under the metric's bare name, and a
+    tag or such a group crashed after the whole evaluation, with nothing written."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    plain = json.loads((cups.data / "harness" / "reasoning.yaml").read_text())
+    choice = json.loads((cups.data / "harness" / "reasoning_choice.yaml").read_text())
+    filtered = {**plain, "task": "reasoning_filters", "tag": "cups_tasks", "filter_list": [
+        {"name": "kept", "filter": [{"function": "take_first"}]},  # the answer as it is: plain reasoning's score
+        {"name": "letters", "filter": [{"function": "regex", "regex_pattern": "([a-z])"}, {"function": "take_first"}]}]}
+    for name, task in (("reasoning", plain), ("reasoning_choice", {**choice, "tag": "cups_tasks"}),
+                       ("reasoning_filters", filtered), ("cups_group", {"group": "cups_group", "task": ["reasoning"]})):
+        (tasks / f"{name}.yaml").write_text(json.dumps(task))
+    output = tmp_path / "harness.json"
+    result = run_harness("--tasks=cups_tasks,cups_group", f"--include_path={tasks}", f"--out_dir={cups.out}",
+                         "--r=[4]", "--limit=40", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = {task: by_r["4"] for task, by_r in json.loads(output.read_text()).items()}
+    assert set(table) == {"reasoning", "reasoning_choice", "reasoning_filters"}, table
+    assert table["reasoning_filters"]["exact_match,kept"] == table["reasoning"]["exact_match"] > 0.3, table
+    assert table["reasoning_filters"]["exact_match,letters"] == 0, table  # the answers are digits
+    assert "acc" in table["reasoning_choice"]
+    assert "exact_match,kept" in result.stdout and "exact_match,letters" in result.stdout
