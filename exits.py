@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from checkpoints import fitted_on, load_checkpoint, trained_init_scale
 from common import keyed_generator, pick_device, set_threads, writable_dir
-from configurator import configure, number, steps, whole
+from configurator import configure, fail, number, steps, whole
 from dataloader import checkpoint_data
 from decode import EXIT_RULES, EXIT_THRESHOLDS, ExitRule, Gate, KVCache, Signals, forward_cached, gate_net
 
@@ -55,14 +55,19 @@ num_threads = 0
 config = configure(globals())
 # -----------------------------------------------------------------------------------------------------------
 
-whole(config, 1, "r", "rounds", "epochs", "batch_size")
-whole(config, 0, "hidden", "max_rows", "seed")
+whole(config, 1, "r", "rounds", "epochs", "batch_size", "hidden")
+whole(config, 0, "max_rows", "seed")
 steps(config, "fixed_r", allow_empty=False)
 number(config, "goal_accuracy", above=0, high=1)
 number(config, "goal_steps", above=0)
 if init_scale is not None:
     number(config, "init_scale", low=0)
 number(config, "converged", above=0)
+for name, thresholds in rules.items():  # before the gate is fit and saved over the last one
+    if name not in EXIT_RULES:
+        fail(f"--rules: no exit rule {name!r}; decode.py's are {', '.join(EXIT_RULES)}")
+    if not thresholds or not all(isinstance(t, (int, float)) and t > 0 for t in thresholds):
+        fail(f"--rules: {name}'s thresholds must be a list of numbers > 0, got {thresholds!r}")
 device = pick_device(device)
 set_threads(num_threads)
 model, checkpoint = load_checkpoint(out_dir, device)

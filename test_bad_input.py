@@ -210,6 +210,10 @@ CASES = [
     ("latents.py", ["--out_dir={tmp}/text", "--plot_dir={tmp}/a-file"], "--plot_dir={tmp}/a-file is a file"),
     ("latents.py", ["--out_dir={tmp}/text", "--start=FILE:{tmp}/latin1.txt"], "is not UTF-8 text"),
     ("latents.py", ["--out_dir={tmp}/text", "--start=To be", "--tokens=[9]"], "--tokens must be positions"),
+    # exits.py: its settings before the gate is fit and saved over the last one
+    ("exits.py", ["--rules={'confident_run': [4]}"], "--rules: no exit rule 'confident_run'"),
+    ("exits.py", ["--rules={'kl': []}"], "--rules: kl's thresholds must be a list of numbers > 0"),
+    ("exits.py", ["--hidden=0"], "--hidden must be a whole number >= 1"),
     # prepare_data.py
     ("prepare_data.py", ["shakespeare_char", "--input={tmp}/play.txt", "--val_fraction=2"],
      "--val_fraction must be a number >= 0 and < 1"),
@@ -236,7 +240,8 @@ CASES = [
     ("bench.py", ["--device=cuda"], "no CUDA GPU"),
 ]
 DEFAULTS = {"train.py": [*TINY, "--data_dir={tmp}/char", "--out_dir={tmp}/fresh"], "sample.py": ["--device=cpu"],
-            "eval.py": ["--plot=False"], "latents.py": ["--plot=False"], "prepare_data.py": [], "bench.py": ["--out_dir={tmp}/bench"]}
+            "eval.py": ["--plot=False"], "exits.py": ["--out_dir={tmp}/cups"], "latents.py": ["--plot=False"],
+            "prepare_data.py": [], "bench.py": ["--out_dir={tmp}/bench"]}
 
 
 @pytest.mark.parametrize("script,args,expected", CASES, ids=[f"{c[0]} {' '.join(c[1])}"[:80] for c in CASES])
