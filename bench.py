@@ -88,9 +88,10 @@ decode_repeats = 5
 config = configure(globals())
 
 whole(config, 1, "n_embd", "n_head", "n_layers_core", "intermediate_size", "vocab_size", "batch_size", "seq_len", "r",
-      "backprop_depth", "repeats", "matmul_size", "memory_backprop_depth", "prompt_len", "new_tokens", "draft_steps",
-      "lookahead", "decode_repeats")
+      "backprop_depth", "repeats", "matmul_size", "memory_backprop_depth", "prompt_len", "draft_steps", "lookahead",
+      "decode_repeats")
 whole(config, 0, "n_layers_prelude", "n_layers_coda", "num_threads", "seed")
+whole(config, 2, "new_tokens")  # the rates are of the tokens after the first (the prompt's pass)
 one_of(config, "timer", ("wall", "cpu"))
 one_of(config, "compile_backend", ("inductor", "eager", "aot_eager"))
 steps(config, "compile_r")
@@ -105,8 +106,7 @@ if probe_memory_at is not None and (type(probe_memory_at) is not int or probe_me
 released_folder = decode_out_dir if decode_out_dir and released_layout(decode_out_dir) else ""
 released_size = "decode" in sections and (preset == "huginn-0125" or bool(released_folder))
 if draft_steps >= min(decode_r) and not released_size:
-    fail(f"--draft_steps ({draft_steps}) must be below every r of --decode_r ({decode_r}): drafts are the cheap "
-         "guesses")
+    fail(f"--draft_steps ({draft_steps}) must be below every r of --decode_r ({decode_r}): drafts are cheap guesses")
 try:  # the model's own checks of the shape (widths, heads)
     RecurrentConfig(**{k: config[k] for k in ("n_embd", "n_head", "n_layers_prelude", "n_layers_core",
                                               "n_layers_coda", "intermediate_size", "vocab_size")})

@@ -23,13 +23,14 @@ from model import RecurrentGPT, config_from_preset, precompute_rope
 
 
 def timed(s, fn):
-    """Wall seconds of fn(), with the GPU drained before and after."""
+    """Seconds of fn() on bench.py's --timer (wall, or this process's CPU time), the GPU drained before and after."""
+    clock = time.perf_counter if s.timer == "wall" else time.process_time
     sync = (lambda: torch.cuda.synchronize(s.device)) if s.device.startswith("cuda") else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     sync()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 RELEASED_VARIANTS = {"eager": {}, "compiled": dict(compile=True), "int8": dict(quantize="int8"),
@@ -118,7 +119,8 @@ def print_released(s, result):
     released = pretrained_config(s.released_folder) if s.released_folder else config_from_preset("huginn-0125")
     print(f"\ndecoding at the released size ({s.released_folder or 'random weights'}, float32 weights whatever "
           f"--dtype says), batch 1, greedy, prompt {s.prompt_len}, {s.new_tokens} tokens, median of "
-          f"{s.decode_repeats}; memory bandwidth {bandwidth / 1e9:.1f} GB/s; peak and RSS: the process's host memory")
+          f"{s.decode_repeats}; memory bandwidth {bandwidth / 1e9:.1f} GB/s; load in wall seconds; peak and RSS: the "
+          f"process's host memory")
     print(f"  {'r':>3} {'variant':<10} {'load s':>7} {'peak GB':>8} {'RSS GB':>7} {'tok/s':>7} {'x eager':>8} "
           f"{'bound tok/s':>12} {'same tokens':>12}")
     for r_i in map(str, s.decode_r):

@@ -233,6 +233,7 @@ CASES = [
     ("bench.py", ["--sections=speed"], "--sections is a comma-separated list"),
     ("bench.py", ["--n_head=5"], "n_embd (256) must be n_head (5)"),
     ("bench.py", ["--timer=gpu"], "--timer must be one of"),
+    ("bench.py", ["--new_tokens=1"], "--new_tokens must be a whole number >= 2"),
     ("bench.py", ["--draft_steps=8", "--decode_r=[8]"], "--draft_steps (8) must be below every r"),
     ("bench.py", ["--decode_out_dir={tmp}/nowhere"], "point --decode_out_dir at one"),
     ("bench.py", ["--out_dir={tmp}/a-file"], "is a file, not a folder"),

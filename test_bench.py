@@ -7,6 +7,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -85,6 +86,16 @@ def test_decoding_figures(results):
             assert d["mean_steps"] == int(r) or name == "compiled, kl exit"
         assert 0 <= rates["speculative"]["acceptance"] <= 1 and rates["compiled, kl exit"]["mean_steps"] <= int(r)
     assert results["decode_compile_seconds"] > 0 and results["decode_recompiles"] == 0
+
+
+def test_released_size_timing_follows_the_timer():
+    """--timer=cpu times the released size's decoding by this process's CPU, as the rest of bench.py (the header says
+    so); it was timed by the wall clock whatever --timer said. A sleep takes wall time and next to no CPU."""
+    from types import SimpleNamespace
+    from bench_released import timed
+    nap = lambda: time.sleep(0.2)
+    assert timed(SimpleNamespace(timer="cpu", device="cpu"), nap) < 0.05
+    assert timed(SimpleNamespace(timer="wall", device="cpu"), nap) >= 0.2
 
 
 def test_released_size_variants_run_in_processes_of_their_own(tmp_path):
