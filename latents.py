@@ -95,10 +95,14 @@ if reasoning and not start.startswith("\n"):
 if meta["tokenizer"] == "huginn" and not start.startswith("<|begin_text|>"):
     start = "<|begin_text|>" + start
 prompt = encode(start)
+if len(prompt) > cfg.block_size and reasoning:  # the moves so far are counted from the problem's "\n"
+    fail(f"the problem has {len(prompt) - 1} moves; this checkpoint reads {cfg.block_size - 1} at most: shorten "
+         "--start")
 if len(prompt) > cfg.block_size:
     print(f"warning: the prompt has {len(prompt)} tokens, more than block_size {cfg.block_size}; keeping the last "
           f"{cfg.block_size}", file=sys.stderr)
-    prompt = prompt[-cfg.block_size:]
+    keep = int(meta["tokenizer"] == "huginn")  # <|begin_text|> stays first
+    prompt = prompt[:keep] + prompt[len(prompt) - cfg.block_size + keep:]
 T = len(prompt)
 if T == 0:
     fail("the prompt is empty; give at least one token with --start")
@@ -141,8 +145,8 @@ settled_at = settle_steps(predictions).clamp(min=1)  # s_0 is noise: nothing "se
 distance = (states - states[-1]).norm(dim=-1)  # (r + 1, T): ||s_i - s_r||
 slowest = int(distance[r // 2].argmax())
 tokens = tokens or sorted(set(np.linspace(min(1, T - 1), T - 1, 5).round().astype(int).tolist()) | {slowest})
-torch.save({"tokens": prompt, "text": start, "states": states, "predictions": predictions, "r": r, "seed": seed,
-            "init_scale": init_scale}, os.path.join(out_dir, "latents.pt"))
+torch.save({"tokens": prompt, "text": decode(prompt), "states": states, "predictions": predictions, "r": r,
+            "seed": seed, "init_scale": init_scale}, os.path.join(out_dir, "latents.pt"))
 print(f"saved s_0 ... s_{r} {tuple(states.shape)} to {os.path.join(out_dir, 'latents.pt')} ({time.time() - t0:.1f} s)")
 
 # the heatmap as text: the distance to the final state relative to its size, at a few steps

@@ -210,6 +210,7 @@ CASES = [
     ("latents.py", ["--out_dir={tmp}/text", "--plot_dir={tmp}/a-file"], "--plot_dir={tmp}/a-file is a file"),
     ("latents.py", ["--out_dir={tmp}/text", "--start=FILE:{tmp}/latin1.txt"], "is not UTF-8 text"),
     ("latents.py", ["--out_dir={tmp}/text", "--start=To be", "--tokens=[9]"], "--tokens must be positions"),
+    ("latents.py", ["--out_dir={tmp}/cups", "--start=" + "0" * 60], "the problem has 60 moves; this checkpoint reads"),
     # exits.py: its settings before the gate is fit and saved over the last one
     ("exits.py", ["--rules={'confident_run': [4]}"], "--rules: no exit rule 'confident_run'"),
     ("exits.py", ["--rules={'kl': []}"], "--rules: kl's thresholds must be a list of numbers > 0"),
