@@ -48,8 +48,9 @@ class RecurrentConfig:
                      "mean_recurrence", "backprop_depth"):
             if type(getattr(self, name)) is not int or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
-        if min(self.n_layers_prelude, self.n_layers_coda) < 0:
-            raise ValueError("n_layers_prelude and n_layers_coda must be >= 0")
+        for name in ("n_layers_prelude", "n_layers_coda"):  # these two may be 0
+            if type(getattr(self, name)) is not int or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd ({self.n_embd}) must be n_head ({self.n_head}) times an even head size "
                              "(RoPE rotates pairs)")
@@ -112,10 +113,10 @@ def apply_rope(x, rope):
 
 class Linear(nn.Linear):
     """A Linear layer without bias. On a CPU, a product with 2 to out_features // 4 rows (a prompt, a batch of tokens
-    being decoded) is taken as (W x^T)^T: the same product, but the BLAS streams a wide weight far better as the left
-    operand (16 rows by the core's MLP matrix of Huginn-0125: 342 ms as x W^T, 194 ms as (W x^T)^T, 1.8x;
-    docs/released.md). One row, more rows (training), other devices and compiled graphs (where inductor packs the
-    weight of F.linear for its own kernels) take the usual path."""
+    being decoded) is taken as (W x^T)^T: the same product (summed in another order: ~1e-6 apart), but the BLAS
+    streams a wide weight far better as the left operand (16 rows by the core's MLP matrix of Huginn-0125: 342 ms
+    as x W^T, 194 ms as (W x^T)^T, 1.8x; docs/released.md). One row, more rows (training), other devices and
+    compiled graphs (where inductor packs the weight of F.linear for its own kernels) take the usual path."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)

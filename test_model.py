@@ -226,6 +226,15 @@ def test_small_preset_is_about_96m():
         config_from_preset("huge")
 
 
+@pytest.mark.parametrize("bad", [dict(n_layers_prelude=1.5), dict(n_layers_coda="2"), dict(n_layers_prelude=True),
+                                 dict(n_layers_coda=-1), dict(n_head=0), dict(n_embd=60, n_head=4)])
+def test_a_wrong_shape_fails_in_the_config(bad):
+    """Every count of the config is a whole number (a float, a string or a bool got past it and failed, or built a
+    model, far from the cause); a shape that cannot be split into heads fails with its reason."""
+    with pytest.raises(ValueError, match="must be"):
+        RecurrentConfig(**bad)
+
+
 def test_init_follows_reference():
     model = tiny_model()
     cfg = model.config
