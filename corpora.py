@@ -72,9 +72,19 @@ EOT = 50256                # <|endoftext|> in r50k_base: before every document, 
 
 def download(c, url, path, instead="download the parquet files yourself and pass --input=DIR"):
     """Fetch url to path through path.part: resume the part with an HTTP Range request, retry with backoff, and
-    rename the file into place only once complete, so a file under its final name is always whole. `instead`: what
-    the user can do when it fails."""
-    part, reason = path + ".part", ""
+    rename the file into place only once complete, so a file under its final name is always whole. path.source
+    names the url it came from: a file from this url is not fetched again, one (or a part) from another is.
+    `instead`: what the user can do when it fails."""
+    part, source, reason = path + ".part", path + ".source", ""
+    came_from = open(source).read() if os.path.isfile(source) else None
+    if came_from == url and os.path.isfile(path):  # downloaded before
+        return
+    if came_from != url and os.path.exists(part):  # another url's bytes (or bytes from nobody knows where)
+        os.remove(part)
+    print(f"downloading {url}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(source, "w") as f:
+        f.write(url)
     for attempt in range(1, c.download_attempts + 1):
         if attempt > 1:
             wait = 2 ** (attempt - 2)  # 1, 2, 4, 8 s
@@ -214,9 +224,10 @@ def prepare_fineweb_edu(c):
     _worker["enc"] = r50k_base()  # load it (or fail) once here; forked workers inherit it
     shards, train_done, train_tokens, train_time = {}, 0, 0, 0.0
     print(f"{len(sources) - 1} train shards and 1 val shard from {source}; {workers} tokenizer processes")
-    # A shard from an earlier run is kept only if it was made from what it would be made from now: a parquet file
-    # added to --input moves the val shard to another file, and a new --val_tokens changes its length
-    record_path = os.path.join(c.out_dir, "shard_sources.json")  # shard -> what it was made from
+    # A shard from an earlier run is kept only if it was made from what it would be made from now (a parquet file
+    # added to --input moves the val shard to another file, a new --val_tokens changes its length) and is as long
+    # as it was made (a shard cut short since would otherwise be counted at its new length)
+    record_path = os.path.join(c.out_dir, "shard_sources.json")  # shard -> what it was made from, its tokens
     made_from = {}
     if os.path.isfile(record_path):
         with open(record_path) as f:
@@ -227,12 +238,13 @@ def prepare_fineweb_edu(c):
             ({"val_tokens": c.val_tokens} if name.startswith("val") else {})
 
     on_disk = [name for name in sources if os.path.isfile(os.path.join(c.out_dir, name))]
-    finished = [name for name in on_disk if made_from.get(name) == origin(name)]
+    finished = [name for name in on_disk if made_from.get(name) == origin(name) | {"tokens": made_from[name]["tokens"]}
+                and os.path.getsize(os.path.join(c.out_dir, name)) == 2 * made_from[name]["tokens"]]
     if finished:
         print(f"{len(finished)} shards were written by an earlier run and are kept (delete one to make it again)")
     if len(on_disk) > len(finished):
-        print(f"{len(on_disk) - len(finished)} shards of an earlier run were made from other files or settings "
-              "and are made again")
+        print(f"{len(on_disk) - len(finished)} shards of an earlier run were made from other files or settings (or "
+              "cut short since) and are made again")
     with multiprocessing.Pool(workers) as pool:
         for name, parquet_path in sources.items():  # val first: it is small, and a bad connection shows at once
             shard_path = os.path.join(c.out_dir, name)
@@ -240,13 +252,11 @@ def prepare_fineweb_edu(c):
                 shards[name] = os.path.getsize(shard_path) // 2
                 continue
             t0 = time.time()
-            if not os.path.isfile(parquet_path):  # never with --input: those files were listed from disk
-                url = f"{c.fineweb_url}/{os.path.basename(parquet_path)}"
-                print(f"downloading {url}")
-                download(c, url, parquet_path)
+            if not c.input:  # fetched unless this url's file is here
+                download(c, f"{c.fineweb_url}/{os.path.basename(parquet_path)}", parquet_path)
             shards[name] = tokenize_parquet(c, pool, workers, parquet_path, name,
                                             c.val_tokens if name.startswith("val") else None)
-            made_from[name] = origin(name)
+            made_from[name] = origin(name) | {"tokens": shards[name]}
             with open(record_path + ".tmp", "w") as f:
                 json.dump(made_from, f, indent=1)
             os.replace(record_path + ".tmp", record_path)
@@ -335,7 +345,7 @@ def write_chat(c, train, val, source):
 
 def prepare_gsm8k(c):
     """GSM8K (openai/gsm8k, its "main" config as parquet): 7,473 train and 1,319 test pairs; the test split
-    validates. --input=DIR reads train*.parquet and test*.parquet from a folder instead of downloading."""
+    validates. --input=DIR reads every train*.parquet and test*.parquet of a folder instead of downloading."""
     try:
         import pyarrow.parquet  # noqa: F401 (checked here, used by open_parquet)
     except ImportError:
@@ -347,16 +357,15 @@ def prepare_gsm8k(c):
                 if os.path.isdir(c.input) else []
             if not found:
                 fail(f"--input={c.input} holds no {split}*.parquet (GSM8K's main/{split}-00000-of-00001.parquet)")
-            files[split] = os.path.join(c.input, found[0])
+            files[split] = [os.path.join(c.input, f) for f in found]
         else:
-            files[split] = os.path.join(c.out_dir, "parquet", f"{split}-00000-of-00001.parquet")
-            if not os.path.isfile(files[split]):
-                os.makedirs(os.path.dirname(files[split]), exist_ok=True)
-                download(c, f"{c.gsm8k_url}/{split}-00000-of-00001.parquet", files[split])
-    splits = {}
-    for split, path in files.items():
-        table = open_parquet(path, ("question", "answer")).read(columns=["question", "answer"])
-        splits[split] = list(zip(table.column("question").to_pylist(), table.column("answer").to_pylist()))
+            files[split] = [os.path.join(c.out_dir, "parquet", f"{split}-00000-of-00001.parquet")]
+            download(c, f"{c.gsm8k_url}/{split}-00000-of-00001.parquet", files[split][0])  # unless this url's is here
+    splits = {split: [] for split in files}
+    for split, paths in files.items():
+        for path in paths:
+            table = open_parquet(path, ("question", "answer")).read(columns=["question", "answer"])
+            splits[split] += zip(table.column("question").to_pylist(), table.column("answer").to_pylist())
     write_chat(c, splits["train"], splits["test"], os.path.abspath(c.input) if c.input else c.gsm8k_url)
 
 

@@ -72,15 +72,12 @@ SETTINGS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 
 def source_text(url):
-    """The source text: --input if given, else a download (kept as input.txt so it happens once)."""
+    """The source text: --input if given, else a download (kept as input.txt, so it happens once per url)."""
     path = input
     if not path:
         path = os.path.join(out_dir, "input.txt")
-        if not os.path.isfile(path):
-            print(f"downloading {url}")
-            os.makedirs(out_dir, exist_ok=True)
-            download(SimpleNamespace(download_attempts=download_attempts), url, path,
-                     instead="download it yourself and pass --input=FILE")
+        download(SimpleNamespace(download_attempts=download_attempts), url, path,
+                 instead="download it yourself and pass --input=FILE")
     text = read_text(path, "--input")
     if not text:
         fail(f"input file {path!r} is empty; give a text file with some content")

@@ -250,8 +250,11 @@ def test_gsm8k_from_local_parquet_skips_what_does_not_fit(release, tmp_path):
     for split, n in (("train", 40), ("test", 10)):
         rows = pairs(n, seed=len(split))
         rows[0]["answer"] = "1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1 #### 30"
-        pq.write_table(pa.table({"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}),
-                       data / f"{split}-00000-of-00001.parquet")
+        files = 2 if split == "train" else 1  # every file of a split is read (only the first one was)
+        for i in range(files):
+            part = rows[i * n // files:(i + 1) * n // files]
+            pq.write_table(pa.table({"question": [r["question"] for r in part], "answer": [r["answer"] for r in part]}),
+                           data / f"{split}-{i:05d}-of-{files:05d}.parquet")
     proc = run("prepare_data.py", "gsm8k", f"--input={data}", f"--tokenizer={release / 'model' / 'tokenizer.json'}",
                f"--out_dir={tmp_path / 'out'}", "--row_len=40")
     assert "train: skipped 1 of 40 pairs longer than row_len=40 tokens" in proc.stdout
@@ -260,7 +263,7 @@ def test_gsm8k_from_local_parquet_skips_what_does_not_fit(release, tmp_path):
     bad = run("prepare_data.py", "gsm8k", f"--input={tmp_path}", f"--tokenizer={release / 'model' / 'tokenizer.json'}",
               f"--out_dir={tmp_path / 'bad'}", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "holds no train*.parquet" in bad.stderr
-    (data / "train-00000-of-00001.parquet").write_bytes(b"PAR1 cut short")  # a damaged download: one line
+    (data / "train-00001-of-00002.parquet").write_bytes(b"PAR1 cut short")  # a damaged download: one line
     cut = run("prepare_data.py", "gsm8k", f"--input={data}", f"--tokenizer={release / 'model' / 'tokenizer.json'}",
               f"--out_dir={tmp_path / 'cut'}", check=False)
     assert cut.returncode != 0 and cut.stderr.strip().count("\n") == 0 and "is not a readable parquet" in cut.stderr

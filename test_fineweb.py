@@ -135,7 +135,8 @@ def test_rerun_keeps_finished_shards_and_remakes_missing_ones(corpus, tmp_path):
 def test_rerun_remakes_shards_whose_source_changed(corpus, pq, tmp_path):
     """A parquet file added to --input moves the val shard to it (the last by name validates): the old val shard
     is not kept, so the file it was made from, now a train shard, is not in val as well. A new --val_tokens
-    remakes the val shard too; the train shards stay."""
+    remakes the val shard too; the train shards stay. A shard cut short since it was made is made again (it was
+    kept, and meta.json counted it at its cut length, so the loader's check of that length passed)."""
     import pyarrow as pa
 
     folder, docs = corpus
@@ -158,6 +159,11 @@ def test_rerun_remakes_shards_whose_source_changed(corpus, pq, tmp_path):
     assert "1 shards of an earlier run were made from other files" in proc.stdout
     assert len(read_shard(out, "val_000000.bin")) < len(val)
     assert (out / "train_000000.bin").stat().st_mtime_ns == kept
+    whole = (out / "train_000001.bin").read_bytes()
+    (out / "train_000001.bin").write_bytes(whole[:100])
+    proc = prepare(f"--input={inputs}", f"--out_dir={out}", f"--val_tokens={len(val) // 2}")
+    assert "1 shards of an earlier run were made from other files" in proc.stdout
+    assert (out / "train_000001.bin").read_bytes() == whole
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -224,6 +230,8 @@ def test_download_resumes_and_matches_the_input_folder(corpus, server, tmp_path)
     (out / "parquet" / "shard_00000.parquet.part").write_bytes(whole[: len(whole) // 2])  # from an earlier run
     complete = (folder / "shard_00002.parquet").stat().st_size  # an earlier run stopped before its rename
     (out / "parquet" / "shard_00002.parquet.part").write_bytes((folder / "shard_00002.parquet").read_bytes())
+    for name in ("shard_00000.parquet", "shard_00002.parquet"):  # the url the earlier run fetched them from
+        (out / "parquet" / f"{name}.source").write_text(f"{server.url}/data/{name}")
     server.cut_once.add("shard_00001.parquet")  # this one breaks off half-way and must resume
     proc = prepare(f"--fineweb_url={server.url}/data", "--num_shards=3", f"--out_dir={out}", "--download_attempts=2")
     assert proc.returncode == 0, proc.stderr
@@ -242,27 +250,58 @@ def test_download_resumes_and_matches_the_input_folder(corpus, server, tmp_path)
         assert (out / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
 
 
+def test_files_from_another_url_are_fetched_again(corpus, server, tmp_path):
+    """A parquet file, or a part of one, that an earlier run fetched from another --fineweb_url is not used: the shards
+    were made again from the old url's files (whatever meta.json said), and a part of another file was resumed,
+    splicing two files into one that passed the size check. A file with no record of its url is not trusted either."""
+    folder, _ = corpus
+    parquet = tmp_path / "out" / "parquet"
+    parquet.mkdir(parents=True)
+    other = (folder / "shard_00001.parquet").read_bytes()
+    (parquet / "shard_00000.parquet").write_bytes(other)  # whole, from the other url
+    (parquet / "shard_00000.parquet.source").write_text("https://elsewhere.example/shard_00000.parquet")
+    (parquet / "shard_01822.parquet.part").write_bytes(other[:1000])  # begun from the other url
+    (parquet / "shard_01822.parquet.source").write_text("https://elsewhere.example/shard_01822.parquet")
+    (parquet / "shard_00001.parquet").write_bytes(b"from nobody knows where")  # no record
+    proc = prepare(f"--fineweb_url={server.url}/data", "--num_shards=2", f"--out_dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(server.requests) == [(f"/data/{n}.parquet", None) for n in ("shard_00000", "shard_00001",
+                                                                              "shard_01822")]
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"):
+        assert (parquet / name).read_bytes() == (folder / name).read_bytes(), name
+        assert (parquet / f"{name}.source").read_text() == f"{server.url}/data/{name}"
+    server.requests.clear()  # the same command again fetches nothing
+    assert prepare(f"--fineweb_url={server.url}/data", "--num_shards=2", f"--out_dir={tmp_path / 'out'}").returncode == 0
+    assert server.requests == []
+
+
 def test_shakespeare_download_resumes_a_cut_connection(tmp_path):
-    """prepare_data.py's text download goes through the same resuming download (a cut connection was a traceback)."""
+    """prepare_data.py's text download goes through the same resuming download (a cut connection was a traceback);
+    another --shakespeare_url into the same folder fetches its own text (input.txt of the first url was reused)."""
     (tmp_path / "serve").mkdir()
     text = "".join(f"Line {i}: to be, or not to be.\n" for i in range(2000))
     (tmp_path / "serve" / "input.txt").write_text(text)
+    (tmp_path / "serve" / "other.txt").write_text(text.upper())
     server = Server(tmp_path / "serve")
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    run = lambda out, url, *args: subprocess.run(
+        [sys.executable, "prepare_data.py", "shakespeare_char", f"--out_dir={tmp_path / out}",
+         f"--shakespeare_url={server.url}/data/{url}", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, **NO_PROXY})
     try:
         server.cut_once.add("input.txt")
-        proc = subprocess.run([sys.executable, "prepare_data.py", "shakespeare_char", f"--out_dir={tmp_path / 'out'}",
-                               f"--shakespeare_url={server.url}/data/input.txt", "--download_attempts=2"], cwd=REPO,
-                              capture_output=True, text=True, timeout=120, env={**os.environ, **NO_PROXY})
-        missing = subprocess.run([sys.executable, "prepare_data.py", "shakespeare_char", f"--out_dir={tmp_path / 'b'}",
-                                  f"--shakespeare_url={server.url}/data/gone.txt"], cwd=REPO,
-                                 capture_output=True, text=True, timeout=120, env={**os.environ, **NO_PROXY})
+        proc = run("out", "input.txt", "--download_attempts=2")
+        first = list(server.requests)
+        other = run("out", "other.txt")
+        missing = run("b", "gone.txt")
     finally:
         server.shutdown()
         server.server_close()
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "out" / "input.txt").read_text() == text
-    assert [r for _, r in server.requests[:2]] == [None, f"bytes={len(text) // 2}-"]
+    assert [r for _, r in first] == [None, f"bytes={len(text) // 2}-"]
+    assert other.returncode == 0, other.stderr
+    assert server.requests[len(first)] == ("/data/other.txt", None)
+    assert (tmp_path / "out" / "input.txt").read_text() == text.upper()
     one_line_error(missing, "could not download", "(HTTP 404", "pass --input=FILE")
 
 
