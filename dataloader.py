@@ -103,7 +103,7 @@ class TokenData:
         from prepare_data import DATASETS  # its settings and dispatch run only as a script
         if dataset in DATASETS:
             return f"run: python prepare_data.py {dataset}"
-        return f"--dataset names a folder under data/ made by prepare_data.py (its datasets: {', '.join(DATASETS)})"
+        return f"make it with prepare_data.py (--dataset names a folder under data/ it made: {', '.join(DATASETS)})"
 
     def check_file(self, name, split, hint):
         """A token or target file: whole uint16 values, the length meta.json gives, ids inside the vocabulary."""

@@ -279,7 +279,7 @@ if __name__ == "__main__":  # not when fineweb_edu's tokenizer processes import 
     whole(config, 1, "train_max_difficulty", "num_train_problems", "val_problems_per_difficulty", "val_tokens",
           "download_attempts")
     whole(config, 0, "row_len", "num_workers", "seed")
-    if train_max_difficulty * 4 >= 2**16:
+    if dataset == "reasoning" and train_max_difficulty * 4 >= 2**16:
         fail(f"--train_max_difficulty={train_max_difficulty}: the val split goes to 4x it, which must stay below 65536")
     if input and dataset == "reasoning":
         fail("reasoning is generated from --seed and reads no --input; for your own problems: prepare_data.py problems")

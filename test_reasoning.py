@@ -48,6 +48,12 @@ def test_problems_file_gives_aligned_targets(tmp_path):
     # difficulty 9 > train_max_difficulty: in val only, with its difficulty on the labelled position
     assert decode(read_split(out, "val.bin")) == "\nxyz\n\n\n"
     assert read_split(out, "val_difficulty.bin").tolist() == [0, 0, 0, 9, 0, 0, 0]
+    # any difficulty below 65,536 is the user's (the limit of 4 x train_max_difficulty is reasoning's generated val)
+    problems.write_text("2\tab\tba\n30000\txyz\tz\n")
+    result = run("prepare_data.py", "problems", f"--input={problems}", f"--out_dir={tmp_path / 'hard'}",
+                 "--val_fraction=0", "--train_max_difficulty=20000")
+    assert result.returncode == 0, result.stderr
+    assert read_split(tmp_path / "hard", "val_difficulty.bin").max() == 30000
 
 
 def test_problems_file_errors_are_one_line(tmp_path):
