@@ -349,7 +349,7 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
-    if top_k is not None:
+    if top_k:  # None or 0: every token (sample.py's --top_k=0)
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
@@ -368,7 +368,8 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     one's final state (continuous_compute). compile: compile_for_decoding; quantize="int8": int8 weights, in place.
     draft_steps > 0: greedy self-speculation (speculative_round). A row ends at its first stop id (padded with it
     after). Returns (idx (B, T + new), stats): "steps" (B, new) the core steps of each new token (the first from the
-    prompt's pass), "lengths" (B,) each row's new tokens up to its stop, "drafted"/"accepted", "first_step_seconds"."""
+    prompt's pass), "lengths" (B,) each row's new tokens up to its stop, "drafted"/"accepted", "first_step_seconds"
+    (the prompt's pass and the step after it; None when no step followed)."""
     # 1. check the request, and prepare the model (int8 weights, compiled step) once
     num_steps = model.config.mean_recurrence if num_steps is None else num_steps
     B, T = idx.shape
@@ -393,18 +394,18 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
         prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, table)
         # 3. the loop. It keeps one invariant: the cache holds every token of idx, and logits are the next token's. So
         # the prompt takes one pass (as many reads of the weights as a token), and the last new token none
+        t0 = time.perf_counter()  # to the end of the first step after the prompt's pass: with compile=True, compiling
         logits, state, noise = prefill(idx)
         stop = torch.tensor(list(stop_ids) or [-1], device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)  # rows that have produced a stop id
         # the first new token comes from the prompt's pass, at the full r (speculative rounds count their own)
         steps = [] if draft_steps else [torch.full((B, 1), num_steps)]
-        drafted, accepted, first_step_seconds, t0 = 0, 0, None, None
+        drafted, accepted, first_step_seconds = 0, 0, None
         while True:
             # speculation: as many drafts as the cache has room to check and the output still wants (a round gives one
             # token more); with none, a plain greedy token, so the context is cropped where plain decoding crops it
             fit = min(lookahead, max_len - cache.pos - 1, max_new_tokens - (idx.size(1) - T) - 1) if draft_steps else 0
             if fit > 0:
-                t0 = time.perf_counter()
                 new, logits, kept = speculative_round(model, logits, cache, noise, num_steps, draft_steps, fit)
                 drafted, accepted = drafted + fit, accepted + kept
             else:
@@ -422,13 +423,12 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
                     logits, state, noise = prefill(idx[:, -(max_len // 2):])
                     used = torch.full((B,), num_steps)
                 else:
-                    t0 = time.perf_counter()
                     logits, final, used = forward_cached(model, new, cache, num_steps, noise,
                                                          state if warm_start else None, rule)
                     logits, state = logits[:, -1], final[:, -1:]
                 if not draft_steps:  # the steps of the token these logits give (speculation counts at selection)
                     steps.append(used[:, None])
-            if first_step_seconds is None and t0 is not None:  # with compile=True this includes compiling
+            if first_step_seconds is None:  # a 1-token prompt compiles in the prompt's pass, a longer one here
                 if idx.is_cuda:
                     torch.cuda.synchronize(idx.device)
                 first_step_seconds = time.perf_counter() - t0

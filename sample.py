@@ -150,6 +150,6 @@ for k in range(num_samples):
             f"mean {stats['steps'].float().mean():.2f} steps per token (r = {num_steps})")
     if draft_steps:
         line += f", {stats['accepted']} of {stats['drafted']} drafts accepted"
-    if compile and k == 0:
-        line += f"; the first step took {stats['first_step_seconds']:.1f} s (compiling)"
+    if compile and k == 0 and stats["first_step_seconds"] is not None:  # None: no step followed the prompt's pass
+        line += f"; the prompt's pass and the first step took {stats['first_step_seconds']:.1f} s (compiling)"
     print(line)

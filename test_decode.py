@@ -416,6 +416,27 @@ def test_compiled_decoding_matches_eager():
     assert not torch.equal(generate(model, idx, 24, num_steps=4, temperature=0, generator=seed())[0], changed)
 
 
+def test_top_k_zero_samples_from_every_token():
+    """top_k=0 is sample.py's "every token" in generate too (it was an IndexError from torch.topk's empty result)."""
+    from decode import sample_next
+    logits = torch.randn(2, 50)
+    draw = lambda k: sample_next(logits, 1.0, k, torch.Generator().manual_seed(0))
+    assert torch.equal(draw(0), draw(None)) and not torch.equal(draw(1), draw(None))
+
+
+def test_first_step_seconds_include_the_prompts_pass(monkeypatch):
+    """sample.py --compile reports first_step_seconds as the compile time: a 1-token prompt compiles in the prompt's
+    pass (the one-token step's length), so the figure starts before it (it started after, and said 2 s of 60). None
+    when no step follows the prompt's pass (sample.py printed None with :.1f and crashed)."""
+    import time
+    import decode
+    model, slow = tiny_model(), decode.prefill_cache
+    monkeypatch.setattr(decode, "prefill_cache", lambda *args: (time.sleep(0.3), slow(*args))[1])
+    _, stats = generate(model, prompt(model, T=1), 3, num_steps=2, temperature=0)
+    assert stats["first_step_seconds"] >= 0.3
+    assert generate(model, prompt(model, T=1), 1, num_steps=2, temperature=0)[1]["first_step_seconds"] is None
+
+
 def test_generation_stops_once_every_row_has_a_stop_token():
     model = tiny_model()
     idx = prompt(model).repeat(2, 1)  # two identical rows: both reach the stop token at the same step
