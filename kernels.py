@@ -1,7 +1,8 @@
 """
 The forms of the model fast batch-1 decoding kernels want: compiled one-token steps (compile_for_decoding), float32
 weights packed for oneDNN, and int8 weights. Each replaces a model's nn.Linear layers in place, layer by layer, so
-the float weights of a layer are freed as soon as its new form exists: the model never holds two copies.
+the float weights of a layer are freed as soon as its new form exists: the model never holds two copies (but one:
+packing a tied lm_head leaves the embedding its float matrix for lookups, 1.4 GB at the released size in float32).
 
 Batch-1 decoding reads every weight once per step of the core, so at the released size its speed is bytes read per
 second (docs/released.md):
@@ -30,10 +31,17 @@ class PackedLinear(nn.Module):
     def __init__(self, linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # for batch 1 and up
 
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+    def forward(self, x):  # in the weight's dtype; out in a float Linear's (autocast's, where it is on)
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [], "")
+        return y.to(output_dtype(x))
+
+
+def output_dtype(x):
+    """The dtype a float Linear gives for input x: autocast's where it is on (the cache holds that), else x's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
 def int8_rows(weight):
@@ -82,9 +90,7 @@ class Int8Linear(nn.Module):
         y = torch.ops.quantized.linear_dynamic(torch.cat([unit, rest / rest_max, self.pin]), self.packed,
                                                reduce_range=True)  # (2N + 1, out)
         n = len(rows)
-        # the output dtype of a float Linear: autocast's where it is on (the cache holds that), else x's
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        return ((y[:n] + y[n:2 * n] * rest_max) * row_max).to(dtype).view(*x.shape[:-1], self.out_features)
+        return ((y[:n] + y[n:2 * n] * rest_max) * row_max).to(output_dtype(x)).view(*x.shape[:-1], self.out_features)
 
 
 class Int8Embedding(nn.Module):

@@ -158,6 +158,15 @@ def test_packed_decoding_holds_one_copy_of_the_weights(monkeypatch):
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     alive = [name for name, ref in weights.items() if ref() is not None]
     assert alive == ["lm_head"]  # its weight is wte's, still the embedding
+    # under bfloat16 autocast (sample.py --dtype=bfloat16): a packed layer gives bfloat16, as a float Linear does,
+    # for the cache (it gave float32, and the first cache write failed)
+    plain = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(3, plain.config.n_embd)
+        assert torch.allclose(model.adapter(torch.cat([x, x], -1)).float(), plain.adapter(torch.cat([x, x], -1)).float(),
+                              rtol=0.02, atol=0.02)
+        assert model.adapter(torch.cat([x, x], -1)).dtype == torch.bfloat16
+        assert generate(model, idx, 4, num_steps=4, temperature=0, init_scale=0)[0].shape == (1, 12)
 
 
 def test_small_models_are_frozen_by_inductor(monkeypatch):
