@@ -78,8 +78,8 @@ def read_text(path, what):
 
 
 def read_prompt(start):
-    """--start is the prompt itself, or FILE:path to read it from a file."""
-    return read_text(start[len("FILE:"):], "--start") if start.startswith("FILE:") else start
+    """--start is the prompt itself, or FILE:path to read it from a file (Windows line ends read as "\n")."""
+    return read_text(start[len("FILE:"):], "--start").replace("\r\n", "\n") if start.startswith("FILE:") else start
 
 
 def writable_dir(path, what="--out_dir"):

@@ -70,7 +70,8 @@ if prompts and start != "\n":
     fail("--start and --prompts both give the prompt: one prompt with --start, or a file of them with --prompts")
 start = read_prompt(start)
 # the prompts: --start, or each line of --prompts, decoded together in one batch
-texts = [line for line in read_text(prompts, "--prompts").split("\n") if line.strip()] if prompts else [start]
+lines = read_text(prompts, "--prompts").split("\n") if prompts else []
+texts = [line.rstrip("\r") for line in lines if line.strip()] if prompts else [start]  # (Windows line ends too)
 if not texts:
     fail(f"--prompts={prompts} holds no prompt; give one per line")
 device = pick_device(device)

@@ -119,9 +119,9 @@ def test_sample_cli_speculative(out_dir):
 
 def test_sample_cli_prompts_of_different_lengths_in_one_batch(out_dir, tmp_path):
     """--prompts: one prompt per line, decoded together; each row prints its own prompt and continuation, the same
-    as that prompt alone (greedy, zero start)."""
+    as that prompt alone (greedy, zero start). The file has Windows line ends (a "\r" ended every prompt)."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("to be\n\na b c d e f g\nz\n")
+    prompts.write_bytes(b"to be\r\n\r\na b c d e f g\r\nz\r\n")
     common = [f"--out_dir={out_dir}", "--r=3", "--temperature=0", "--init_scale=0", "--max_new_tokens=5"]
     with ThreadPoolExecutor(2) as pool:  # both at once: each spends most of its time importing torch
         batch, alone = pool.map(lambda extra: run_sample(*common, *extra), [[f"--prompts={prompts}"],
