@@ -237,9 +237,13 @@ def prepare_fineweb_edu(c):
         return {"source": source, "parquet": os.path.basename(sources[name])} | \
             ({"val_tokens": c.val_tokens} if name.startswith("val") else {})
 
+    def kept(name):  # a record with no token count (or none at all) is not one of this code's
+        record = made_from.get(name, {})
+        return record == origin(name) | {"tokens": record.get("tokens")} and \
+            os.path.getsize(os.path.join(c.out_dir, name)) == 2 * record["tokens"]
+
     on_disk = [name for name in sources if os.path.isfile(os.path.join(c.out_dir, name))]
-    finished = [name for name in on_disk if made_from.get(name) == origin(name) | {"tokens": made_from[name]["tokens"]}
-                and os.path.getsize(os.path.join(c.out_dir, name)) == 2 * made_from[name]["tokens"]]
+    finished = [name for name in on_disk if kept(name)]
     if finished:
         print(f"{len(finished)} shards were written by an earlier run and are kept (delete one to make it again)")
     if len(on_disk) > len(finished):

@@ -164,6 +164,9 @@ def test_rerun_remakes_shards_whose_source_changed(corpus, pq, tmp_path):
     proc = prepare(f"--input={inputs}", f"--out_dir={out}", f"--val_tokens={len(val) // 2}")
     assert "1 shards of an earlier run were made from other files" in proc.stdout
     assert (out / "train_000001.bin").read_bytes() == whole
+    (out / "shard_sources.json").unlink()  # shards with no record of their making (an older run's): made again
+    proc = prepare(f"--input={inputs}", f"--out_dir={out}", f"--val_tokens={len(val) // 2}")
+    assert proc.returncode == 0 and f"{len(docs) + 1} shards of an earlier run were made from other" in proc.stdout
 
 
 # -----------------------------------------------------------------------------------------------------------
