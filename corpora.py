@@ -73,18 +73,20 @@ EOT = 50256                # <|endoftext|> in r50k_base: before every document, 
 def download(c, url, path, instead="download the parquet files yourself and pass --input=DIR"):
     """Fetch url to path through path.part: resume the part with an HTTP Range request, retry with backoff, and
     rename the file into place only once complete, so a file under its final name is always whole. path.source
-    names the url it came from: a file from this url is not fetched again, one (or a part) from another is.
-    `instead`: what the user can do when it fails."""
+    names the url it came from: a file from this url is not fetched again, one (or a part) from another url is
+    deleted first; one with no record (an earlier version's download) is taken as this url's. `instead`: what the
+    user can do when it fails."""
     part, source, reason = path + ".part", path + ".source", ""
-    came_from = open(source).read() if os.path.isfile(source) else None
-    if came_from == url and os.path.isfile(path):  # downloaded before
-        return
-    if came_from != url and os.path.exists(part):  # another url's bytes (or bytes from nobody knows where)
-        os.remove(part)
-    print(f"downloading {url}")
+    came_from = open(source).read() if os.path.isfile(source) else url
+    for stale in (path, part) if came_from != url else ():  # so a failed download leaves none of it behind
+        if os.path.exists(stale):
+            os.remove(stale)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(source, "w") as f:
         f.write(url)
+    if os.path.isfile(path):  # downloaded before
+        return
+    print(f"downloading {url}")
     for attempt in range(1, c.download_attempts + 1):
         if attempt > 1:
             wait = 2 ** (attempt - 2)  # 1, 2, 4, 8 s

@@ -256,7 +256,8 @@ def test_download_resumes_and_matches_the_input_folder(corpus, server, tmp_path)
 def test_files_from_another_url_are_fetched_again(corpus, server, tmp_path):
     """A parquet file, or a part of one, that an earlier run fetched from another --fineweb_url is not used: the shards
     were made again from the old url's files (whatever meta.json said), and a part of another file was resumed,
-    splicing two files into one that passed the size check. A file with no record of its url is not trusted either."""
+    splicing two files into one that passed the size check. A file with no record of its url (an earlier version's
+    download, renamed only once whole) is kept as this url's, not fetched again."""
     folder, _ = corpus
     parquet = tmp_path / "out" / "parquet"
     parquet.mkdir(parents=True)
@@ -265,11 +266,10 @@ def test_files_from_another_url_are_fetched_again(corpus, server, tmp_path):
     (parquet / "shard_00000.parquet.source").write_text("https://elsewhere.example/shard_00000.parquet")
     (parquet / "shard_01822.parquet.part").write_bytes(other[:1000])  # begun from the other url
     (parquet / "shard_01822.parquet.source").write_text("https://elsewhere.example/shard_01822.parquet")
-    (parquet / "shard_00001.parquet").write_bytes(b"from nobody knows where")  # no record
+    (parquet / "shard_00001.parquet").write_bytes((folder / "shard_00001.parquet").read_bytes())  # no record
     proc = prepare(f"--fineweb_url={server.url}/data", "--num_shards=2", f"--out_dir={tmp_path / 'out'}")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(server.requests) == [(f"/data/{n}.parquet", None) for n in ("shard_00000", "shard_00001",
-                                                                              "shard_01822")]
+    assert sorted(server.requests) == [(f"/data/{n}.parquet", None) for n in ("shard_00000", "shard_01822")]
     for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"):
         assert (parquet / name).read_bytes() == (folder / name).read_bytes(), name
         assert (parquet / f"{name}.source").read_text() == f"{server.url}/data/{name}"
@@ -296,7 +296,8 @@ def test_shakespeare_download_resumes_a_cut_connection(tmp_path):
         proc = run("out", "input.txt", "--download_attempts=2")
         first = list(server.requests)
         other = run("out", "other.txt")
-        missing = run("b", "gone.txt")
+        other_text = (tmp_path / "out" / "input.txt").read_text()
+        missing, again = run("out", "gone.txt"), run("out", "gone.txt")  # other.txt's text is not gone.txt's
     finally:
         server.shutdown()
         server.server_close()
@@ -304,8 +305,10 @@ def test_shakespeare_download_resumes_a_cut_connection(tmp_path):
     assert [r for _, r in first] == [None, f"bytes={len(text) // 2}-"]
     assert other.returncode == 0, other.stderr
     assert server.requests[len(first)] == ("/data/other.txt", None)
-    assert (tmp_path / "out" / "input.txt").read_text() == text.upper()
+    assert other_text == text.upper()
+    assert server.requests[-2:] == [("/data/gone.txt", None)] * 2 and not (tmp_path / "out" / "input.txt").exists()
     one_line_error(missing, "could not download", "(HTTP 404", "pass --input=FILE")
+    one_line_error(again, "could not download", "(HTTP 404", "pass --input=FILE")
 
 
 def test_failed_download_is_one_line(server, tmp_path):
