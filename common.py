@@ -73,8 +73,8 @@ def read_text(path, what):
     try:
         return data.decode("utf-8-sig")  # without the byte-order mark some Windows editors write first
     except UnicodeDecodeError as err:
-        fail(f"{what}: {path!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-             "save it as UTF-8")
+        at = err.start + 3 * data.startswith(b"\xef\xbb\xbf")  # counted after the byte-order mark
+        fail(f"{what}: {path!r} is not UTF-8 text (byte 0x{data[at]:02x} at offset {at}); save it as UTF-8")
 
 
 def read_prompt(start):

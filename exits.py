@@ -66,7 +66,8 @@ number(config, "converged", above=0)
 for name, thresholds in rules.items():  # before the gate is fit and saved over the last one
     if name not in EXIT_RULES:
         fail(f"--rules: no exit rule {name!r}; decode.py's are {', '.join(EXIT_RULES)}")
-    if not thresholds or not all(isinstance(t, (int, float)) and t > 0 for t in thresholds):
+    if not isinstance(thresholds, list) or not thresholds or not all(
+            isinstance(t, (int, float)) and t > 0 for t in thresholds):
         fail(f"--rules: {name}'s thresholds must be a list of numbers > 0, got {thresholds!r}")
 device = pick_device(device)
 set_threads(num_threads)

@@ -72,6 +72,7 @@ def files(tmp_path_factory):
     (tmp / "gate-broken" / "ckpt.pt").write_bytes((tmp / "text" / "ckpt.pt").read_bytes())
     (tmp / "gate-broken" / "exit_gate.pt").write_bytes(b"PK\x03\x04 not really a zip file")
     (tmp / "latin1.txt").write_bytes("To be, or not to be: caf\xe9".encode("latin-1"))
+    (tmp / "bom-latin1.txt").write_bytes(b"\xef\xbb\xbf" + "To be, or not to be: caf\xe9".encode("latin-1"))
     (tmp / "a-file").write_text("not a folder")
     (tmp / "blank.txt").write_text("\n  \n")
     (tmp / "problems-latin1.txt").write_bytes("3\t012\t012\n2\t\xe9\xe9\t01\n".encode("latin-1"))
@@ -179,6 +180,7 @@ CASES = [
     ("sample.py", ["--draft_steps=2", "--r=4", "--temperature=0", "--lookahead=20", "--out_dir={tmp}/text"],
      "--lookahead (20) must be below half of block_size (32)"),
     ("sample.py", ["--start=FILE:{tmp}/latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 24)"),
+    ("sample.py", ["--start=FILE:{tmp}/bom-latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 27)"),
     ("sample.py", ["--start=FILE:{tmp}/missing.txt"], "--start: '{tmp}/missing.txt' is not a file"),
     ("sample.py", ["--prompts={tmp}/latin1.txt", "--out_dir={tmp}/text"], "--prompts: '{tmp}/latin1.txt' is not UTF-8"),
     ("sample.py", ["--prompts={tmp}/blank.txt", "--out_dir={tmp}/text"], "holds no prompt; give one per line"),
@@ -214,6 +216,7 @@ CASES = [
     # exits.py: its settings before the gate is fit and saved over the last one
     ("exits.py", ["--rules={'confident_run': [4]}"], "--rules: no exit rule 'confident_run'"),
     ("exits.py", ["--rules={'kl': []}"], "--rules: kl's thresholds must be a list of numbers > 0"),
+    ("exits.py", ["--rules={'kl': 0.01}"], "--rules: kl's thresholds must be a list of numbers > 0"),
     ("exits.py", ["--hidden=0"], "--hidden must be a whole number >= 1"),
     # prepare_data.py
     ("prepare_data.py", ["shakespeare_char", "--input={tmp}/play.txt", "--val_fraction=2"],
