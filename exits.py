@@ -76,6 +76,8 @@ init_scale = trained_init_scale(checkpoint) if init_scale is None else init_scal
 writable_dir(out_dir)  # exit_gate.pt and exits.json go there
 data = checkpoint_data(checkpoint, data_dir)
 reasoning = data.aligned and "examples" in data.meta  # problems (reasoning, problems), not chat rows
+if max(fixed_r) > r:  # the default list runs to 32, so a smaller --r leaves some out; say which
+    print(f"fixed_r above r = {r} left out: {sorted(n for n in fixed_r if n > r)}")
 fixed_r = sorted(n for n in fixed_r if n <= r)
 
 

@@ -25,7 +25,7 @@ def gated(cups, tmp_path_factory):
     out = tmp_path_factory.mktemp("gated")
     shutil.copy(cups.out / "ckpt.pt", out / "ckpt.pt")
     result = subprocess.run([sys.executable, "exits.py", f"--out_dir={out}", f"--data_dir={cups.data}", "--r=8",
-                             "--max_rows=60", "--rounds=2", "--fixed_r=[1,4,8]", "--num_threads=1",
+                             "--max_rows=60", "--rounds=2", "--fixed_r=[1,4,8,16]", "--num_threads=1",
                              "--rules={'kl': [1e-3], 'confident-run': [3], 'gate': [0.1, 0.01]}"],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -66,6 +66,7 @@ def test_the_gate_fit_where_it_is_used_scores_alike_both_ways(gated):
         assert 1 <= gate["cached"]["steps"] <= 8
     assert rows[("fixed r", 8)]["cached"]["accuracy"] > rows[("fixed r", 1)]["cached"]["accuracy"] + 0.2
     assert "gate round 2" in printed and (out / "exit_gate.pt").is_file()
+    assert "fixed_r above r = 8 left out: [16]" in printed and ("fixed r", 16) not in rows  # r = 8 is the most
 
 
 def test_generate_uses_the_gate_beside_the_checkpoint(gated):
