@@ -101,11 +101,14 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, so even a power cut cannot leave a torn file
         os.replace(tmp_path, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        failed = err if isinstance(err, OSError) else err.__context__  # torch's zip writer wraps a failed write
+        if not isinstance(failed, OSError):
+            raise
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         kept = f"the last good one, {path}, is kept" if os.path.isfile(path) else "there is no earlier one"
-        fail(f"could not save the checkpoint ({err.strerror or err}); {kept}")
+        fail(f"could not save the checkpoint ({failed.strerror or failed}); {kept}")
 
 
 def lock_run_folder(out_dir):
