@@ -205,8 +205,8 @@ def released_layout(folder):
 
 def pretrained_folder(name_or_path):
     """A local folder in the released layout; `huginn-0125` is downloaded once (then cached) from the hub."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
+    if os.path.isdir(name_or_path):  # by its absolute path: a fine-tune records it, to be found from anywhere
+        return os.path.abspath(name_or_path)
     if name_or_path not in ("huginn-0125", "tomg-group-umd/huginn-0125"):
         raise FileNotFoundError(f"{name_or_path}: no such folder; give a folder with config.json and "
                                 "*.safetensors, or huginn-0125 to download the released model")

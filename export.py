@@ -14,6 +14,7 @@ and the stop tokens) where the base or the data has them. Needs safetensors.
 import json
 import os
 import shutil
+import sys
 
 import torch
 
@@ -44,10 +45,12 @@ writable_dir(to, "--to")
 model, checkpoint = load_checkpoint(out_dir)  # LoRA adapters are folded into the base's weights here
 
 # config.json: the release's own (keys our config does not know stay as released), with our values on top
-released = {}
-if checkpoint.get("base"):
-    with open(os.path.join(checkpoint["base"], "config.json")) as f:
+released, base_config = {}, os.path.join(checkpoint["base"], "config.json") if checkpoint.get("base") else ""
+if os.path.isfile(base_config):
+    with open(base_config) as f:
         released = json.load(f)
+elif base_config:  # a full fine-tune holds every weight, so only the keys our config does not know are missing
+    print(f"warning: {base_config} is gone; config.json holds this model's settings only", file=sys.stderr)
 ours = {theirs: getattr(model.config, key) for key, theirs in CONFIG_KEYS.items()}
 released.update(ours, n_layers=model.config.n_layers_prelude + model.config.n_layers_core + model.config.n_layers_coda,
                 architectures=["RavenForCausalLM"], model_type="huginn_raven", bias=False, injection_type="linear",

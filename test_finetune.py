@@ -121,6 +121,27 @@ def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "do not fit the release" in proc.stderr
 
 
+def test_a_full_finetune_outlives_its_base_folder(release, tmp_path):
+    """The base named by a relative path is recorded by its absolute one (the checkpoint worked only from the folder
+    it was trained in); with the base gone, a full fine-tune (every weight in it) still exports; a run whose --out_dir
+    is a model in the released layout stops before writing its config.json over the model's."""
+    shutil.copytree(release / "model", tmp_path / "base")
+    args = finetune_args(release, tmp_path / "out", "--max_iters=1")
+    args[1] = f"--init_from={os.path.relpath(tmp_path / 'base', REPO)}"
+    run(*args)
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["base"] == str(tmp_path / "base")
+    config = (tmp_path / "base" / "config.json").read_text()
+    args[3] = f"--out_dir={tmp_path / 'base'}"
+    into_base = run(*args, check=False)
+    assert into_base.returncode != 0 and into_base.stderr.count("\n") == 1 and "released layout" in into_base.stderr
+    assert (tmp_path / "base" / "config.json").read_text() == config
+    shutil.rmtree(tmp_path / "base")
+    proc = run("export.py", f"--out_dir={tmp_path / 'out'}", f"--to={tmp_path / 'exported'}")
+    assert "config.json is gone" in proc.stderr
+    exported, model = from_pretrained(str(tmp_path / "exported")), load_checkpoint(str(tmp_path / "out"))[0]
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), model.state_dict().values()))
+
+
 def test_lora_trains_only_the_adapters_and_resumes_exactly(release, tmp_path):
     pytest.importorskip("peft", reason="needs peft (pip install peft)")
     lora = ["--lora_rank=4", "--lora_modules=core,adapter", "--eval_interval=10", "--lr_decay_iters=20"]

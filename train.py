@@ -113,6 +113,9 @@ if finetune and not (init_from in ("huginn-0125", "tomg-group-umd/huginn-0125")
                      or os.path.isdir(init_from) and released_layout(init_from)):
     fail(f"--init_from is scratch, resume, huginn-0125 or a folder in its layout (config.json and *.safetensors); "
          f"got {init_from!r}")
+if os.path.isdir(out_dir) and released_layout(out_dir):  # a run writes its own config.json there
+    fail(f"--out_dir={out_dir} holds a model in the released layout (config.json and *.safetensors): choose another "
+         "--out_dir")
 whole(config, 0, "lora_rank")
 number(config, "lora_alpha", above=0)
 try:
@@ -370,7 +373,7 @@ def checkpoint_state():
 
 def stop_diverged(what, when):
     """Stop a run whose numbers are no longer finite, before they reach the weights or the checkpoint."""
-    kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint yet"
+    kept = f"{ckpt_path} is left as it was" if os.path.isfile(ckpt_path) else "no checkpoint yet"
     fail(f"{what} at iteration {iter_num}; stopped {when} ({kept}); try a lower --learning_rate")
 
 
