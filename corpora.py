@@ -197,6 +197,31 @@ def tokenize_parquet(c, pool, workers, parquet_path, name, max_tokens=None):
     return n
 
 
+def earlier_shards(out_dir, origins):
+    """What an earlier run left (shard_sources.json: each shard's origin and token count) and the shards of it to keep:
+    those made from what they would be made from now (a parquet file added to --input moves the val shard to another
+    file, a new --val_tokens changes its length) and as long as they were made (a shard cut short since would be
+    counted at its new length). A shard with no record, or one without a count, is made again."""
+    made_from = {}
+    if os.path.isfile(os.path.join(out_dir, "shard_sources.json")):
+        with open(os.path.join(out_dir, "shard_sources.json")) as f:
+            made_from = json.load(f)
+
+    def kept(name):
+        record = made_from.get(name, {})
+        return record == origins[name] | {"tokens": record.get("tokens")} and \
+            os.path.getsize(os.path.join(out_dir, name)) == 2 * record["tokens"]
+
+    on_disk = [name for name in origins if os.path.isfile(os.path.join(out_dir, name))]
+    finished = [name for name in on_disk if kept(name)]
+    if finished:
+        print(f"{len(finished)} shards were written by an earlier run and are kept (delete one to make it again)")
+    if len(on_disk) > len(finished):
+        print(f"{len(on_disk) - len(finished)} shards of an earlier run were made from other files or settings (or "
+              "cut short since) and are made again")
+    return made_from, finished
+
+
 def prepare_fineweb_edu(c):
     """Download (or take from --input) the parquet files, tokenize each into its own shard, write meta.json last.
     A shard already written from the same file is skipped, so running the same command again resumes where it
@@ -226,31 +251,10 @@ def prepare_fineweb_edu(c):
     _worker["enc"] = r50k_base()  # load it (or fail) once here; forked workers inherit it
     shards, train_done, train_tokens, train_time = {}, 0, 0, 0.0
     print(f"{len(sources) - 1} train shards and 1 val shard from {source}; {workers} tokenizer processes")
-    # A shard from an earlier run is kept only if it was made from what it would be made from now (a parquet file
-    # added to --input moves the val shard to another file, a new --val_tokens changes its length) and is as long
-    # as it was made (a shard cut short since would otherwise be counted at its new length)
-    record_path = os.path.join(c.out_dir, "shard_sources.json")  # shard -> what it was made from, its tokens
-    made_from = {}
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            made_from = json.load(f)
-
-    def origin(name):
-        return {"source": source, "parquet": os.path.basename(sources[name])} | \
-            ({"val_tokens": c.val_tokens} if name.startswith("val") else {})
-
-    def kept(name):  # a record with no token count (or none at all) is not one of this code's
-        record = made_from.get(name, {})
-        return record == origin(name) | {"tokens": record.get("tokens")} and \
-            os.path.getsize(os.path.join(c.out_dir, name)) == 2 * record["tokens"]
-
-    on_disk = [name for name in sources if os.path.isfile(os.path.join(c.out_dir, name))]
-    finished = [name for name in on_disk if kept(name)]
-    if finished:
-        print(f"{len(finished)} shards were written by an earlier run and are kept (delete one to make it again)")
-    if len(on_disk) > len(finished):
-        print(f"{len(on_disk) - len(finished)} shards of an earlier run were made from other files or settings (or "
-              "cut short since) and are made again")
+    origins = {name: {"source": source, "parquet": os.path.basename(path)} |
+               ({"val_tokens": c.val_tokens} if name.startswith("val") else {}) for name, path in sources.items()}
+    made_from, finished = earlier_shards(c.out_dir, origins)
+    record_path = os.path.join(c.out_dir, "shard_sources.json")
     with multiprocessing.Pool(workers) as pool:
         for name, parquet_path in sources.items():  # val first: it is small, and a bad connection shows at once
             shard_path = os.path.join(c.out_dir, name)
@@ -262,7 +266,7 @@ def prepare_fineweb_edu(c):
                 download(c, f"{c.fineweb_url}/{os.path.basename(parquet_path)}", parquet_path)
             shards[name] = tokenize_parquet(c, pool, workers, parquet_path, name,
                                             c.val_tokens if name.startswith("val") else None)
-            made_from[name] = origin(name) | {"tokens": shards[name]}
+            made_from[name] = origins[name] | {"tokens": shards[name]}
             with open(record_path + ".tmp", "w") as f:
                 json.dump(made_from, f, indent=1)
             os.replace(record_path + ".tmp", record_path)
