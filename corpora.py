@@ -77,7 +77,10 @@ def download(c, url, path, instead="download the parquet files yourself and pass
     deleted first; one with no record (an earlier version's download) is taken as this url's. `instead`: what the
     user can do when it fails."""
     part, source, reason = path + ".part", path + ".source", ""
-    came_from = open(source).read() if os.path.isfile(source) else url
+    came_from = url  # a file with no record: an earlier version's download
+    if os.path.isfile(source):
+        with open(source) as f:
+            came_from = f.read()
     for stale in (path, part) if came_from != url else ():  # so a failed download leaves none of it behind
         if os.path.exists(stale):
             os.remove(stale)
@@ -197,14 +200,14 @@ def tokenize_parquet(c, pool, workers, parquet_path, name, max_tokens=None):
     return n
 
 
-def earlier_shards(out_dir, origins):
+def earlier_shards(out_dir, origins, record_path):
     """What an earlier run left (shard_sources.json: each shard's origin and token count) and the shards of it to keep:
     those made from what they would be made from now (a parquet file added to --input moves the val shard to another
     file, a new --val_tokens changes its length) and as long as they were made (a shard cut short since would be
     counted at its new length). A shard with no record, or one without a count, is made again."""
     made_from = {}
-    if os.path.isfile(os.path.join(out_dir, "shard_sources.json")):
-        with open(os.path.join(out_dir, "shard_sources.json")) as f:
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
             made_from = json.load(f)
 
     def kept(name):
@@ -253,8 +256,8 @@ def prepare_fineweb_edu(c):
     print(f"{len(sources) - 1} train shards and 1 val shard from {source}; {workers} tokenizer processes")
     origins = {name: {"source": source, "parquet": os.path.basename(path)} |
                ({"val_tokens": c.val_tokens} if name.startswith("val") else {}) for name, path in sources.items()}
-    made_from, finished = earlier_shards(c.out_dir, origins)
-    record_path = os.path.join(c.out_dir, "shard_sources.json")
+    record_path = os.path.join(c.out_dir, "shard_sources.json")  # shard -> what it was made from, its tokens
+    made_from, finished = earlier_shards(c.out_dir, origins, record_path)
     with multiprocessing.Pool(workers) as pool:
         for name, parquet_path in sources.items():  # val first: it is small, and a bad connection shows at once
             shard_path = os.path.join(c.out_dir, name)
