@@ -283,7 +283,8 @@ def test_files_another_dataset_left_are_not_read(files, tmp_path):
 
 
 def test_checkpoint_and_log_survive_a_refused_scratch_run(files):
-    """Running the training command again without --init_from=resume changes nothing in the folder."""
+    """Running the training command again without --init_from=resume changes nothing in the folder; with --overwrite,
+    the folder's checkpoint, log and settings stay the old run's until the new run saves."""
     out = files / "kept"
     assert run_script("train.py", *TINY, f"--data_dir={files / 'char'}", f"--out_dir={out}", "--max_iters=2",
                       "--eval_interval=2") is None
@@ -291,10 +292,21 @@ def test_checkpoint_and_log_survive_a_refused_scratch_run(files):
     code = run_script("train.py", *TINY, f"--data_dir={files / 'char'}", f"--out_dir={out}", "--max_iters=2")
     assert "holds a trained model" in code
     assert before == {name: (out / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
-    # --overwrite means it: a new run, a new log
+    # a replacing run that dies before its first save leaves the old run's checkpoint, log and settings together
+    before["config.json"] = (out / "config.json").read_bytes()
+    code = run_script("train.py", *TINY, f"--data_dir={files / 'char'}", f"--out_dir={out}", "--max_iters=4",
+                      "--eval_interval=4", "--overwrite", "--learning_rate=1e30")
+    assert "stopped before the update" in code
+    assert before == {name: (out / name).read_bytes() for name in before}
+    assert json.loads((out / "config.json.new").read_text())["learning_rate"] == 1e30
+    # --overwrite means it: a new run, a new log (and its settings) from its first save
     assert run_script("train.py", *TINY, f"--data_dir={files / 'char'}", f"--out_dir={out}", "--max_iters=1",
                       "--eval_interval=1", "--overwrite") is None
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [rec["iter"] for rec in log if "val_loss" in rec] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["max_iters"] == 1
+    assert not list(out.glob("*.new"))
 
 
 def train_process(*args):

@@ -188,6 +188,8 @@ def all_reduce_sum(t):
 iter_num, best_val_loss, checkpoint = 0, float("inf"), None
 released = init_from  # a fine-tuning run's base: the release's name or folder
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
+# --overwrite: the old run's ckpt.pt, log.jsonl and config.json stay together until this run's first save replaces them
+replacing = ".new" if init_from != "resume" and os.path.exists(ckpt_path) else ""  # this run's files till then
 if master:
     writable_dir(out_dir)
     lock = lock_run_folder(out_dir)  # held until this process ends
@@ -380,7 +382,7 @@ def stop_diverged(what, when):
 def log(record):
     """One JSON line per log line, flushed at once, so a killed run leaves only whole lines."""
     if master:
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        with open(os.path.join(out_dir, "log.jsonl" + replacing), "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -408,9 +410,11 @@ if master:
         print(f"fine-tuning {base}: {what}, {trained:.2f}M parameters train")
     print(f"memory plan per process: {describe(plan)}")
     if init_from != "resume":
-        open(os.path.join(out_dir, "log.jsonl"), "w").close()  # a new run starts a new log
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        open(os.path.join(out_dir, "log.jsonl" + replacing), "w").close()  # a new run starts a new log
+    with open(os.path.join(out_dir, "config.json" + replacing), "w") as f:
         json.dump(config, f, indent=1)
+    if replacing:
+        print(f"{ckpt_path}, log.jsonl and config.json stay the old run's until this run saves (*.new till then)")
     print(f"eval: loss on {eval_iters * batch_size} fixed blocks; val at r = {eval_r}, train at r_bar")
     print("  iter | " + " ".join(f"{'val r=' + str(r):>9}" for r in eval_r) + " | train r_bar")
 
@@ -434,6 +438,9 @@ while True:
             if master:
                 save_checkpoint(state, ckpt_path)
                 print(f"saved {ckpt_path} at iteration {iter_num}")
+                for name in ("log.jsonl", "config.json") if replacing else ():  # the old run's go with its ckpt.pt
+                    os.replace(os.path.join(out_dir, name + replacing), os.path.join(out_dir, name))
+            replacing = ""
             state = None
     if iter_num >= max_iters:
         break
