@@ -60,6 +60,12 @@ class TokenData:
         if not isinstance(self.meta, dict) or type(self.meta.get("vocab_size")) is not int or \
                 not 1 <= self.meta["vocab_size"] <= 2**16 or "tokenizer" not in self.meta:
             fail(f"{meta_path} lacks a tokenizer and a vocab_size from 1 to 65536; {hint} again")
+        if self.meta["tokenizer"] not in ("char", "r50k_base", "huginn"):
+            fail(f"{meta_path} names the tokenizer {self.meta['tokenizer']!r}, not char, r50k_base or huginn; {hint}")
+        chars = self.meta.get("chars")  # a character vocabulary's id -> character, the decoder a checkpoint carries
+        if self.meta["tokenizer"] == "char" and not (isinstance(chars, (str, list)) and all(
+                isinstance(c, str) and len(c) == 1 for c in chars) and len(chars) == self.meta["vocab_size"]):
+            fail(f"{meta_path} lacks its vocab_size of characters (\"chars\"); {hint} again")
         if self.meta["tokenizer"] == "huginn":  # the release's tokenizer, copied beside the data (corpora.write_chat):
             path = os.path.join(data_dir, "tokenizer.json")  # its text goes into the meta, so checkpoints carry it
             if not os.path.isfile(path):
@@ -81,6 +87,8 @@ class TokenData:
                 fail(f"no {split}.bin or {split}_*.bin shards in {data_dir}; {hint}")
             for name in files + ([f"{split}_targets.bin"] if self.aligned else []):
                 self.check_file(name, split, hint)
+        if self.aligned and "examples" in self.meta:  # problems: each val position's difficulty (eval, exits, latents)
+            self.check_file("val_difficulty.bin", "val", hint)
         if self.row_len is not None and block_size != self.row_len:
             fix = f"set {block_size_flag}={self.row_len}" if block_size_flag else \
                 f"the checkpoint reads blocks of {block_size}: give the data it was trained on with --data_dir"
@@ -109,7 +117,7 @@ class TokenData:
         """A token or target file: whole uint16 values, the length meta.json gives, ids inside the vocabulary."""
         path = os.path.join(self.data_dir, name)
         if not os.path.isfile(path):
-            fail(f"{path} is missing (meta.json lists it); {hint} again")
+            fail(f"{path} is missing; {hint} again")
         size = os.path.getsize(path)
         expected = self.meta.get("shards", {}).get(name)
         if size == 0 or size % 2:
@@ -117,10 +125,15 @@ class TokenData:
         if expected is not None and size != 2 * expected:  # a shard cut short by a crash or a full disk
             fail(f"{path} is truncated ({size // 2:,} of {expected:,} tokens); delete it and {hint} again")
         values = self.tokens(name)
-        if name.endswith("_targets.bin"):
+        if self.row_len and len(values) % self.row_len:  # a row cut, or rows of another length
+            fail(f"{path} holds {len(values):,} values, not whole rows of {self.row_len} (meta.json's row_len); "
+                 f"{hint} again")
+        if name.endswith(("_targets.bin", "_difficulty.bin")):
             if len(values) != len(self.tokens(f"{split}.bin")):
-                fail(f"{path} has {len(values):,} targets for {len(self.tokens(split + '.bin')):,} tokens; "
+                fail(f"{path} has {len(values):,} values for {len(self.tokens(split + '.bin')):,} tokens; "
                      f"{hint} again")
+            if name.endswith("_difficulty.bin"):
+                return  # difficulties, not token ids
             labelled = values[values != NO_LOSS]
             if split == "train" and len(labelled) == 0:
                 fail(f"{path} has no labelled positions: nothing to learn; {hint} with some problems")

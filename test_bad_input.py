@@ -88,6 +88,7 @@ def broken_data(tmp):
         "empty-val": lambda d: d.joinpath("val.bin").write_bytes(b""),
         "bad-meta": lambda d: d.joinpath("meta.json").write_text('{"tokenizer": "char", "vocab'),
         "no-vocab": lambda d: d.joinpath("meta.json").write_text('{"tokenizer": "char"}'),
+        "no-chars": lambda d: d.joinpath("meta.json").write_text('{"tokenizer": "char", "vocab_size": 62}'),
         "big-id": lambda d: np.full(100, 60_000, np.uint16).tofile(d / "val.bin"),
     }.items():
         broken = tmp / f"char-{name}"
@@ -96,13 +97,24 @@ def broken_data(tmp):
             if f.is_file():
                 (broken / f.name).write_bytes(f.read_bytes())
         breakage(broken)
-    # three-cups rows with no labelled train position (prepare_data.py reasoning --num_train_problems 0, if allowed)
-    unlabelled = tmp / "cups-unlabelled"
-    unlabelled.mkdir()
-    for f in (tmp / "rows").iterdir():
-        if f.is_file():
-            (unlabelled / f.name).write_bytes(f.read_bytes())
-    np.full(len(np.fromfile(unlabelled / "train.bin", np.uint16)), 65535, np.uint16).tofile(unlabelled / "train_targets.bin")
+    # three-cups rows, each copy broken in one way
+    row_len = json.loads((tmp / "rows" / "meta.json").read_text())["row_len"]
+    for name, breakage in {
+        # no labelled train position (prepare_data.py reasoning --num_train_problems 0, if allowed)
+        "unlabelled": lambda d: np.full(len(np.fromfile(d / "train.bin", np.uint16)), 65535, np.uint16).tofile(
+            d / "train_targets.bin"),
+        "no-difficulty": lambda d: d.joinpath("val_difficulty.bin").unlink(),
+        "short-difficulty": lambda d: d.joinpath("val_difficulty.bin").write_bytes(b"\x01\x00" * row_len),
+        # rows of another length than meta.json's (a rerun with another --row_len that stopped before its meta.json)
+        "cut-rows": lambda d: [d.joinpath(f).write_bytes(d.joinpath(f).read_bytes()[:-2])
+                               for f in ("train.bin", "train_targets.bin")],
+    }.items():
+        broken = tmp / f"cups-{name}"
+        broken.mkdir()
+        for f in (tmp / "rows").iterdir():
+            if f.is_file():
+                (broken / f.name).write_bytes(f.read_bytes())
+        breakage(broken)
 
 
 # (script, arguments, what the one-line error must say); "{tmp}" is the fixture's folder
@@ -141,6 +153,11 @@ CASES = [
     ("train.py", ["--data_dir={tmp}/char-big-id"], "holds token id 60000, outside the vocabulary"),
     ("train.py", ["--data_dir={tmp}/rows", "--block_size=32"], "set --block_size="),
     ("train.py", ["--data_dir={tmp}/cups-unlabelled", "--block_size=@cups"], "no labelled positions"),
+    ("train.py", ["--data_dir={tmp}/char-no-chars"], "lacks its vocab_size of characters"),
+    ("train.py", ["--data_dir={tmp}/cups-no-difficulty", "--block_size=@cups"], "val_difficulty.bin is missing"),
+    ("eval.py", ["--out_dir={tmp}/cups", "--data_dir={tmp}/cups-no-difficulty"], "val_difficulty.bin is missing"),
+    ("train.py", ["--data_dir={tmp}/cups-short-difficulty", "--block_size=@cups"], "val_difficulty.bin has"),
+    ("train.py", ["--data_dir={tmp}/cups-cut-rows", "--block_size=@cups"], "train.bin holds"),
     ("train.py", ["--block_size=100000"], "block_size=100000 is too long"),
     # train.py: checkpoints and the run folder
     ("train.py", ["--out_dir={tmp}/text"], "holds a trained model; continue it with --init_from=resume"),
