@@ -26,6 +26,8 @@ def write_split(out_dir, name, ids, vocab_size):
     if vocab_size > 2**16:
         fail(f"vocabulary of {vocab_size} tokens does not fit in uint16 (at most 65536); use a smaller tokenizer")
     ids = np.array(ids, dtype=np.uint16)
+    if os.path.isfile(os.path.join(out_dir, "meta.json")):  # it describes the old files: a rerun that stops before
+        os.remove(os.path.join(out_dir, "meta.json"))       # writing its own must not leave it over new ones
     ids.tofile(os.path.join(out_dir, f"{name}.bin"))
     print(f"{name}.bin: {len(ids):,} tokens")
 
@@ -351,7 +353,9 @@ def write_chat(c, train, val, source):
             fail(f"no {name} pair fits in row_len={length} tokens; raise --row_len")
         write_split(c.out_dir, name, tokens, tok.get_vocab_size())
         np.array(targets, dtype=np.uint16).tofile(os.path.join(c.out_dir, f"{name}_targets.bin"))
-    shutil.copy(path, os.path.join(c.out_dir, "tokenizer.json"))  # the checkpoint's tokenizer travels with its data
+    dest = os.path.join(c.out_dir, "tokenizer.json")  # the checkpoint's tokenizer travels with its data ...
+    if not (os.path.isfile(dest) and os.path.samefile(path, dest)):  # ... unless it was read from there
+        shutil.copy(path, dest)
     write_meta(c.out_dir, {"tokenizer": "huginn", "vocab_size": tok.get_vocab_size(), "row_len": length,
                 "folder": os.path.abspath(c.out_dir), "skipped": skipped, "source": source})
 

@@ -76,7 +76,7 @@ def losses(out):
         return {r["iter"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_chat_rows_carry_the_loss_on_the_answer_only(release):
+def test_chat_rows_carry_the_loss_on_the_answer_only(release, tmp_path):
     from tokenizers import Tokenizer
     meta = json.loads((release / "chat" / "meta.json").read_text())
     tok = Tokenizer.from_file(str(release / "chat" / "tokenizer.json"))
@@ -90,6 +90,11 @@ def test_chat_rows_carry_the_loss_on_the_answer_only(release):
     assert labelled[-1] == tok.token_to_id("<|end_turn|>") and 2 <= len(labelled) <= 3
     first = target.index(labelled[0])
     assert row[first + 1:first + 1 + len(labelled)] == labelled  # aligned: the target at t is token t + 1
+    # made again in place, from the tokenizer.json it holds (a SameFileError had left new rows under the old meta)
+    shutil.copytree(release / "chat", tmp_path / "chat")
+    run("prepare_data.py", "chat", f"--input={release / 'pairs.jsonl'}", f"--out_dir={tmp_path / 'chat'}",
+        f"--tokenizer={tmp_path / 'chat' / 'tokenizer.json'}", "--val_fraction=0.1", f"--row_len={meta['row_len'] + 5}")
+    assert json.loads((tmp_path / "chat" / "meta.json").read_text())["row_len"] == meta["row_len"] + 5
 
 
 def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):

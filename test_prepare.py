@@ -49,6 +49,15 @@ def test_char_level_round_trip_and_determinism(text_file, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_a_rewrite_takes_the_old_meta_away_first(tmp_path):
+    """meta.json describes the files written with it: a rerun into the folder removes it before its first file, so
+    one that stops half way leaves no meta.json (a one-line "no meta.json" later), never the old one over new files."""
+    from corpora import write_split
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": "char", "vocab_size": 3, "chars": "abc"}))
+    write_split(str(tmp_path), "train", [0, 1, 2, 1], 3)
+    assert not (tmp_path / "meta.json").exists() and len(read_split(tmp_path, "train")) == 4
+
+
 def test_bpe_round_trip(text_file, tmp_path):
     tiktoken = pytest.importorskip("tiktoken")
     proc = prepare("shakespeare", f"--input={text_file}", f"--out_dir={tmp_path}")
