@@ -193,12 +193,14 @@ def check_settings(config):
         fail(f"no checkpoint at {checkpoint}; train one first (python train.py ...) or point --out_dir at one")
     if config["init_from"] == "resume" and config["dtype"]:
         fail("--dtype is the released model's (its weights in that dtype); a checkpoint runs in float32: drop it")
+    path = config["output"] or os.path.join(config["out_dir"], "harness.json")
+    if not path.endswith(".json") or os.path.isdir(path):  # never over a checkpoint, nor a folder after the run
+        fail(f"--output={path}: give the name of a .json file for the table by r")
+    writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
     task_manager = TaskManager(include_path=config["include_path"] or None)
     unknown = [t for t in names if t not in task_manager.all_tasks]
     if unknown:
         fail(f"unknown task(s) {', '.join(unknown)}; lm-eval lists its own with: lm_eval ls tasks")
-    path = config["output"] or os.path.join(config["out_dir"], "harness.json")
-    writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
     return names, task_manager, path
 
 
@@ -255,7 +257,7 @@ init_scale = None     # std of the noise start s_0 (0: the zero state); None: wh
 quantize = ""         # "int8": int8 weights (kernels.py)
 apply_chat_template = False  # the release's chat template around each prompt (the paper's GSM8K setting) ...
 system_instruction = ""     # ... with this system turn
-output = ""           # where the JSON goes; "" means out_dir/harness.json
+output = ""           # where the JSON goes (a .json file); "" means out_dir/harness.json
 device = ""
 dtype = ""
 num_threads = 0

@@ -100,6 +100,8 @@ def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
     (["--tasks=reasoning_choice", "--exit_criterion=kl_divergence"], "--exit_criterion must be one of"),
     (["--tasks=reasoning", "--exit_threshold=0.1"], "--exit_threshold is the exit criterion's"),
     (["--tasks=reasoning", "--exit_criterion=gate"], "needs a gate exits.py fit on this checkpoint"),
+    (["--tasks=reasoning", "--output=ckpt.pt"], "--output=ckpt.pt: give the name of a .json file"),
+    (["--tasks=reasoning", "--output=/tmp"], "--output=/tmp: give the name of a .json file"),
 ])
 @needs_lm_eval
 def test_bad_input_is_one_line(cups, args, message):
