@@ -214,8 +214,12 @@ def pretrained_folder(name_or_path):
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ImportError("downloading huginn-0125 needs: pip install huggingface_hub") from None
-    # config.json, tokenizer.json, the safetensors shards and their index: ~16 GB (float32)
-    return snapshot_download("tomg-group-umd/huginn-0125", allow_patterns=["*.json", "*.safetensors"])
+    try:  # config.json, tokenizer.json, the safetensors shards and their index: ~16 GB (float32)
+        return snapshot_download("tomg-group-umd/huginn-0125", allow_patterns=["*.json", "*.safetensors"])
+    except OSError as err:  # offline, or the hub unreachable: the hub's message spans lines; its first says why
+        why = (str(err).strip() or repr(err)).splitlines()[0]
+        raise OSError(f"could not download huginn-0125 ({why}); check the connection, or give a local copy: a folder "
+                      "with config.json and *.safetensors") from None
 
 
 def pretrained_config(folder):

@@ -6,6 +6,8 @@ The reference's tensor names and shapes are written out here independently of ch
 import json
 import math
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -187,9 +189,18 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
         from_pretrained(str(tmp_path / "twice"))
 
 
-def test_bad_folder_and_unsupported_config(tmp_path):
+def test_bad_folder_and_unsupported_config(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         pretrained_folder(str(tmp_path / "nowhere"))
+    # offline: the hub's error spans lines (scripts print one); its first line says why, ours what to do
+    def offline(*args, **kwargs):
+        raise FileNotFoundError("Got: ConnectError: Name or service not known\nAn error happened while trying to "
+                                "locate the files on the Hub")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=offline))
+    with pytest.raises(OSError) as offline:
+        pretrained_folder("huginn-0125")
+    assert "\n" not in str(offline.value) and "(Got: ConnectError: Name or service not known)" in str(offline.value)
+    assert "give a local copy: a folder with config.json" in str(offline.value)
     os.makedirs(tmp_path / "add")
     with open(tmp_path / "add" / "config.json", "w") as f:
         json.dump({**tiny(), "injection_type": "add"}, f)
