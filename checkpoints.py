@@ -79,10 +79,11 @@ def load_checkpoint(out_dir, device="cpu", flag="--out_dir"):
     return model.to(device).eval(), checkpoint
 
 
-def trained_init_scale(checkpoint):
-    """The noise start a model trained with, the scripts' default: train.py's setting (1, the paper's, for the
-    release, checkpoint None, and for a checkpoint that names none)."""
-    return checkpoint["config"].get("init_scale", 1.0) if checkpoint else 1.0
+def trained_init_scale(checkpoint, meta=None):
+    """The noise start a model trained with, the scripts' default: train.py's setting in a checkpoint; for a folder in
+    the released layout (checkpoint None), the init_scale export.py wrote in its config.json (load_released's meta).
+    1, the paper's and the release's, where neither names one."""
+    return checkpoint["config"].get("init_scale", 1.0) if checkpoint else (meta or {}).get("init_scale", 1.0)
 
 
 def fitted_on(checkpoint):
@@ -166,7 +167,8 @@ def get_tokenizer(meta):
         elif os.path.isfile(os.path.join(meta["folder"], "tokenizer.json")):  # the release's folder
             tokenizer = Tokenizer.from_file(os.path.join(meta["folder"], "tokenizer.json"))
         else:
-            fail(f"no tokenizer.json in {meta['folder']}")
+            fail(f"no tokenizer.json in {meta['folder']}: a model in the released layout needs the release's tokenizer "
+                 "(export.py writes it only for models that read its tokens)")
         # special tokens written in the text (<|begin_text|>, <|end_turn|>, ...) are read as their ids
         return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
                 lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
@@ -325,7 +327,9 @@ def load_released(name_or_path, device, dtype, quantize=None):
         model = from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
     except (ImportError, OSError, ValueError, KeyError) as err:
         fail(str(err.args[0]) if err.args else repr(err))
-    return model, {"tokenizer": "huginn", "folder": folder}
+    with open(os.path.join(folder, "config.json")) as f:  # read whole by from_pretrained already
+        init_scale = json.load(f).get("init_scale", 1.0)  # an exported model's noise start (export.py)
+    return model, {"tokenizer": "huginn", "folder": folder, "init_scale": init_scale}
 
 
 def model_rope(folder, config, stored, device):

@@ -3,7 +3,8 @@ Write a checkpoint in Huginn-0125's released layout, so the ecosystem can read i
 code (AutoModelForCausalLM with trust_remote_code), lm-eval's HF path, the vLLM plugin, and checkpoints.from_pretrained.
 
     python export.py --out_dir=out-gsm8k --to=huginn-gsm8k        # a fine-tuned release (LoRA adapters merged)
-    python export.py --out_dir=out --to=my-model                   # a model trained here from scratch
+    python export.py --out_dir=out --to=my-model                   # a model trained here from scratch (weights and
+                                                                   # config only: no file holds char or r50k tokens)
 
 Writes config.json (the reference's keys), model.safetensors or shards of at most --shard_gb with
 model.safetensors.index.json (the reference's tensor names; the RoPE table freqs_cis too, as released; lm_head is
@@ -18,7 +19,7 @@ import sys
 
 import torch
 
-from checkpoints import CONFIG_KEYS, load_checkpoint, released_name
+from checkpoints import CONFIG_KEYS, load_checkpoint, released_name, trained_init_scale
 from common import writable_dir
 from configurator import configure, fail, number
 
@@ -54,7 +55,8 @@ elif base_config:  # a full fine-tune holds every weight, so only the keys our c
 ours = {theirs: getattr(model.config, key) for key, theirs in CONFIG_KEYS.items()}
 released.update(ours, n_layers=model.config.n_layers_prelude + model.config.n_layers_core + model.config.n_layers_coda,
                 architectures=["RavenForCausalLM"], model_type="huginn_raven", bias=False, injection_type="linear",
-                state_init="like-init", torch_dtype=dtype or str(model.wte.weight.dtype).replace("torch.", ""))
+                state_init="like-init", torch_dtype=dtype or str(model.wte.weight.dtype).replace("torch.", ""),
+                init_scale=trained_init_scale(checkpoint))  # the noise start it trained with: ours read it back
 # the reference's modeling code by its hub name: a local name (the hub's own config.json may have one) would need its
 # .py files beside the weights, which are not downloaded
 released["auto_map"] = {"AutoConfig": "tomg-group-umd/huginn-0125--raven_config_minimal.RavenConfig",
@@ -92,6 +94,9 @@ if "tokenizer.json" not in copied and "tokenizer_json" in meta:
     with open(os.path.join(to, "tokenizer.json"), "w", encoding="utf-8") as f:
         f.write(meta["tokenizer_json"])
     copied.append("tokenizer.json")
+if "tokenizer.json" not in copied:  # char or r50k_base: the layout's readers (ours too) need the release's tokenizer
+    print(f"warning: no tokenizer.json: this model reads {meta['tokenizer']} tokens, which the released layout has no "
+          f"file for; sample it from its run folder (python sample.py --out_dir={out_dir})", file=sys.stderr)
 size = sum(t.nbytes for t in tensors.values()) / 1e9
 print(f"wrote {to}: {len(tensors)} tensors in {len(files)} file(s), {size:.2f} GB, {model.get_num_params():,} "
       f"parameters{''.join(', ' + name for name in copied)}")

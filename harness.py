@@ -60,7 +60,7 @@ class NanoHuginn(TemplateLM):
             if quantize:
                 quantize_int8(self.model)
         if init_scale is None:  # the noise the model trained with
-            init_scale = trained_init_scale(checkpoint if init_from == "resume" else None)
+            init_scale = trained_init_scale(checkpoint if init_from == "resume" else None, meta)
         self.tokenizer_kind = meta["tokenizer"]
         self.encode, self.decode = get_tokenizer(meta)
         # what stands before a text with no context, and where a generation ends: end of text (BPE; the release's

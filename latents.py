@@ -75,7 +75,7 @@ if init_from == "resume":
 else:
     model, meta = load_released(init_from, device, getattr(torch, dtype))
     checkpoint = None
-init_scale = trained_init_scale(checkpoint) if init_scale is None else init_scale
+init_scale = trained_init_scale(checkpoint, meta) if init_scale is None else init_scale
 encode, decode = get_tokenizer(meta)
 reasoning = "examples" in meta  # problems (prepare_data.py reasoning / problems); chat rows are text
 if think_meter and not reasoning:

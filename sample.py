@@ -94,7 +94,7 @@ if init_from == "resume":
 else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
 if init_scale is None:  # the noise the model trained with
-    init_scale = trained_init_scale(checkpoint if init_from == "resume" else None)
+    init_scale = trained_init_scale(checkpoint if init_from == "resume" else None, meta)
 if chat and meta["tokenizer"] != "huginn":
     fail(f"--chat is for the released model and its fine-tunes: add --init_from=huginn-0125 (or a folder in its "
          f"layout); {out_dir} uses {meta['tokenizer']}")
@@ -130,7 +130,7 @@ if draft_steps and len(set(lengths.tolist())) > 1:
 print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {model.get_num_params() / 1e6:.2f}M parameters, "
       f"r_bar {model.config.mean_recurrence}; decoding {len(texts)} prompt(s) at r = {num_steps}, temperature "
       f"{temperature}, top_k {top_k}, exit {exit_criterion}, cache_budget {cache_budget}, warm_start {warm_start}, "
-      f"draft_steps {draft_steps}, compile {compile}, quantize {quantize or None}")
+      f"draft_steps {draft_steps}, compile {compile}, quantize {quantize or None}, init_scale {init_scale}")
 
 # sampling
 for k in range(num_samples):

@@ -393,3 +393,13 @@ def test_bench_memory_probe_cannot_multiply(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: children.append(args) or 1 / 0)
     code = run_script("bench.py", "--sections=memory", "--memory_r=[0]", f"--out_dir={tmp_path}")
     assert str(code).startswith("error: --memory_r must list") and children == []
+
+
+def test_a_char_model_exports_without_a_tokenizer_and_says_so(files, tmp_path, capsys):
+    """export.py writes the weights of a model trained here on characters, and says that no tokenizer.json comes with
+    them (the released layout holds the release's tokenizer only); reading the folder back says why it cannot."""
+    pytest.importorskip("safetensors", reason="needs safetensors (pip install safetensors)")
+    assert run_script("export.py", f"--out_dir={files / 'text'}", f"--to={tmp_path / 'exported'}") is None
+    assert "warning: no tokenizer.json: this model reads char tokens" in capsys.readouterr().err
+    code = run_script("sample.py", f"--init_from={tmp_path / 'exported'}", "--device=cpu")
+    assert code.startswith("error: no tokenizer.json in") and "needs the release's tokenizer" in code

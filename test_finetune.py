@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import from_pretrained, load_checkpoint
+from checkpoints import from_pretrained, load_checkpoint, load_released, trained_init_scale
 from decode import gate_net
 from test_pretrained import RELEASED_CONFIG, reference_tensors, write_checkpoint
 
@@ -207,7 +207,8 @@ def test_finetune_exports_samples_and_exits(release, tmp_path, lora):
     if lora:
         pytest.importorskip("peft", reason="needs peft (pip install peft)")
     out = tmp_path / "out"
-    run(*finetune_args(release, out, "--max_iters=6", "--eval_interval=6", *(["--lora_rank=4"] if lora else [])))
+    run(*finetune_args(release, out, "--max_iters=6", "--eval_interval=6", "--init_scale=0.5",
+                       *(["--lora_rank=4"] if lora else [])))
     (release / "model" / "generation_config.json").write_text('{"eos_token_id": [65505, 65508]}')  # the hub's has one
     config = json.loads((release / "model" / "config.json").read_text())  # and a local auto_map, as the authors' repo
     config["auto_map"] = {"AutoConfig": "raven_config_minimal.RavenConfig"}
@@ -225,6 +226,8 @@ def test_finetune_exports_samples_and_exits(release, tmp_path, lora):
         a, _ = model(idx, num_steps=3, init_scale=0)
         b, _ = exported(idx, num_steps=3, init_scale=0)
     assert torch.equal(a, b)  # tensor for tensor
+    # and it starts from the noise it trained with, as the checkpoint does (it started from 1, the release's)
+    assert trained_init_scale(None, load_released(str(tmp_path / "exported"), "cpu", torch.float32)[1]) == 0.5
     # a fine-tune answers in the release's chat format (sample.py --chat), and latents.py looks inside it as text
     proc = run("sample.py", f"--out_dir={out}", "--chat", "--start=what is 2+3?", "--max_new_tokens=4", "--r=2",
                "--device=cpu", "--num_threads=1")
