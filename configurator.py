@@ -142,7 +142,9 @@ def decoding_settings(config, criteria):
     threshold, criterion = config["exit_threshold"], config["exit_criterion"]
     if threshold is not None and criterion == "confident-run":  # a count of steps in a row
         whole(config, 1, "exit_threshold")
-    elif threshold is not None:  # kl and latent-diff stop below a number, the gate above 1 - it
+    elif threshold is not None and criterion == "gate":  # a probability >= 1 - threshold: 1 or more stops at once
+        number(config, "exit_threshold", low=0, below=1)
+    elif threshold is not None:  # kl and latent-diff stop below a number
         number(config, "exit_threshold", low=0)
     if threshold is not None and criterion == "none":
         fail("--exit_threshold is the exit criterion's: add --exit_criterion (kl, latent-diff, confident-run or gate)")

@@ -57,6 +57,8 @@ config = configure(globals())
 
 whole(config, 1, "r", "rounds", "epochs", "batch_size", "hidden")
 whole(config, 0, "max_rows", "seed")
+if max_rows == 1:
+    fail("--max_rows: the gate fits on the even val rows and is scored on the odd ones: give 2 or more (0: all)")
 steps(config, "fixed_r", allow_empty=False)
 number(config, "goal_accuracy", above=0, high=1)
 number(config, "goal_steps", above=0)
@@ -67,8 +69,9 @@ for name, thresholds in rules.items():  # before the gate is fit and saved over 
     if name not in EXIT_RULES:
         fail(f"--rules: no exit rule {name!r}; decode.py's are {', '.join(EXIT_RULES)}")
     if not isinstance(thresholds, list) or not thresholds or not all(
-            isinstance(t, (int, float)) and t > 0 for t in thresholds):
-        fail(f"--rules: {name}'s thresholds must be a list of numbers > 0, got {thresholds!r}")
+            isinstance(t, (int, float)) and t > 0 and (name != "gate" or t < 1) for t in thresholds):
+        fail(f"--rules: {name}'s thresholds must be a list of numbers > 0{' and < 1' * (name == 'gate')}, got "
+             f"{thresholds!r}")
 device = pick_device(device)
 set_threads(num_threads)
 model, checkpoint = load_checkpoint(out_dir, device)
@@ -209,6 +212,9 @@ def over_rows(passes, rows, rule, **kwargs):
 # the rows: the gate fits on the even ones, everything is scored on the odd ones
 
 x, y, counted, group = val_rows()
+if len(x) < 2:  # before the gate is fit and saved over the last one
+    fail(f"{data.data_dir} has {len(x)} val row: the gate fits on the even rows and is scored on the odd ones; give "
+         "data with 2 or more")
 fit_rows, score_rows = torch.arange(0, len(x), 2), torch.arange(1, len(x), 2)
 top = int(group.max())
 edges = np.unique(np.ceil(np.linspace(0, top, 5)).astype(int)) if reasoning else []

@@ -108,6 +108,8 @@ def broken_data(tmp):
         # rows of another length than meta.json's (a rerun with another --row_len that stopped before its meta.json)
         "cut-rows": lambda d: [d.joinpath(f).write_bytes(d.joinpath(f).read_bytes()[:-2])
                                for f in ("train.bin", "train_targets.bin")],
+        "one-val-row": lambda d: [d.joinpath(f).write_bytes(d.joinpath(f).read_bytes()[:2 * row_len])
+                                  for f in ("val.bin", "val_targets.bin", "val_difficulty.bin")],
     }.items():
         broken = tmp / f"cups-{name}"
         broken.mkdir()
@@ -177,6 +179,7 @@ CASES = [
     ("sample.py", ["--exit_criterion=kl", "--exit_threshold=-1"], "--exit_threshold must be a number >= 0"),
     ("sample.py", ["--exit_criterion=confident-run", "--exit_threshold=0.5"], "--exit_threshold must be a whole"),
     ("sample.py", ["--exit_criterion=entropy"], "--exit_criterion must be one of"),
+    ("sample.py", ["--exit_criterion=gate", "--exit_threshold=5"], "--exit_threshold must be a number >= 0 and < 1"),
     ("sample.py", ["--exit_threshold=0.1", "--out_dir={tmp}/text"], "--exit_threshold is the exit criterion's"),
     ("sample.py", ["--start=To be", "--prompts={tmp}/play.txt", "--out_dir={tmp}/text"],
      "--start and --prompts both give the prompt"),
@@ -235,6 +238,9 @@ CASES = [
     ("exits.py", ["--rules={'kl': []}"], "--rules: kl's thresholds must be a list of numbers > 0"),
     ("exits.py", ["--rules={'kl': 0.01}"], "--rules: kl's thresholds must be a list of numbers > 0"),
     ("exits.py", ["--hidden=0"], "--hidden must be a whole number >= 1"),
+    ("exits.py", ["--rules={'gate': [0.01, 5]}"], "--rules: gate's thresholds must be a list of numbers > 0 and < 1"),
+    ("exits.py", ["--max_rows=1"], "--max_rows: the gate fits on the even val rows and is scored on the odd ones"),
+    ("exits.py", ["--data_dir={tmp}/cups-one-val-row"], "has 1 val row: the gate fits on the even rows"),
     # prepare_data.py
     ("prepare_data.py", ["shakespeare_char", "--input={tmp}/play.txt", "--val_fraction=2"],
      "--val_fraction must be a number >= 0 and < 1"),
