@@ -67,6 +67,8 @@ set_threads(num_threads)
 plot_dir = plot_dir or out_dir
 writable_dir(out_dir)  # latents.pt and latents.json go there, the pictures to plot_dir: checked first
 writable_dir(plot_dir, "--plot_dir")
+if "/" in prefix or os.sep in prefix:
+    fail(f"--prefix={prefix} is the start of the pictures' file names; a folder for them goes in --plot_dir")
 
 # the model, its tokenizer, and whether it answers reasoning problems
 if init_from == "resume":
