@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from common import pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, one_of, steps, whole
 from bench_released import decode_child_run, print_released, released_section
-from checkpoints import load_checkpoint, released_layout, trained_init_scale
+from checkpoints import load_checkpoint, read_checkpoint, released_layout, trained_init_scale
 from dataloader import checkpoint_data
 from decode import compile_for_decoding, generate, noise_table
 from kernels import quantize_int8
@@ -112,6 +112,10 @@ try:  # the model's own checks of the shape (widths, heads)
                                               "n_layers_coda", "intermediate_size", "vocab_size")})
 except ValueError as err:
     fail(str(err))
+if "decode" in sections and decode_out_dir and not released_folder:  # its val text prompts it: room in block_size?
+    saved = read_checkpoint(os.path.join(decode_out_dir, "ckpt.pt"), flag="--decode_out_dir", mmap=True)["model_config"]
+    if saved["block_size"] < new_tokens + lookahead + 2:
+        fail(f"--decode_out_dir's block_size {saved['block_size']} leaves no room for a prompt: lower --new_tokens")
 if probe_memory_at is None:
     writable_dir(out_dir)  # bench.json goes there at the end
 
@@ -205,9 +209,8 @@ def train_iteration(model, optimizer, x, y, r):
 
 
 def peak_rss():
-    """The process's peak resident memory in bytes. Linux: VmHWM, which starts afresh in an exec'd child;
-    ru_maxrss does not (a child inherits the parent's peak), so it is only the fallback (KiB on Linux, bytes on
-    macOS)."""
+    """The process's peak resident memory in bytes: Linux's VmHWM, afresh in an exec'd child; ru_maxrss, which a child
+    inherits from its parent, only as the fallback (KiB on Linux, bytes on macOS)."""
     if os.path.exists("/proc/self/status"):
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
@@ -326,8 +329,7 @@ def training_variants():
 def train_section():
     x_, y_ = x.to(device), y.to(device)
     variants, n_layer = training_variants()
-    a = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
-    b = torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype)
+    a, b = (torch.randn(matmul_size, matmul_size, device=device, dtype=ptdtype) for _ in range(2))
     for _ in range(2):
         a @ b  # warm-up: threads, kernels, clocks
     first_iteration, times, matmul_times = {}, {name: [] for name in variants}, []
@@ -347,9 +349,8 @@ def train_section():
               "flops_per_iteration": {"recurrent": variants["recurrent"][2], "plain": variants["plain"][2]},
               "train": {}}
     for name, (_, _, flops) in variants.items():
-        fwd_bwd = statistics.median(t[0] for t in times[name])
-        result["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "iteration_seconds": statistics.median(t[1] for t in
-                                                                                                    times[name]),
+        fwd_bwd, whole = (statistics.median(t[i] for t in times[name]) for i in (0, 1))
+        result["train"][name] = {"fwd_bwd_seconds": fwd_bwd, "iteration_seconds": whole,
                                  "flops_per_s": flops / fwd_bwd, "mfu": flops / fwd_bwd / peak_flops,
                                  "first_iteration_seconds": first_iteration[name], "all_seconds": times[name]}
     tr, flops = result["train"], result["flops_per_iteration"]
@@ -387,9 +388,8 @@ def print_train(result):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 3. Decoding, batch 1, greedy. The rate after the prompt: generating N tokens minus generating 1 (the prompt's
-#    pass), so a long prompt's one-off cost does not hide the per-token cost. Every variant draws the same noise
-#    starts (one generator seed), so greedy decoding must give the same tokens in all of them.
+# 3. Decoding, batch 1, greedy. The rate after the prompt: N tokens minus 1 (the prompt's pass), so a long prompt's
+#    one-off cost hides no per-token cost. Every variant draws the same noise starts: greedy tokens must agree.
 
 def decoding_model():
     """A trained checkpoint, its own val text and the noise start it trained with; or the random model and 1."""

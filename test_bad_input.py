@@ -259,6 +259,7 @@ CASES = [
     ("bench.py", ["--sections=memory", "--memory_r=[0]"], "--memory_r must list whole numbers of steps >= 1"),
     ("bench.py", ["--probe_memory_at=0"], "--probe_memory_at is internal"),
     ("bench.py", ["--sections=speed"], "--sections is a comma-separated list"),
+    ("bench.py", ["--sections=memory,decode", "--decode_out_dir={tmp}/cups"], "block_size 17 leaves no room for a prompt"),
     ("bench.py", ["--n_head=5"], "n_embd (256) must be n_head (5)"),
     ("bench.py", ["--timer=gpu"], "--timer must be one of"),
     ("bench.py", ["--new_tokens=1"], "--new_tokens must be a whole number >= 2"),
