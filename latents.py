@@ -57,6 +57,8 @@ whole(config, 0, "seed")
 if init_scale is not None:
     number(config, "init_scale", low=0)
 one_of(config, "dtype", ("float32", "bfloat16"))
+if init_from == "resume" and dtype != "float32":
+    fail("--dtype is the released model's (its weights in that dtype); a checkpoint runs in float32: drop it")
 if any(type(t) is not int for t in tokens):
     fail(f"--tokens must list positions of the prompt (whole numbers), got {tokens!r}")
 if think_meter not in (None, True, False):

@@ -144,11 +144,13 @@ for k in range(num_samples):
         torch.cuda.synchronize(device)
     dt = time.time() - t0
     made = int(stats["lengths"].sum())
+    steps = stats["steps"].cpu()  # (B, new): a row's tokens up to its stop count, not the batch's after it
+    steps = steps[torch.arange(steps.size(1)) < stats["lengths"].cpu()[:, None]]
     for b, ids in enumerate(start_ids):  # a reply ends at an end token, which is not printed
         new_ids = y[b, x.size(1):x.size(1) + int(stats["lengths"][b])].tolist()
         print(decode(ids + [t for t in new_ids if t not in stop_ids]))
     line = (f"--- sample {k + 1}: {made} tokens in {dt:.2f} s ({made / dt:.1f} tokens/s), "
-            f"mean {stats['steps'].float().mean():.2f} steps per token (r = {num_steps})")
+            f"mean {steps.float().mean():.2f} steps per token (r = {num_steps})")
     if draft_steps:
         line += f", {stats['accepted']} of {stats['drafted']} drafts accepted"
     if compile and k == 0 and stats["first_step_seconds"] is not None:  # None: no step followed the prompt's pass

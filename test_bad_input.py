@@ -226,6 +226,7 @@ CASES = [
     # latents.py
     ("latents.py", ["--r=0"], "--r must be a whole number >= 1"),
     ("latents.py", ["--prefix=sub/x_"], "--prefix=sub/x_ is the start of the pictures' file names"),
+    ("latents.py", ["--dtype=bfloat16"], "--dtype is the released model's"),
     ("latents.py", ["--init_scale=-1"], "--init_scale must be a number >= 0"),
     ("latents.py", ["--EXIT_THRESHOLDS={}"], "unknown setting --EXIT_THRESHOLDS"),
     ("latents.py", ["--think_meter=maybe"], "--think_meter must be True or False"),
