@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -43,12 +44,9 @@ def play_text(n_chars=50_000, seed=0):
     return "".join(out)[:n_chars]
 
 
-@pytest.fixture(scope="session")
-def cups(tmp_path_factory):
-    """A small three-cups checkpoint, made once for every test file that needs a model whose depth matters: moves
-    1-4, r_bar 4, 500 iterations (~20 s on one thread). .data is the data folder (with its lm-eval tasks in
-    .data/harness), .out the checkpoint's out_dir."""
-    tmp = tmp_path_factory.mktemp("cups")
+def make_cups(tmp):
+    """A small three-cups checkpoint in tmp: moves 1-4, r_bar 4, 500 iterations (~20 s on one thread). .data is the
+    data folder (with its lm-eval tasks in .data/harness), .out the checkpoint's out_dir."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     repo = os.path.dirname(os.path.abspath(__file__))
     for args in (["prepare_data.py", "reasoning", f"--out_dir={tmp / 'data'}", "--train_max_difficulty=4",
@@ -59,3 +57,21 @@ def cups(tmp_path_factory):
         result = subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
     return SimpleNamespace(data=tmp / "data", out=tmp / "out")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cups_in_the_background(request, tmp_path_factory):
+    """When a test of this session needs the cups checkpoint, it is made from the start, on the second core, while
+    the tests before the first of those run (one thread each): a future of make_cups, or None."""
+    if not any("cups" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    with ThreadPoolExecutor(1) as pool:  # (leaving waits for a build still running)
+        yield pool.submit(make_cups, tmp_path_factory.mktemp("cups"))
+
+
+@pytest.fixture(scope="session")
+def cups(cups_in_the_background):
+    """A small three-cups checkpoint (make_cups), made once for every test file that needs a model whose depth
+    matters."""
+    return cups_in_the_background.result()

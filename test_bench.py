@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -15,22 +16,41 @@ import torch
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
+def bench(*args):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("bench")
-    tiny = ["--n_embd=64", "--n_head=2", "--n_layers_prelude=1", "--n_layers_core=1", "--n_layers_coda=1",
-            "--intermediate_size=128", "--vocab_size=64", "--batch_size=8", "--seq_len=64", "--r=6",
-            "--backprop_depth=2", "--repeats=2", "--matmul_size=256",
-            # the "eager" backend captures graphs as inductor would (same guards, same recompilations), without codegen
-            "--compile_backend=eager", "--compile_r=[1, 2, 5, 11]",
-            # k=2: a graph kept alive by the 30 no-grad iterations would multiply the iteration's memory many times
-            "--memory_r=[2, 32]", "--memory_backprop_depth=2",
-            "--prompt_len=24", "--new_tokens=6", "--decode_r=[3, 5]", "--draft_steps=2", "--lookahead=2",
-            "--decode_repeats=1",
-            "--num_threads=1", f"--out_dir={out_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "bench.py", *tiny], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+def runs(tmp_path_factory):
+    """This file's two long runs of bench.py, side by side (one thread each, its children one at a time): "tiny",
+    every section on a tiny model, and "released", the decode section on a tiny model in the released layout.
+    {name: (future of its CompletedProcess, its out_dir)}."""
+    from test_pretrained import reference_tensors, tiny, write_checkpoint
+    tiny_dir, released_dir = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("bench_released")
+    write_checkpoint(released_dir / "released", tiny(), reference_tensors(tiny()), shards=2)
+    tiny_args = ["--n_embd=64", "--n_head=2", "--n_layers_prelude=1", "--n_layers_core=1", "--n_layers_coda=1",
+                 "--intermediate_size=128", "--vocab_size=64", "--batch_size=8", "--seq_len=64", "--r=6",
+                 "--backprop_depth=2", "--repeats=2", "--matmul_size=256",
+                 # the "eager" backend captures graphs as inductor would (same guards, same recompilations), no codegen
+                 "--compile_backend=eager", "--compile_r=[1, 2, 5, 11]",
+                 # k=2: a graph kept alive by the 30 no-grad iterations would multiply the iteration's memory many times
+                 "--memory_r=[2, 32]", "--memory_backprop_depth=2",
+                 "--prompt_len=24", "--new_tokens=6", "--decode_r=[3, 5]", "--draft_steps=2", "--lookahead=2",
+                 "--decode_repeats=1",
+                 "--num_threads=1", f"--out_dir={tiny_dir}"]
+    released_args = ["--sections=decode", f"--decode_out_dir={released_dir / 'released'}", "--decode_r=[2]",
+                     "--prompt_len=8", "--new_tokens=4", "--decode_repeats=1", "--num_threads=1",
+                     f"--out_dir={released_dir}"]
+    with ThreadPoolExecutor(2) as pool:
+        yield {"tiny": (pool.submit(bench, *tiny_args), tiny_dir),
+               "released": (pool.submit(bench, *released_args), released_dir)}
+
+
+@pytest.fixture(scope="module")
+def results(runs):
+    future, out_dir = runs["tiny"]
+    run = future.result()
     assert run.returncode == 0, run.stderr[-3000:]
     assert "recurrent / plain" in run.stdout  # the table was printed
     with open(out_dir / "bench.json") as f:
@@ -98,17 +118,13 @@ def test_released_size_timing_follows_the_timer():
     assert timed(SimpleNamespace(timer="wall", device="cpu"), nap) >= 0.2
 
 
-def test_released_size_variants_run_in_processes_of_their_own(tmp_path):
+def test_released_size_variants_run_in_processes_of_their_own(runs):
     """--decode_out_dir=<a folder in the released layout>: every variant in a child process, with its load time,
     memory and rate beside the bandwidth bound; packed (compiled) weights give eager's tokens."""
-    from test_pretrained import reference_tensors, tiny, write_checkpoint
-    write_checkpoint(tmp_path / "released", tiny(), reference_tensors(tiny()), shards=2)
-    run = subprocess.run([sys.executable, "bench.py", "--sections=decode", f"--decode_out_dir={tmp_path / 'released'}",
-                          "--decode_r=[2]", "--prompt_len=8", "--new_tokens=4", "--decode_repeats=1", "--num_threads=1",
-                          f"--out_dir={tmp_path}"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    future, out_dir = runs["released"]
+    run = future.result()
     assert run.returncode == 0, run.stderr[-3000:]
-    with open(tmp_path / "bench.json") as f:
+    with open(out_dir / "bench.json") as f:
         released = json.load(f)["decode_released"]
     assert released["bandwidth_bytes_per_s"] > 0 and set(released["runs"]) == {"eager", "compiled", "int8", "kl exit"}
     for name, figures in released["runs"].items():
@@ -125,11 +141,9 @@ def test_decoding_a_run_folder_of_ours(cups, tmp_path):
     checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     checkpoint["config"]["init_scale"] = 0.0
     torch.save(checkpoint, tmp_path / "run" / "ckpt.pt")
-    run = subprocess.run([sys.executable, "bench.py", "--sections=decode", f"--decode_out_dir={tmp_path / 'run'}",
-                          "--compile_backend=eager", "--decode_r=[3]", "--draft_steps=2", "--lookahead=2",
-                          "--prompt_len=8", "--new_tokens=4", "--decode_repeats=1", "--num_threads=1",
-                          f"--out_dir={tmp_path}"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=300)
+    run = bench("--sections=decode", f"--decode_out_dir={tmp_path / 'run'}", "--compile_backend=eager", "--decode_r=[3]",
+                "--draft_steps=2", "--lookahead=2", "--prompt_len=8", "--new_tokens=4", "--decode_repeats=1",
+                "--num_threads=1", f"--out_dir={tmp_path}")
     assert run.returncode == 0, run.stderr[-3000:]
     with open(tmp_path / "bench.json") as f:
         result = json.load(f)

@@ -5,8 +5,10 @@ difficulty and r recomputed by hand, the example problems and one's own answered
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -177,6 +179,8 @@ def test_own_problem_and_the_picture(trained, tmp_path):
 
 
 def test_text_checkpoint_gets_val_loss_only(tmp_path):
+    """A checkpoint of text (no targets): eval.py reports val loss by r only, train.py's last evaluation's from the
+    zero state it trained with, and another from the noise start; a missing checkpoint is one line."""
     data = tmp_path / "data"
     data.mkdir()
     make_prefix_sum_data(data, np.random.default_rng(1), n_rows=40)
@@ -185,10 +189,18 @@ def test_text_checkpoint_gets_val_loss_only(tmp_path):
     meta = json.loads((data / "meta.json").read_text())
     del meta["row_len"]
     (data / "meta.json").write_text(json.dumps(meta))
-    out_dir = tmp_path / "out"
-    assert run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out_dir}", "--block_size=16",
-               "--eval_interval=4", "--max_iters=4", "--init_scale=0", "--eval_r=[1,2]").returncode == 0
-    proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,2]")
+    out_dir, noise_dir = tmp_path / "out", tmp_path / "out-noise"
+    # two at a time, one thread each: the missing checkpoint beside training, then the evaluation from the noise
+    # start (in a copy of the run: its own eval.json) beside the plain one
+    with ThreadPoolExecutor(1) as pool:
+        missing = pool.submit(run, "eval.py", f"--out_dir={tmp_path / 'nowhere'}")
+        assert run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out_dir}", "--block_size=16",
+                   "--eval_interval=4", "--max_iters=4", "--init_scale=0", "--eval_r=[1,2]").returncode == 0
+        missing = missing.result()
+        shutil.copytree(out_dir, noise_dir)
+        noise = pool.submit(run, "eval.py", f"--out_dir={noise_dir}", "--r=[1,2]", "--init_scale=1")
+        proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,2]")
+        noise = noise.result()
     assert proc.returncode == 0 and "exact-match" not in proc.stdout, proc.stderr
     val_loss = json.loads((out_dir / "eval.json").read_text())["val_loss"]
     assert set(val_loss) == {"1", "2"}
@@ -196,7 +208,6 @@ def test_text_checkpoint_gets_val_loss_only(tmp_path):
     logged = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     final = [rec["val_loss"] for rec in logged if rec.get("iter") == 4 and "val_loss" in rec][0]
     assert val_loss == pytest.approx({r: final[r] for r in ("1", "2")}, abs=1e-6)
-    assert run("eval.py", f"--out_dir={out_dir}", "--r=[1,2]", "--init_scale=1").returncode == 0
-    assert json.loads((out_dir / "eval.json").read_text())["val_loss"]["1"] != pytest.approx(final["1"], abs=1e-3)
-    missing = run("eval.py", f"--out_dir={tmp_path / 'nowhere'}")
+    assert noise.returncode == 0
+    assert json.loads((noise_dir / "eval.json").read_text())["val_loss"]["1"] != pytest.approx(final["1"], abs=1e-3)
     assert missing.returncode != 0 and missing.stderr.strip().startswith("error: no checkpoint at")

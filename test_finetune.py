@@ -10,6 +10,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -99,8 +100,16 @@ def test_chat_rows_carry_the_loss_on_the_answer_only(release, tmp_path):
 
 def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
     shutil.copytree(release / "chat", tmp_path / "chat")
-    proc = run(*finetune_args(release, tmp_path / "out", "--max_iters=30", "--eval_interval=30",
-                              f"--data_dir={tmp_path / 'chat'}"))
+
+    def rows_too_long():  # checked at the end
+        run("prepare_data.py", "chat", f"--input={release / 'pairs.jsonl'}", "--row_len=100", "--val_fraction=0.1",
+            f"--tokenizer={release / 'model' / 'tokenizer.json'}", f"--out_dir={tmp_path / 'long'}")
+        return run(*finetune_args(release, tmp_path / "out-long", "--max_iters=1", f"--data_dir={tmp_path / 'long'}",
+                                  "--block_size=100"), check=False)
+    with ThreadPoolExecutor(1) as pool:  # beside the training run: one thread each
+        too_long = pool.submit(rows_too_long)
+        proc = run(*finetune_args(release, tmp_path / "out", "--max_iters=30", "--eval_interval=30",
+                                  f"--data_dir={tmp_path / 'chat'}"))
     assert "memory plan per process: weights" in proc.stdout and "peak memory of this process" in proc.stdout
     logged = losses(tmp_path / "out")
     assert sum(logged[i] for i in range(25, 30)) < 0.85 * sum(logged[i] for i in range(5))
@@ -119,10 +128,7 @@ def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
                "--r=2", "--device=cpu", "--num_threads=1")
     assert "<|end_header|>" in proc.stdout
     # rows longer than the release's 64 positions: one line, before any training
-    run("prepare_data.py", "chat", f"--input={release / 'pairs.jsonl'}", "--row_len=100", "--val_fraction=0.1",
-        f"--tokenizer={release / 'model' / 'tokenizer.json'}", f"--out_dir={tmp_path / 'long'}")
-    proc = run(*finetune_args(release, tmp_path / "out-long", "--max_iters=1", f"--data_dir={tmp_path / 'long'}",
-                              "--block_size=100"), check=False)
+    proc = too_long.result()
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "do not fit the release" in proc.stderr
 
 
@@ -133,11 +139,13 @@ def test_a_full_finetune_outlives_its_base_folder(release, tmp_path):
     shutil.copytree(release / "model", tmp_path / "base")
     args = finetune_args(release, tmp_path / "out", "--max_iters=1")
     args[1] = f"--init_from={os.path.relpath(tmp_path / 'base', REPO)}"
-    run(*args)
-    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["base"] == str(tmp_path / "base")
     config = (tmp_path / "base" / "config.json").read_text()
-    args[3] = f"--out_dir={tmp_path / 'base'}"
-    into_base = run(*args, check=False)
+    into_base_args = [*args[:3], f"--out_dir={tmp_path / 'base'}", *args[4:]]
+    with ThreadPoolExecutor(1) as pool:  # beside the run into out: one thread each
+        into_base = pool.submit(run, *into_base_args, check=False)
+        run(*args)
+        into_base = into_base.result()
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["base"] == str(tmp_path / "base")
     assert into_base.returncode != 0 and into_base.stderr.count("\n") == 1 and "released layout" in into_base.stderr
     assert (tmp_path / "base" / "config.json").read_text() == config
     shutil.rmtree(tmp_path / "base")
@@ -152,11 +160,14 @@ def test_lora_trains_only_the_adapters_and_resumes_exactly(release, tmp_path):
     lora = ["--lora_rank=4", "--lora_modules=core,adapter", "--eval_interval=10", "--lr_decay_iters=20"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     argv = sys.argv
-    try:  # in this process, to look at the model afterwards
-        sys.argv = finetune_args(release, straight, *lora, "--max_iters=20")
-        trained = runpy.run_path(os.path.join(REPO, "train.py"), run_name="__main__")["raw_model"]
-    finally:
-        sys.argv = argv
+    with ThreadPoolExecutor(1) as pool:  # the split run's first half beside the straight run: one thread each
+        first_half = pool.submit(run, *finetune_args(release, split, *lora, "--max_iters=10"))
+        try:  # in this process, to look at the model afterwards
+            sys.argv = finetune_args(release, straight, *lora, "--max_iters=20")
+            trained = runpy.run_path(os.path.join(REPO, "train.py"), run_name="__main__")["raw_model"]
+        finally:
+            sys.argv = argv
+        first_half.result()
     base, trained = from_pretrained(str(release / "model")), trained.state_dict()
     for name, p in base.state_dict().items():  # every base weight bit for bit as released
         ours = name if name in trained else name.replace(".weight", ".base_layer.weight")  # peft's name for a base
@@ -164,7 +175,6 @@ def test_lora_trains_only_the_adapters_and_resumes_exactly(release, tmp_path):
     checkpoint = torch.load(straight / "ckpt.pt", weights_only=True)
     assert "model" not in checkpoint and set(checkpoint["lora_config"]) == {"rank", "alpha", "modules"}
     assert all(".lora_" in name for name in checkpoint["lora"])
-    run(*finetune_args(release, split, *lora, "--max_iters=10"))
     run(*finetune_args(release, split, *lora, "--max_iters=20", "--init_from=resume"))
     a, b = losses(straight), losses(split)
     assert [a[i] for i in range(20)] == [b[i] for i in range(20)]  # bit for bit
@@ -189,9 +199,11 @@ def test_lora_adapters_stay_float32_over_a_bf16_base(release):
 def test_fsdp_two_processes_match_one(release, tmp_path):
     common = ["--max_iters=4", "--eval_interval=4", "--gradient_accumulation_steps=2", "--eval_iters=2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run(*finetune_args(release, one, *common))
-    run(*finetune_args(release, two, *common, "--fsdp"),
-        launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    with ThreadPoolExecutor(1) as pool:  # the one-process run beside the two
+        alone = pool.submit(run, *finetune_args(release, one, *common))
+        run(*finetune_args(release, two, *common, "--fsdp"),
+            launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+        alone.result()
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == list(range(4))
     for i in range(4):
@@ -229,11 +241,13 @@ def test_finetune_exports_samples_and_exits(release, tmp_path, lora):
     # and it starts from the noise it trained with, as the checkpoint does (it started from 1, the release's)
     assert trained_init_scale(None, load_released(str(tmp_path / "exported"), "cpu", torch.float32)[1]) == 0.5
     # a fine-tune answers in the release's chat format (sample.py --chat), and latents.py looks inside it as text
-    proc = run("sample.py", f"--out_dir={out}", "--chat", "--start=what is 2+3?", "--max_new_tokens=4", "--r=2",
-               "--device=cpu", "--num_threads=1")
+    with ThreadPoolExecutor(1) as pool:  # side by side: one thread each
+        looked = pool.submit(run, "latents.py", f"--out_dir={out}", "--start=what is 2+3?", "--r=2", "--device=cpu",
+                             "--num_threads=1", f"--plot_dir={tmp_path / 'plots'}")
+        proc = run("sample.py", f"--out_dir={out}", "--chat", "--start=what is 2+3?", "--max_new_tokens=4", "--r=2",
+                   "--device=cpu", "--num_threads=1")
+        looked.result()
     assert "<|end_header|>" in proc.stdout  # the prompt went in as a user turn (this tokenizer decodes spaced)
-    run("latents.py", f"--out_dir={out}", "--start=what is 2+3?", "--r=2", "--device=cpu", "--num_threads=1",
-        f"--plot_dir={tmp_path / 'plots'}")
     if not lora:  # exits.py scores a fine-tune where it has targets: the answers, not the prompts and padding
         proc = run("exits.py", f"--out_dir={out}", "--r=4", "--fixed_r=[4]", "--rules={}", "--rounds=1",
                    "--max_rows=8", "--epochs=1", "--device=cpu", "--num_threads=1")

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,36 +78,68 @@ def run_harness(*args):
                           env=ENV, capture_output=True, text=True, timeout=600)
 
 
-@needs_lm_eval
-def test_local_tasks_by_r_gain_from_thinking(cups, tmp_path):
-    """prepare_data.py wrote two lm-eval tasks beside the data (the final arrangement of each val problem, asked
-    for by generation and by multiple choice); both are answered better at r_bar than at r = 1."""
-    output = tmp_path / "harness.json"
-    result = run_harness("--tasks=reasoning,reasoning_choice", f"--include_path={cups.data / 'harness'}",
-                         f"--out_dir={cups.out}", "--r=[1,4]", "--limit=200", f"--output={output}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = json.loads(output.read_text())
-    generation, choice = table["reasoning"], table["reasoning_choice"]
-    assert generation["4"]["exact_match"] > generation["1"]["exact_match"] + 0.2, table
-    assert choice["4"]["acc"] > choice["1"]["acc"] + 0.2, table
-    assert "reasoning_choice" in result.stdout and "r=4" in result.stdout
-
-
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [  # the two that get as far as lm-eval's task index (the slow ones) first
     (["--tasks=no_such_task"], "unknown task(s) no_such_task"),
+    (["--tasks=reasoning", "--exit_criterion=gate"], "needs a gate exits.py fit on this checkpoint"),
     (["--tasks=reasoning", "--r=[0]"], "--r must list whole numbers of steps >= 1"),
     (["--tasks="], "give the tasks to run with --tasks"),
     (["--tasks=reasoning", "--out_dir=/nonexistent/nowhere"], "no checkpoint at /nonexistent/nowhere/ckpt.pt"),
     (["--tasks=reasoning", "--dtype=bfloat16"], "--dtype is the released model's"),
     (["--tasks=reasoning_choice", "--exit_criterion=kl_divergence"], "--exit_criterion must be one of"),
     (["--tasks=reasoning", "--exit_threshold=0.1"], "--exit_threshold is the exit criterion's"),
-    (["--tasks=reasoning", "--exit_criterion=gate"], "needs a gate exits.py fit on this checkpoint"),
     (["--tasks=reasoning", "--output=ckpt.pt"], "--output=ckpt.pt: give the name of a .json file"),
     (["--tasks=reasoning", "--output=/tmp"], "--output=/tmp: give the name of a .json file"),
-])
+]
+
+
+def write_tag_tasks(cups, tasks):
+    """The tasks of test_tags_groups_and_filters_each_get_their_rows in the folder tasks: the two local tasks under
+    the tag cups_tasks, plain reasoning scored under two filters, and a group without an aggregate metric."""
+    tasks.mkdir()
+    plain = json.loads((cups.data / "harness" / "reasoning.yaml").read_text())
+    choice = json.loads((cups.data / "harness" / "reasoning_choice.yaml").read_text())
+    filtered = {**plain, "task": "reasoning_filters", "tag": "cups_tasks", "filter_list": [
+        {"name": "kept", "filter": [{"function": "take_first"}]},  # the answer as it is: plain reasoning's score
+        {"name": "letters", "filter": [{"function": "regex", "regex_pattern": "([a-z])"}, {"function": "take_first"}]}]}
+    for name, task in (("reasoning", plain), ("reasoning_choice", {**choice, "tag": "cups_tasks"}),
+                       ("reasoning_filters", filtered), ("cups_group", {"group": "cups_group", "task": ["reasoning"]})):
+        (tasks / f"{name}.yaml").write_text(json.dumps(task))
+
+
+@pytest.fixture(scope="module")
+def harness_runs(cups, tmp_path_factory):
+    """Every harness.py run of the tests below, started together and run two side by side (each is one thread, and
+    most of the bad input's time is lm-eval's imports and task index), the longest first: {name: future of its
+    CompletedProcess}. .tmp holds the JSON each run writes ({name}.json) and the tag test's tasks."""
+    tmp = tmp_path_factory.mktemp("harness")
+    write_tag_tasks(cups, tmp / "tasks")
+    local = [f"--include_path={cups.data / 'harness'}", f"--out_dir={cups.out}"]
+    runs = {"by_r": [*local, "--tasks=reasoning,reasoning_choice", "--r=[1,4]", "--limit=200"],
+            "tags": ["--tasks=cups_tasks,cups_group", f"--include_path={tmp / 'tasks'}", f"--out_dir={cups.out}",
+                     "--r=[4]", "--limit=40"]}
+    runs = {name: [*args, f"--output={tmp / (name + '.json')}"] for name, args in runs.items()}
+    runs.update({message: [*local, *args] for args, message in BAD_INPUT})  # args win
+    with ThreadPoolExecutor(2) as pool:
+        yield SimpleNamespace(tmp=tmp, futures={name: pool.submit(run_harness, *args) for name, args in runs.items()})
+
+
 @needs_lm_eval
-def test_bad_input_is_one_line(cups, args, message):
-    result = run_harness(f"--include_path={cups.data / 'harness'}", f"--out_dir={cups.out}", *args)  # args win
+def test_local_tasks_by_r_gain_from_thinking(harness_runs):
+    """prepare_data.py wrote two lm-eval tasks beside the data (the final arrangement of each val problem, asked
+    for by generation and by multiple choice); both are answered better at r_bar than at r = 1."""
+    result = harness_runs.futures["by_r"].result()
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((harness_runs.tmp / "by_r.json").read_text())
+    generation, choice = table["reasoning"], table["reasoning_choice"]
+    assert generation["4"]["exact_match"] > generation["1"]["exact_match"] + 0.2, table
+    assert choice["4"]["acc"] > choice["1"]["acc"] + 0.2, table
+    assert "reasoning_choice" in result.stdout and "r=4" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT)
+@needs_lm_eval
+def test_bad_input_is_one_line(harness_runs, args, message):
+    result = harness_runs.futures[message].result()  # harness.py with these args
     assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
     assert message in result.stderr
 
@@ -120,26 +154,14 @@ def test_without_lm_eval_one_line_says_how_to_install(tmp_path):
 
 
 @needs_lm_eval
-def test_tags_groups_and_filters_each_get_their_rows(cups, tmp_path):
+def test_tags_groups_and_filters_each_get_their_rows(harness_runs):
     """--tasks may name an lm-eval tag (its tasks are run and reported), a group without an aggregate metric (its task
     is reported, the group has no row), and a task scoring one metric under two filters (GSM8K's strict-match and
-    flexible-extract) reports both. The run kept only the last filter's figure under the metric's bare name, and a
-    tag or such a group crashed after the whole evaluation, with nothing written."""
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    plain = json.loads((cups.data / "harness" / "reasoning.yaml").read_text())
-    choice = json.loads((cups.data / "harness" / "reasoning_choice.yaml").read_text())
-    filtered = {**plain, "task": "reasoning_filters", "tag": "cups_tasks", "filter_list": [
-        {"name": "kept", "filter": [{"function": "take_first"}]},  # the answer as it is: plain reasoning's score
-        {"name": "letters", "filter": [{"function": "regex", "regex_pattern": "([a-z])"}, {"function": "take_first"}]}]}
-    for name, task in (("reasoning", plain), ("reasoning_choice", {**choice, "tag": "cups_tasks"}),
-                       ("reasoning_filters", filtered), ("cups_group", {"group": "cups_group", "task": ["reasoning"]})):
-        (tasks / f"{name}.yaml").write_text(json.dumps(task))
-    output = tmp_path / "harness.json"
-    result = run_harness("--tasks=cups_tasks,cups_group", f"--include_path={tasks}", f"--out_dir={cups.out}",
-                         "--r=[4]", "--limit=40", f"--output={output}")
+    flexible-extract) reports both (write_tag_tasks). The run kept only the last filter's figure under the metric's
+    bare name, and a tag or such a group crashed after the whole evaluation, with nothing written."""
+    result = harness_runs.futures["tags"].result()
     assert result.returncode == 0, result.stderr[-3000:]
-    table = {task: by_r["4"] for task, by_r in json.loads(output.read_text()).items()}
+    table = {task: by_r["4"] for task, by_r in json.loads((harness_runs.tmp / "tags.json").read_text()).items()}
     assert set(table) == {"reasoning", "reasoning_choice", "reasoning_filters"}, table
     assert table["reasoning_filters"]["exact_match,kept"] == table["reasoning"]["exact_match"] > 0.3, table
     assert table["reasoning_filters"]["exact_match,letters"] == 0, table  # the answers are digits
