@@ -327,8 +327,8 @@ def load_released(name_or_path, device, dtype, quantize=None):
         model = from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
     except (ImportError, OSError, ValueError, KeyError) as err:
         fail(str(err.args[0]) if err.args else repr(err))
-    with open(os.path.join(folder, "config.json")) as f:  # read whole by from_pretrained already
-        init_scale = json.load(f).get("init_scale", 1.0)  # an exported model's noise start (export.py)
+    with open(os.path.join(folder, "config.json")) as f:  # again: RecurrentConfig keeps no noise start
+        init_scale = json.load(f).get("init_scale", 1.0)  # an exported model's (export.py); the release names none
     return model, {"tokenizer": "huginn", "folder": folder, "init_scale": init_scale}
 
 
