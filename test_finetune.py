@@ -134,8 +134,8 @@ def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
 
 def test_a_full_finetune_outlives_its_base_folder(release, tmp_path):
     """The base named by a relative path is recorded by its absolute one (the checkpoint worked only from the folder
-    it was trained in); with the base gone, a full fine-tune (every weight in it) still exports; a run whose --out_dir
-    is a model in the released layout stops before writing its config.json over the model's."""
+    it was trained in); with the base gone, a full fine-tune (every weight in it) still exports and resumes; a run
+    whose --out_dir is a model in the released layout stops before writing its config.json over the model's."""
     shutil.copytree(release / "model", tmp_path / "base")
     args = finetune_args(release, tmp_path / "out", "--max_iters=1")
     args[1] = f"--init_from={os.path.relpath(tmp_path / 'base', REPO)}"
@@ -153,6 +153,9 @@ def test_a_full_finetune_outlives_its_base_folder(release, tmp_path):
     assert "config.json is gone" in proc.stderr
     exported, model = from_pretrained(str(tmp_path / "exported")), load_checkpoint(str(tmp_path / "out"))[0]
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), model.state_dict().values()))
+    # and it trains on: resuming needs no base either (it stopped, naming the folder it could not find)
+    run(*args, "--init_from=resume", "--max_iters=2")
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] == 2
 
 
 def test_lora_trains_only_the_adapters_and_resumes_exactly(release, tmp_path):

@@ -100,7 +100,7 @@ config = configure(globals())
 # every setting checked before any data is read or a model built
 whole(config, 1, "batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "eval_interval",
       "log_interval", "vocab_multiple", "max_iters")
-whole(config, 0, "warmup_iters", "lr_decay_iters", "cooldown_iters", "seed")
+whole(config, 0, "warmup_iters", "lr_decay_iters", "cooldown_iters", "seed", "lora_rank")
 number(config, "learning_rate", above=0)
 number(config, "min_lr", low=0, high=learning_rate)
 number(config, "weight_decay", low=0)
@@ -116,7 +116,6 @@ if finetune and not (init_from in ("huginn-0125", "tomg-group-umd/huginn-0125")
 if os.path.isdir(out_dir) and released_layout(out_dir):  # a run writes its own config.json there
     fail(f"--out_dir={out_dir} holds a model in the released layout (config.json and *.safetensors): choose another "
          "--out_dir")
-whole(config, 0, "lora_rank")
 number(config, "lora_alpha", above=0)
 try:
     lora_pattern(lora_modules)
@@ -261,10 +260,13 @@ if finetune:  # the release's weights and architecture; the objective's r_bar, k
     if meta["tokenizer"] != "huginn":
         fail(f"fine-tuning the release needs data in its tokenizer (prepare_data.py gsm8k or chat); "
              f"{data.data_dir} uses {meta['tokenizer']}")
-    # a LoRA run's frozen base is read straight into bf16 on a GPU (never a float32 copy there); else float32
-    frozen_bf16 = lora_rank and dtype == "bfloat16"
-    model, release = load_released(released, device, torch.bfloat16 if frozen_bf16 else torch.float32)
-    base, model = release["folder"], model.requires_grad_(True).train()
+    if checkpoint is not None and not lora_rank:  # a full fine-tune holds every weight: it resumes with its base gone
+        model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"])).to(device)  # its weights: below
+        model.rope, base = checkpoint["rope"], released  # the release's RoPE table, which it trained with
+    else:  # a LoRA run's frozen base is read straight into bf16 on a GPU (never a float32 copy there); else float32
+        model, release = load_released(released, device, torch.bfloat16 if lora_rank and dtype == "bfloat16"
+                                       else torch.float32)
+        model, base = model.requires_grad_(True).train(), release["folder"]
     if block_size > model.config.block_size or meta["vocab_size"] > model.config.vocab_size:
         fail(f"{data.data_dir}: rows of {block_size} tokens (ids below {meta['vocab_size']}) do not fit the release "
              f"({model.config.block_size} positions, {model.config.vocab_size} ids); prepare it with a smaller "
@@ -418,8 +420,7 @@ if master:
     print(f"eval: loss on {eval_iters * batch_size} fixed blocks; val at r = {eval_r}, train at r_bar")
     print("  iter | " + " ".join(f"{'val r=' + str(r):>9}" for r in eval_r) + " | train r_bar")
 
-start_iter = iter_num
-dt_avg = None
+start_iter, dt_avg = iter_num, None
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         losses = estimate_loss()
@@ -468,10 +469,9 @@ while True:
     step_loss = all_reduce_sum(loss_sum).item() / (accum * world_size)
     if not math.isfinite(step_loss):
         stop_diverged(f"loss {step_loss}", "before the update")
-    trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    grad_norm = grad_norm.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad],
+                                               grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: DTensor
     if not math.isfinite(grad_norm):  # a finite loss can still have an overflowing gradient
         stop_diverged(f"gradient norm {grad_norm}", "before the update")
     optimizer.step()
