@@ -224,13 +224,24 @@ def pretrained_folder(name_or_path):
                       "with config.json and *.safetensors") from None
 
 
+def read_json(path):
+    """A JSON file of a released folder; one cut short (a partial download) names itself."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as err:
+            raise ValueError(f"{path} does not read as JSON ({err}); download or export it again") from None
+
+
 def pretrained_config(folder):
     """RecurrentConfig from a released config.json; keys it lacks keep our (= the released) defaults."""
     path = os.path.join(folder, "config.json")
+    if os.path.isfile(os.path.join(folder, "ckpt.pt")):  # its config.json holds train.py's settings
+        raise FileNotFoundError(f"{folder} is a training run (ckpt.pt), not a model in the released layout: read it "
+                                "with --out_dir")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; a pretrained folder holds config.json and *.safetensors")
-    with open(path) as f:
-        released = json.load(f)
+    released = read_json(path)
     for key, value in REQUIRED.items():
         if released.get(key, value) != value:
             raise ValueError(f"{path}: {key}={released[key]!r} is not supported here (Huginn-0125 has {value!r})")
@@ -268,12 +279,15 @@ def stored_tensors(folder):
     """(name, tensor) of every tensor of a released checkpoint, shard by shard, one tensor at a time."""
     index = os.path.join(folder, "model.safetensors.index.json")  # present when the weights are sharded
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
     else:
         shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not shards:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
+    missing = [shard for shard in shards if not os.path.isfile(os.path.join(folder, shard))]
+    if missing:  # a download cut short
+        raise FileNotFoundError(f"{folder}: {missing[0]} is missing ({len(missing)} of the {len(shards)} shards its "
+                                "index names); download or export it again")
     for shard in shards:
         yield from read_safetensors(os.path.join(folder, shard))
 
@@ -327,8 +341,8 @@ def load_released(name_or_path, device, dtype, quantize=None):
         model = from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
     except (ImportError, OSError, ValueError, KeyError) as err:
         fail(str(err.args[0]) if err.args else repr(err))
-    with open(os.path.join(folder, "config.json")) as f:  # again: RecurrentConfig keeps no noise start
-        init_scale = json.load(f).get("init_scale", 1.0)  # an exported model's (export.py); the release names none
+    # config.json again: RecurrentConfig keeps no noise start. An exported model's (export.py); the release names none
+    init_scale = read_json(os.path.join(folder, "config.json")).get("init_scale", 1.0)
     return model, {"tokenizer": "huginn", "folder": folder, "init_scale": init_scale}
 
 

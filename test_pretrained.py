@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from checkpoints import from_pretrained, pretrained_config, pretrained_folder, released_name
+from checkpoints import from_pretrained, load_released, pretrained_config, pretrained_folder, released_name
 from model import PRESETS, RecurrentConfig, RecurrentGPT
 
 torch.set_num_threads(1)
@@ -206,6 +206,30 @@ def test_bad_folder_and_unsupported_config(tmp_path, monkeypatch):
         json.dump({**tiny(), "injection_type": "add"}, f)
     with pytest.raises(ValueError, match="injection_type='add' is not supported"):
         pretrained_config(str(tmp_path / "add"))
+
+
+def test_a_partial_download_or_a_run_folder_is_named_in_one_line(tmp_path):
+    """What the scripts' loader (load_released) says of a shard missing, an index or a config.json cut short, and a
+    run folder of train.py given where a released one goes: one line naming the file and what to do (a missing
+    shard said "error: 2", a cut JSON file named no file, a run folder's settings were read as a model's config)."""
+    def error_of(folder):
+        with pytest.raises(SystemExit) as stopped:
+            load_released(str(folder), "cpu", torch.float32)
+        assert str(stopped.value).startswith("error: ") and "\n" not in str(stopped.value)
+        return str(stopped.value)
+    write_checkpoint(tmp_path / "shard", tiny(), reference_tensors(tiny()), shards=2)
+    os.remove(tmp_path / "shard" / "model-00002-of-00002.safetensors")
+    assert "model-00002-of-00002.safetensors is missing (1 of the 2 shards" in error_of(tmp_path / "shard")
+    for cut in ("model.safetensors.index.json", "config.json"):
+        write_checkpoint(tmp_path / cut, tiny(), reference_tensors(tiny()), shards=2)
+        text = (tmp_path / cut / cut).read_text()
+        (tmp_path / cut / cut).write_text(text[:len(text) // 2])
+        assert f"{tmp_path / cut / cut} does not read as JSON" in error_of(tmp_path / cut)
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"n_embd": 32, "n_head": 4, "out_dir": "run"}))
+    assert "is a training run (ckpt.pt), not a model in the released layout: read it with --out_dir" in \
+        error_of(tmp_path / "run")
 
 
 def test_huginn_0125_has_3_564_976_800_parameters(tmp_path):
