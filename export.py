@@ -36,9 +36,11 @@ if not to:
     fail("give the folder to write with --to=FOLDER")
 if dtype not in ("", "float32", "bfloat16"):
     fail(f"--dtype must be float32 or bfloat16 (or empty: as trained), got {dtype!r}")
-if os.path.isfile(os.path.join(to, "config.json")):
-    fail(f"{to} already holds a model (config.json); choose another --to")
+if os.path.isdir(to) and any(name == "config.json" or ".safetensors" in name for name in os.listdir(to)):
+    # config.json is written last: shards without it are an export cut short, which readers would take for a model
+    fail(f"{to} already holds a model's files (config.json or *.safetensors); choose another --to, or empty it")
 try:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 except ImportError:
     fail("writing safetensors needs: pip install safetensors")
@@ -76,7 +78,10 @@ for name, t in tensors.items():
 files = ["model.safetensors"] if len(shards) == 1 else \
     [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 for file, shard in zip(files, shards):
-    save_file(shard, os.path.join(to, file), metadata={"format": "pt"})
+    try:
+        save_file(shard, os.path.join(to, file), metadata={"format": "pt"})
+    except (SafetensorError, OSError) as err:  # a full disk: no config.json is written, so no reader takes it
+        fail(f"could not write {os.path.join(to, file)} ({err}); free some space, empty {to} and export again")
 if len(shards) > 1:
     with open(os.path.join(to, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},

@@ -404,11 +404,25 @@ def test_bench_memory_probe_cannot_multiply(tmp_path, monkeypatch):
     assert str(code).startswith("error: --memory_r must list") and children == []
 
 
-def test_a_char_model_exports_without_a_tokenizer_and_says_so(files, tmp_path, capsys):
+def test_a_char_model_exports_without_a_tokenizer_and_says_so(files, tmp_path, capsys, monkeypatch):
     """export.py writes the weights of a model trained here on characters, and says that no tokenizer.json comes with
-    them (the released layout holds the release's tokenizer only); reading the folder back says why it cannot."""
+    them (the released layout holds the release's tokenizer only); reading the folder back says why it cannot. It
+    never writes over an export cut short, and a failed write stops in one line."""
     pytest.importorskip("safetensors", reason="needs safetensors (pip install safetensors)")
     assert run_script("export.py", f"--out_dir={files / 'text'}", f"--to={tmp_path / 'exported'}") is None
     assert "warning: no tokenizer.json: this model reads char tokens" in capsys.readouterr().err
     code = run_script("sample.py", f"--init_from={tmp_path / 'exported'}", "--device=cpu")
     assert code.startswith("error: no tokenizer.json in") and "needs the release's tokenizer" in code
+    # an export cut short before its config.json (written last) leaves shards a second export would mix with its own
+    os.remove(tmp_path / "exported" / "config.json")
+    code = run_script("export.py", f"--out_dir={files / 'text'}", f"--to={tmp_path / 'exported'}")
+    assert code.startswith(f"error: {tmp_path / 'exported'} already holds a model's files") and "\n" not in code
+    # a write that fails (a full disk): one line, and no config.json that would make the folder look whole
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    code = run_script("export.py", f"--out_dir={files / 'text'}", f"--to={tmp_path / 'full'}")
+    assert code.startswith(f"error: could not write {tmp_path / 'full' / 'model.safetensors'} (Error while") \
+        and "\n" not in code and not (tmp_path / "full" / "config.json").exists()
