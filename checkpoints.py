@@ -205,8 +205,9 @@ def released_layout(folder):
         name.endswith(".safetensors") for name in os.listdir(folder))
 
 
-def pretrained_folder(name_or_path):
-    """A local folder in the released layout; `huginn-0125` is downloaded once (then cached) from the hub."""
+def pretrained_folder(name_or_path, weights=True):
+    """A local folder in the released layout; `huginn-0125` is downloaded once (then cached) from the hub, its
+    weights only if asked for (without them: config.json and the tokenizer's files, a few MB)."""
     if os.path.isdir(name_or_path):  # by its absolute path: a fine-tune records it, to be found from anywhere
         return os.path.abspath(name_or_path)
     if name_or_path not in ("huginn-0125", "tomg-group-umd/huginn-0125"):
@@ -216,8 +217,9 @@ def pretrained_folder(name_or_path):
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ImportError("downloading huginn-0125 needs: pip install huggingface_hub") from None
+    patterns = ["*.json", "*.safetensors"] if weights else ["*.json"]
     try:  # config.json, tokenizer.json, the safetensors shards and their index: ~16 GB (float32)
-        return snapshot_download("tomg-group-umd/huginn-0125", allow_patterns=["*.json", "*.safetensors"])
+        return snapshot_download("tomg-group-umd/huginn-0125", allow_patterns=patterns)
     except OSError as err:  # offline, or the hub unreachable: the hub's message spans lines; its first says why
         why = (str(err).strip() or repr(err)).splitlines()[0]
         raise OSError(f"could not download huginn-0125 ({why}); check the connection, or give a local copy: a folder "
@@ -334,16 +336,28 @@ def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, quantize=No
     return model.requires_grad_(False).eval()
 
 
+RELEASE_ERRORS = (ImportError, OSError, ValueError, KeyError)  # what reading a release raises, with its reason
+
+
 def load_released(name_or_path, device, dtype, quantize=None):
     """For the scripts: from_pretrained with its errors in one line; the model, and a meta naming its tokenizer."""
     try:  # needs the extras: pip install huggingface_hub (to download) tokenizers (to read the tokenizer)
         folder = pretrained_folder(name_or_path)
         model = from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
-    except (ImportError, OSError, ValueError, KeyError) as err:
+    except RELEASE_ERRORS as err:
         fail(str(err.args[0]) if err.args else repr(err))
     # config.json again: RecurrentConfig keeps no noise start. An exported model's (export.py); the release names none
     init_scale = read_json(os.path.join(folder, "config.json")).get("init_scale", 1.0)
     return model, {"tokenizer": "huginn", "folder": folder, "init_scale": init_scale}
+
+
+def released_config(name_or_path):
+    """For the scripts: a release's RecurrentConfig from its config.json alone, before its weights are read or
+    downloaded (what must fit it is checked first), with its errors in one line."""
+    try:
+        return pretrained_config(pretrained_folder(name_or_path, weights=False))
+    except RELEASE_ERRORS as err:
+        fail(str(err.args[0]) if err.args else repr(err))
 
 
 def model_rope(folder, config, stored, device):

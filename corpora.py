@@ -308,9 +308,9 @@ def released_tokenizer(c):
         fail("the released tokenizer needs: pip install tokenizers")
     path = c.tokenizer
     if not path.endswith(".json"):
-        from checkpoints import pretrained_folder  # huginn-0125: downloaded once (then cached) from the hub
-        try:
-            path = os.path.join(pretrained_folder(c.tokenizer), "tokenizer.json")
+        from checkpoints import pretrained_folder  # huginn-0125: its small files downloaded once (then cached)
+        try:  # the tokenizer only, not the ~16 GB of weights
+            path = os.path.join(pretrained_folder(c.tokenizer, weights=False), "tokenizer.json")
         except (ImportError, OSError) as err:
             fail(f"--tokenizer={c.tokenizer}: {err}")
     if not os.path.isfile(path):

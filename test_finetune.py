@@ -101,11 +101,14 @@ def test_chat_rows_carry_the_loss_on_the_answer_only(release, tmp_path):
 def test_full_finetuning_lowers_the_answer_loss(release, tmp_path):
     shutil.copytree(release / "chat", tmp_path / "chat")
 
-    def rows_too_long():  # checked at the end
+    def rows_too_long():  # checked at the end, against a base whose weights do not even read: before they are read
         run("prepare_data.py", "chat", f"--input={release / 'pairs.jsonl'}", "--row_len=100", "--val_fraction=0.1",
             f"--tokenizer={release / 'model' / 'tokenizer.json'}", f"--out_dir={tmp_path / 'long'}")
+        os.makedirs(tmp_path / "unread")
+        shutil.copy(release / "model" / "config.json", tmp_path / "unread")
+        (tmp_path / "unread" / "model.safetensors").write_bytes(b"never read")
         return run(*finetune_args(release, tmp_path / "out-long", "--max_iters=1", f"--data_dir={tmp_path / 'long'}",
-                                  "--block_size=100"), check=False)
+                                  "--block_size=100", f"--init_from={tmp_path / 'unread'}"), check=False)
     with ThreadPoolExecutor(1) as pool:  # beside the training run: one thread each
         too_long = pool.submit(rows_too_long)
         proc = run(*finetune_args(release, tmp_path / "out", "--max_iters=30", "--eval_interval=30",

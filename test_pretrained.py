@@ -201,6 +201,15 @@ def test_bad_folder_and_unsupported_config(tmp_path, monkeypatch):
         pretrained_folder("huginn-0125")
     assert "\n" not in str(offline.value) and "(Got: ConnectError: Name or service not known)" in str(offline.value)
     assert "give a local copy: a folder with config.json" in str(offline.value)
+    # online: the weights (~16 GB) only when asked for; the tokenizer (prepare_data.py) and config.json come without
+    asked = []
+    hub = types.SimpleNamespace(snapshot_download=lambda repo, allow_patterns: asked.append(allow_patterns) or "snap")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    assert pretrained_folder("huginn-0125") == pretrained_folder("huginn-0125", weights=False) == "snap"
+    from corpora import released_tokenizer
+    with pytest.raises(SystemExit, match="no tokenizer.json at snap"):  # the stand-in hub's folder holds nothing
+        released_tokenizer(types.SimpleNamespace(tokenizer="huginn-0125"))
+    assert asked == [["*.json", "*.safetensors"], ["*.json"], ["*.json"]]
     os.makedirs(tmp_path / "add")
     with open(tmp_path / "add" / "config.json", "w") as f:
         json.dump({**tiny(), "injection_type": "add"}, f)

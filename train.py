@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import load_released, lock_run_folder, read_checkpoint, released_layout, save_checkpoint
+from checkpoints import (load_released, lock_run_folder, read_checkpoint, released_config, released_layout,
+                         save_checkpoint)
 from common import format_seconds, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
 from configurator import configure, fail, number, one_of, steps, whole
 from dataloader import TokenData, vocabulary_differs
@@ -117,10 +118,6 @@ if os.path.isdir(out_dir) and released_layout(out_dir):  # a run writes its own 
     fail(f"--out_dir={out_dir} holds a model in the released layout (config.json and *.safetensors): choose another "
          "--out_dir")
 number(config, "lora_alpha", above=0)
-try:
-    lora_pattern(lora_modules)
-except ValueError as err:
-    fail(str(err))
 if lora_rank and init_from == "scratch":
     fail("--lora_rank trains adapters on a trained model: add --init_from=huginn-0125 (or its folder)")
 if fsdp and "RANK" not in os.environ:
@@ -128,8 +125,9 @@ if fsdp and "RANK" not in os.environ:
 one_of(config, "lr_schedule", ("cosine", "wsd", "constant"))
 steps(config, "eval_r")
 MODEL_KEYS = [k for k in asdict(RecurrentConfig()) if k != "vocab_size"]
-try:  # the model's own checks (RecurrentConfig.__post_init__): widths, heads, layers, r_bar, k
+try:  # the model's own checks (RecurrentConfig.__post_init__: widths, heads, layers, r_bar, k), and LoRA's modules
     RecurrentConfig(**{k: config[k] for k in MODEL_KEYS})
+    lora_pattern(lora_modules)
 except (TypeError, ValueError) as err:
     fail(str(err))
 device = pick_device(device)
@@ -260,17 +258,19 @@ if finetune:  # the release's weights and architecture; the objective's r_bar, k
     if meta["tokenizer"] != "huginn":
         fail(f"fine-tuning the release needs data in its tokenizer (prepare_data.py gsm8k or chat); "
              f"{data.data_dir} uses {meta['tokenizer']}")
-    if checkpoint is not None and not lora_rank:  # a full fine-tune holds every weight: it resumes with its base gone
-        model = RecurrentGPT(RecurrentConfig(**checkpoint["model_config"])).to(device)  # its weights: below
+    full_resume = checkpoint is not None and not lora_rank  # a full fine-tune holds every weight: its base may be gone
+    # the release's shape from its config.json alone: checked before its weights are read (or downloaded: ~16 GB)
+    shape = RecurrentConfig(**checkpoint["model_config"]) if full_resume else released_config(released)
+    if block_size > shape.block_size or meta["vocab_size"] > shape.vocab_size:
+        fail(f"{data.data_dir}: rows of {block_size} tokens (ids below {meta['vocab_size']}) do not fit the release "
+             f"({shape.block_size} positions, {shape.vocab_size} ids); prepare it in its tokenizer, --row_len smaller")
+    if full_resume:
+        model = RecurrentGPT(shape).to(device)  # its weights: below
         model.rope, base = checkpoint["rope"], released  # the release's RoPE table, which it trained with
     else:  # a LoRA run's frozen base is read straight into bf16 on a GPU (never a float32 copy there); else float32
         model, release = load_released(released, device, torch.bfloat16 if lora_rank and dtype == "bfloat16"
                                        else torch.float32)
         model, base = model.requires_grad_(True).train(), release["folder"]
-    if block_size > model.config.block_size or meta["vocab_size"] > model.config.vocab_size:
-        fail(f"{data.data_dir}: rows of {block_size} tokens (ids below {meta['vocab_size']}) do not fit the release "
-             f"({model.config.block_size} positions, {model.config.vocab_size} ids); prepare it with a smaller "
-             "--row_len, in the release's tokenizer")
     for k in ("mean_recurrence", "backprop_depth", "sigma"):
         setattr(model.config, k, globals()[k])
     # the saved settings say what ran: the release's architecture (block_size stays the rows' length)
