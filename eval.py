@@ -3,7 +3,7 @@ The test-time scaling experiment: how a trained checkpoint does at every test-ti
 
     python eval.py --out_dir=out-reasoning                              # accuracy by difficulty and r, a picture
     python eval.py --out_dir=out-shakespeare-char --r="[1,2,4,8,16,32,64]"
-    python eval.py --out_dir=out-reasoning --problem 0123 --r="[1,4,32]"  # your own problem, answered at each r
+    python eval.py --out_dir=out-reasoning --problem 0123 --r="[1,4,32]"  # only your own problem, at each r
 
 1. Val loss at every r, on the same fixed validation blocks and noise starts as train.py's evals (run on the device
    it trained on: a CUDA generator draws other numbers than a CPU one from the same seed).
@@ -18,6 +18,7 @@ The test-time scaling experiment: how a trained checkpoint does at every test-ti
 import copy
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -79,6 +80,23 @@ def logits_at(x, num_steps, key, of=None):
     return (of or model)(x.to(device), num_steps=num_steps, init_scale=init_scale, generator=noise(*key))[0].cpu()
 
 
+def answer_at_each_r(examples):
+    """(difficulty, problem, answer) triples, each answered at every r: the argmax after each of its characters,
+    "\n" leading as in training."""
+    for d, text, answer in examples:
+        ids = torch.tensor([encode("\n" + text)[-block_size:]])  # they fit: val problems, or --problem (checked)
+        print(f"{text}" + (f"  (difficulty {d}, answer {answer})" if answer else ""))
+        for num_steps in r:
+            predicted = decode(logits_at(ids, num_steps, (-4,))[0].argmax(-1).tolist())[-len(answer or text):]
+            verdict = ("right" if predicted == answer else "wrong") if answer else ""
+            print(f"  r={num_steps:<3} {predicted.replace(chr(10), '|')}  {verdict}")
+
+
+if problem:  # your own problem, and nothing more: the val tables and the files that hold them stay as they are
+    answer_at_each_r([(None, problem, "")])
+    sys.exit()
+
+
 # -----------------------------------------------------------------------------------------------------------
 # 1. val loss by r, on train.py's fixed validation blocks
 
@@ -105,7 +123,8 @@ for num_steps in r:
     noise_agreement[num_steps] = noise_agree / max(positions, 1)
 print("  " + " ".join(f"{'r=' + str(n):>8}" for n in r))
 print("  " + " ".join(f"{val_loss[n]:8.4f}" for n in r))
-result = {"iter": checkpoint["iter_num"], "r": r, "r_bar": r_bar, "val_loss": {str(n): val_loss[n] for n in r}}
+result = {"iter": checkpoint["iter_num"], "r": r, "r_bar": r_bar, "init_scale": init_scale, "data_dir": data.data_dir,
+          "val_loss": {str(n): val_loss[n] for n in r}}
 if quantize:
     print(f"  {quantize}: top-1 agreement with float32 on the targets of those blocks")
     print("  " + " ".join(f"{agreement[n]:8.4f}" for n in r))
@@ -145,16 +164,8 @@ if reasoning:
     for d, accuracy in result["accuracy"].items():
         print(f"{d:>10} {result['problems'][d]:>8} " + " ".join(f"{accuracy[str(n)]:6.3f}" for n in r))
 
-    # the example problems (and --problem), answered at each r; "\n" leads every problem, as in training
-    examples = [(None, problem, "")] if problem else meta.get("examples", [])
-    print()
-    for d, text, answer in examples:
-        ids = torch.tensor([encode("\n" + text)[-block_size:]])  # examples fit: they are val problems
-        print(f"{text}" + (f"  (difficulty {d}, answer {answer})" if answer else ""))
-        for num_steps in r:
-            predicted = decode(logits_at(ids, num_steps, (-4,))[0].argmax(-1).tolist())[-len(answer or text):]
-            verdict = ("right" if predicted == answer else "wrong") if answer else ""
-            print(f"  r={num_steps:<3} {predicted.replace(chr(10), '|')}  {verdict}")
+    print()  # the example problems prepare_data.py saved
+    answer_at_each_r(meta.get("examples", []))
 
     plt = pyplot("no picture: pip install matplotlib to draw accuracy.png") if plot else None
     if plt:

@@ -153,11 +153,15 @@ def test_int8_yardstick(cups):
 
 
 def test_own_problem_and_the_picture(trained, tmp_path):
-    """--problem answers a problem of one's own at each r; the picture is drawn when matplotlib is installed, and
-    without it eval.py says how to get it and still finishes."""
+    """--problem answers a problem of one's own at each r, and only that (it ran the whole evaluation and wrote its
+    table and picture over the last ones); the picture is drawn when matplotlib is installed, and without it eval.py
+    says how to get it and still finishes."""
     data, out_dir = trained
+    for name in ("accuracy.json", "accuracy.png"):
+        (out_dir / name).unlink(missing_ok=True)
     proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,3]", "--problem", "98", "--init_scale=0")
     assert proc.returncode == 0, proc.stderr
+    assert "val loss" not in proc.stdout and not (out_dir / "accuracy.json").exists()
     lines = proc.stdout.splitlines()
     at = lines.index("98")
     model, checkpoint = load_checkpoint(str(out_dir))
@@ -167,7 +171,10 @@ def test_own_problem_and_the_picture(trained, tmp_path):
             logits = model(torch.tensor([encode("\n98")]), num_steps=num_steps, init_scale=0)[0]
         assert lines[at + 1 + i].split() == [f"r={num_steps}", decode(logits[0, 1:].argmax(-1).tolist())]
     pytest.importorskip("matplotlib", reason="the picture needs matplotlib (pip install matplotlib)")
+    proc = run("eval.py", f"--out_dir={out_dir}", "--r=[1,3]", "--init_scale=0")
     assert (out_dir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads((out_dir / "accuracy.json").read_text())  # what it was measured with, recorded
+    assert result["init_scale"] == 0 and result["data_dir"] == str(data) and result["r"] == [1, 3]
     # without matplotlib (a stand-in package that fails to import): a one-line hint, and the figures all the same
     fake = tmp_path / "no-matplotlib" / "matplotlib"
     fake.mkdir(parents=True)
