@@ -9,8 +9,9 @@ lm-eval zero-shot accuracy at fixed r, and this prints the same table, for our c
         --out_dir=out-reasoning --r="[1,8,32]"                  # local tasks prepare_data.py wrote (no download)
 
 The model is loaded once and the harness run once per r. The table (tasks x r, each task's main metric) is printed
-and written as JSON {task: {r: {metric: value}}} to out_dir/harness.json (or --output). NanoHuginn, the model
-class, is registered with lm-eval as "nanohuginn" for use from Python (lm_eval.simple_evaluate).
+and written as JSON {"settings": ..., "table": {task: {r: {metric: value}}}} to out_dir/harness.json (beside it:
+harness_int8.json with int8 weights, harness_limit100.json for --limit=100; or --output). NanoHuginn, the model class,
+is registered with lm-eval as "nanohuginn" for use from Python (lm_eval.simple_evaluate).
 """
 
 import json
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import get_tokenizer, load_checkpoint, load_released, trained_init_scale
-from common import chat_text, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
+from common import chat_text, keyed_generator, pick_device, pick_dtype, read_text, set_threads, writable_dir
 from configurator import configure, decoding_fits, decoding_settings, fail, number, one_of, steps, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
 from kernels import quantize_int8
@@ -188,12 +189,22 @@ def check_settings(config):
         fail("give the tasks to run with --tasks, e.g. --tasks=arc_easy,hellaswag (lm-eval's names)")
     if config["include_path"] and not os.path.isdir(config["include_path"]):
         fail(f"--include_path={config['include_path']} is not a folder of task YAMLs")
+    for name in sorted(os.listdir(config["include_path"])) if config["include_path"] else []:
+        path = os.path.join(config["include_path"], name)
+        text = read_text(path, "--include_path") if name.endswith(".yaml") and os.path.isfile(path) else ""
+        task = json.loads(text) if text.startswith("{") else {}  # prepare_data.py's tasks (JSON is YAML) name
+        for data in task.get("dataset_kwargs", {}).get("data_files", {}).values():  # their data by absolute path
+            if not os.path.isfile(data):
+                fail(f"{path} reads {data}, which is not there (its data folder moved?); run prepare_data.py again")
     checkpoint = os.path.join(config["out_dir"], "ckpt.pt")
     if config["init_from"] == "resume" and not os.path.isfile(checkpoint):  # before lm-eval indexes its tasks
         fail(f"no checkpoint at {checkpoint}; train one first (python train.py ...) or point --out_dir at one")
     if config["init_from"] == "resume" and config["dtype"]:
         fail("--dtype is the released model's (its weights in that dtype); a checkpoint runs in float32: drop it")
-    path = config["output"] or os.path.join(config["out_dir"], "harness.json")
+    # a table of int8 weights, or of --limit examples, beside the full float one, not over it
+    suffix = (f"_{config['quantize']}" if config["quantize"] else "") + (f"_limit{config['limit']}" if config["limit"]
+                                                                          else "")
+    path = config["output"] or os.path.join(config["out_dir"], f"harness{suffix}.json")
     if not path.endswith(".json") or os.path.isdir(path):  # never over a checkpoint, nor a folder after the run
         fail(f"--output={path}: give the name of a .json file for the table by r")
     writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
@@ -270,6 +281,9 @@ if __name__ == "__main__":
     lm = NanoHuginn(out_dir, init_from, None, exit_criterion, exit_threshold, cache_budget, batch_size, device,
                     dtype, quantize, init_scale, seed)
     decoding_fits(lm.model, config)
+    if (apply_chat_template or system_instruction) and lm.tokenizer_kind != "huginn":  # its strings would be text
+        fail(f"--apply_chat_template and --system_instruction are the release's chat format; {out_dir} reads "
+             f"{lm.tokenizer_kind} tokens, which have no chat tokens: drop them")
     rs = r or [lm.model.config.mean_recurrence]
     table = table_by_r(lm, names, task_manager, rs, config)
     rows = [(task, metric) for task in table for metric in shown_metrics(table[task][str(rs[0])])]
@@ -278,6 +292,6 @@ if __name__ == "__main__":
     print(f"{'task':<24} {'metric':<{width}} " + " ".join(f"{'r=' + str(n):>8}" for n in rs))
     for task, metric in rows:
         print(f"{task:<24} {metric:<{width}} " + " ".join(f"{table[task][str(n)][metric]:8.4f}" for n in rs))
-    with open(output_path, "w") as f:
-        json.dump(table, f, indent=1)
+    with open(output_path, "w") as f:  # the table, and what it was measured with
+        json.dump({"settings": config, "table": table}, f, indent=1)
     print(f"wrote {output_path}")

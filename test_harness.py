@@ -89,6 +89,7 @@ BAD_INPUT = [  # the two that get as far as lm-eval's task index (the slow ones)
     (["--tasks=reasoning", "--exit_threshold=0.1"], "--exit_threshold is the exit criterion's"),
     (["--tasks=reasoning", "--output=ckpt.pt"], "--output=ckpt.pt: give the name of a .json file"),
     (["--tasks=reasoning", "--output=/tmp"], "--output=/tmp: give the name of a .json file"),
+    (["--tasks=reasoning", "--apply_chat_template=True"], "are the release's chat format; "),  # a char model
 ]
 
 
@@ -110,17 +111,23 @@ def write_tag_tasks(cups, tasks):
 def harness_runs(cups, tmp_path_factory):
     """Every harness.py run of the tests below, started together and run two side by side (each is one thread, and
     most of the bad input's time is lm-eval's imports and task index), the longest first: {name: future of its
-    CompletedProcess}. .tmp holds the JSON each run writes ({name}.json) and the tag test's tasks."""
+    CompletedProcess}. .tmp holds the tables by_r writes, the tag test's tasks and a task whose data moved."""
     tmp = tmp_path_factory.mktemp("harness")
     write_tag_tasks(cups, tmp / "tasks")
     local = [f"--include_path={cups.data / 'harness'}", f"--out_dir={cups.out}"]
-    runs = {"by_r": [*local, "--tasks=reasoning,reasoning_choice", "--r=[1,4]", "--limit=200"],
+    runs = {"by_r": [*local, "--tasks=reasoning,reasoning_choice", "--r=[1,4]", "--limit=200",
+                     f"--output={tmp / 'by_r.json'}"],
             "tags": ["--tasks=cups_tasks,cups_group", f"--include_path={tmp / 'tasks'}", f"--out_dir={cups.out}",
-                     "--r=[4]", "--limit=40"]}
-    runs = {name: [*args, f"--output={tmp / (name + '.json')}"] for name, args in runs.items()}
+                     "--r=[4]", "--limit=40"]}  # into out_dir, beside a full table: harness_limit40.json
+    moved = json.loads((cups.data / "harness" / "reasoning.yaml").read_text())  # a data folder moved since
+    moved["dataset_kwargs"]["data_files"]["test"] = str(tmp / "gone" / "reasoning.jsonl")
+    (tmp / "moved").mkdir()
+    (tmp / "moved" / "reasoning.yaml").write_text(json.dumps(moved))
+    runs["moved"] = ["--tasks=reasoning", f"--include_path={tmp / 'moved'}", f"--out_dir={cups.out}"]
     runs.update({message: [*local, *args] for args, message in BAD_INPUT})  # args win
     with ThreadPoolExecutor(2) as pool:
-        yield SimpleNamespace(tmp=tmp, futures={name: pool.submit(run_harness, *args) for name, args in runs.items()})
+        yield SimpleNamespace(tmp=tmp, cups=cups,
+                              futures={name: pool.submit(run_harness, *args) for name, args in runs.items()})
 
 
 @needs_lm_eval
@@ -129,7 +136,9 @@ def test_local_tasks_by_r_gain_from_thinking(harness_runs):
     for by generation and by multiple choice); both are answered better at r_bar than at r = 1."""
     result = harness_runs.futures["by_r"].result()
     assert result.returncode == 0, result.stderr[-3000:]
-    table = json.loads((harness_runs.tmp / "by_r.json").read_text())
+    written = json.loads((harness_runs.tmp / "by_r.json").read_text())
+    assert written["settings"]["limit"] == 200 and written["settings"]["r"] == [1, 4]  # what it was measured with
+    table = written["table"]
     generation, choice = table["reasoning"], table["reasoning_choice"]
     assert generation["4"]["exact_match"] > generation["1"]["exact_match"] + 0.2, table
     assert choice["4"]["acc"] > choice["1"]["acc"] + 0.2, table
@@ -154,6 +163,15 @@ def test_without_lm_eval_one_line_says_how_to_install(tmp_path):
 
 
 @needs_lm_eval
+def test_task_data_moved_since_is_one_line_before_the_model_loads(harness_runs):
+    """prepare_data.py's tasks name their data by its absolute path: a data folder moved since stopped with a
+    traceback from the datasets library, after the model and the task index had loaded."""
+    result = harness_runs.futures["moved"].result()
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "reasoning.jsonl, which is not there (its data folder moved?)" in result.stderr
+
+
+@needs_lm_eval
 def test_tags_groups_and_filters_each_get_their_rows(harness_runs):
     """--tasks may name an lm-eval tag (its tasks are run and reported), a group without an aggregate metric (its task
     is reported, the group has no row), and a task scoring one metric under two filters (GSM8K's strict-match and
@@ -161,7 +179,8 @@ def test_tags_groups_and_filters_each_get_their_rows(harness_runs):
     bare name, and a tag or such a group crashed after the whole evaluation, with nothing written."""
     result = harness_runs.futures["tags"].result()
     assert result.returncode == 0, result.stderr[-3000:]
-    table = {task: by_r["4"] for task, by_r in json.loads((harness_runs.tmp / "tags.json").read_text()).items()}
+    written = json.loads((harness_runs.cups.out / "harness_limit40.json").read_text())
+    table = {task: by_r["4"] for task, by_r in written["table"].items()}
     assert set(table) == {"reasoning", "reasoning_choice", "reasoning_filters"}, table
     assert table["reasoning_filters"]["exact_match,kept"] == table["reasoning"]["exact_match"] > 0.3, table
     assert table["reasoning_filters"]["exact_match,letters"] == 0, table  # the answers are digits
