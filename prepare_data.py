@@ -241,7 +241,7 @@ def prepare_reasoning():
     """Train on 1..train_max_difficulty moves; validate on each of those and on 1.5x, 2x, 3x, 4x as many."""
     rng = np.random.default_rng(seed)
     train = [cups_problem(int(d), rng) for d in rng.integers(1, train_max_difficulty + 1, size=num_train_problems)]
-    beyond = [train_max_difficulty * f // 2 for f in (3, 4, 6, 8)]
+    beyond = sorted({train_max_difficulty * f // 2 for f in (3, 4, 6, 8)} - set(range(1, train_max_difficulty + 1)))
     val = [cups_problem(d, rng) for d in list(range(1, train_max_difficulty + 1)) + beyond
            for _ in range(val_problems_per_difficulty)]
     rng.shuffle(val)  # mix the difficulties inside rows

@@ -96,6 +96,12 @@ def test_reasoning_labels_are_the_running_arrangement(tmp_path):
         assert chars[target] == str(arrangement) and d > 0
         checked += 1
     assert checked == 2 * sum([1, 2, 3, 4, 6, 8, 12, 16])
+    # one trained move: 1.5 x 1 rounds to 1, a trained difficulty, which was then validated twice as often
+    result = run("prepare_data.py", "reasoning", f"--out_dir={tmp_path / 'one'}", "--num_train_problems=50",
+                 "--val_problems_per_difficulty=2", "--train_max_difficulty=1")
+    assert result.returncode == 0, result.stderr
+    difficulty = read_split(tmp_path / "one", "val_difficulty.bin")
+    assert {d: int((difficulty == d).sum()) // d for d in set(difficulty.tolist()) - {0}} == {1: 2, 2: 2, 3: 2, 4: 2}
 
 
 def test_more_steps_help_after_a_short_training(cups):
