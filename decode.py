@@ -14,6 +14,7 @@ position and exit point. docs/decoding.md compares them with the reference's inf
 
 import math
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -105,8 +106,7 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Exit rules: when is a token done? (the paper's adaptive compute per token; zero-shot, the model never learned to
-# stop, but for the gate)
+# Exit rules: when is a token done? (adaptive compute per token; zero-shot but for the gate: it never learned to stop)
 
 
 CONFIDENT = 0.9  # confident-run: a prediction is confident at this top probability
@@ -221,7 +221,7 @@ class Gate(ExitRule):
     """A learned exit: a tiny MLP on Signals' features gives the probability that the step is settled (its prediction
     the one it keeps to r, its state near its last); stop once that is at least 1 - threshold. exits.py fits it where
     it is used, by cached decoding, and saves it beside the checkpoint (exit_gate.pt), where load_checkpoint finds
-    it."""
+    it. It runs in float32 under autocast too: in bfloat16, 1 - 0.003 is 0.996, which 0.994 passes."""
     needs_prediction = True
 
     def __init__(self, threshold, net, mean, std):
@@ -235,7 +235,8 @@ class Gate(ExitRule):
             self.net.to(state.device)
 
     def settled(self, features):
-        with torch.no_grad():
+        full = torch.amp.is_autocast_available(features.device.type)  # float32 (the class docstring says why)
+        with torch.no_grad(), torch.autocast(features.device.type, enabled=False) if full else nullcontext():
             return torch.sigmoid(self.net((features - self.mean.to(features)) / self.std.to(features)))[..., 0]
 
     def done(self, step, state, log_probs):
@@ -331,8 +332,7 @@ def speculative_round(model, logits, cache, noise, num_steps, draft_steps, looka
     token, drafts = logits.argmax(-1, keepdim=True), []  # (B, 1): certain, the full r chose it
     first = token
     for _ in range(lookahead):
-        draft_logits, _, _ = forward_cached(model, token, cache, draft_steps, noise)
-        token = draft_logits[:, -1:].argmax(-1)
+        token = forward_cached(model, token, cache, draft_steps, noise)[0][:, -1:].argmax(-1)
         drafts.append(token)
     drafts = torch.cat(drafts, dim=1)  # (B, lookahead)
     cache.rollback(start)  # the check writes these positions again, at the full r
@@ -374,7 +374,8 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     num_steps = model.config.mean_recurrence if num_steps is None else num_steps
     B, T = idx.shape
     lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths).cpu()
-    check_request(model.config, B, T, lengths, num_steps, exit_criterion, cache_budget, quantize, compile)
+    check_request(model.config, B, T, lengths, num_steps, max_new_tokens, exit_criterion, cache_budget, quantize,
+                  compile or hasattr(model, "compiled_lengths"))  # a model compiled by an earlier call stays so
     if draft_steps:
         check_speculation(model.config, T, lengths, num_steps, temperature, exit_criterion, warm_start, cache_budget,
                           lookahead)
@@ -387,8 +388,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
 
     with decoding_context(model):  # on a CPU, compiled steps freeze the weights in (kernels.py)
         # 2. the cache, the noise starts, and the prompts' pass
-        cfg = model.config
-        max_len = min(cfg.block_size, 64 * math.ceil((T + max_new_tokens + 1) / 64))  # few distinct shapes
+        max_len = min(model.config.block_size, 64 * math.ceil((T + max_new_tokens + 1) / 64))  # few distinct shapes
         cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)
         table = noise_table(model, max_len, init_scale, generator)  # s_0 by position, shared by the rows
         prefill = lambda context: prefill_cache(model, cache, context, idx.size(1) - context.size(1), num_steps, table)
@@ -466,10 +466,10 @@ def finish(idx, T, max_new_tokens, stop, steps, drafted, accepted, first_step_se
     return torch.cat([idx[:, :T], new], dim=1), stats
 
 
-def check_request(cfg, B, T, lengths, num_steps, exit_criterion, cache_budget, quantize, compile):
+def check_request(cfg, B, T, lengths, num_steps, max_new_tokens, exit_criterion, cache_budget, quantize, compiled):
     """generate's arguments that would otherwise fail deep inside it, each with its reason."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps (r) must be at least 1, got {num_steps}")
+    if num_steps < 1 or max_new_tokens < 0:
+        raise ValueError(f"num_steps (r) must be >= 1 and max_new_tokens >= 0, got {num_steps} and {max_new_tokens}")
     if exit_criterion not in EXIT_THRESHOLDS:
         raise ValueError(f"unknown exit_criterion {exit_criterion!r}; choose one of {list(EXIT_THRESHOLDS)}")
     if cache_budget is not None and (cache_budget < cfg.n_layers_core or cache_budget % cfg.n_layers_core):
@@ -479,8 +479,8 @@ def check_request(cfg, B, T, lengths, num_steps, exit_criterion, cache_budget, q
         raise ValueError(f"the prompt has {T} tokens; give 1 to block_size ({cfg.block_size}), cropping it")
     if lengths.shape != (B,) or not ((1 <= lengths) & (lengths <= T)).all():
         raise ValueError(f"lengths must give each of the {B} rows a length from 1 to {T}, got {lengths.tolist()}")
-    if quantize not in (None, "int8") or (quantize and compile):
-        raise ValueError(f"quantize is None or 'int8' (not with compile=True); got {quantize!r}")
+    if quantize not in (None, "int8") or (quantize and compiled):
+        raise ValueError(f"quantize is None or 'int8' (not with compile=True, nor after it); got {quantize!r}")
 
 
 def check_speculation(cfg, T, lengths, num_steps, temperature, exit_criterion, warm_start, cache_budget, lookahead):

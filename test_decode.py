@@ -195,6 +195,22 @@ def test_the_gate_follows_the_model_to_its_device():
     assert gate.settled(torch.zeros(3, 19, device="meta")).shape == (3,)
 
 
+def test_the_gate_keeps_its_threshold_under_bf16_autocast():
+    """A gate that always says 0.995 never passes 1 - 0.003; under bf16 autocast (sample.py on a GPU) it stopped
+    every token at its first step: its MLP ran in bf16, and 0.997 rounded to 0.996."""
+    from decode import gate_net
+    model, net = tiny_model(), gate_net(8).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net[2].bias.fill_(5.29)  # sigmoid(5.29) = 0.9950
+    model.exit_gate = {"net": net, "mean": torch.zeros(19), "std": torch.ones(19)}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, stats = generate(model, prompt(model), 4, num_steps=6, temperature=0, exit_criterion="gate")
+        assert stats["steps"].tolist() == [[6] * 4], autocast
+
+
 class StopAt(ExitRule):
     """Row b is done after steps[b] steps, whatever its state."""
 

@@ -129,6 +129,19 @@ def test_generate_quantizes_in_place(trained_model):
     assert out[0, 5:].tolist() == (PATTERN * 2)[5:17]  # the int8 model still continues the pattern
     with pytest.raises(ValueError, match="quantize"):
         generate(model, torch.tensor([PATTERN[:5]]), 1, quantize="int4")
+    with pytest.raises(ValueError, match="max_new_tokens >= 0"):  # it failed deep inside (or returned the prompt)
+        generate(model, torch.tensor([PATTERN[:5]]), -1)
+
+
+def test_a_model_compiled_for_decoding_is_not_quantized_after():
+    """generate(quantize="int8") on a model an earlier generate(compile=True) prepared: refused. Its packed weights
+    (a model too big to freeze) were silently left float; frozen ones were quantized under the compiled step, which
+    then failed with a traceback."""
+    model = tiny_model()
+    compile_for_decoding(model, freeze=False)  # packed for oneDNN, as the released size is
+    with pytest.raises(ValueError, match="nor after it"):
+        generate(model, torch.tensor([PATTERN[:5]]), 2, quantize="int8")
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
 
 
 def test_int8_off_the_cpu_keeps_the_int8_weights():
