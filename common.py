@@ -1,10 +1,12 @@
 """
-What every script does the same way, once: the device and dtype, CPU threads, keyed random generators, reading
-text files (prompts, problems), checking an output folder and the time format, with one-line errors
+What every script does the same way, once: the device and dtype, CPU threads, a GPU's peak, keyed random generators,
+reading text files (prompts, problems), checking an output folder and the time format, with one-line errors
 (configurator.fail). torch is imported where it is needed: prepare_data.py uses this file without it.
 """
 
+import json
 import os
+import re
 import tempfile
 
 from configurator import fail
@@ -52,6 +54,17 @@ def set_threads(num_threads):
     return torch.get_num_threads()
 
 
+# dense bf16 tensor-core peaks from the vendors' datasheets, matched as whole words of the device name
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_bf16_flops(device_name):
+    """A GPU's dense bf16 peak by its name (torch.cuda.get_device_name), the first listed name it holds as whole
+    words (an L40 is not an L4); None for a device not listed (MFU is then n/a)."""
+    return next((p for name, p in PEAK_BF16_FLOPS.items() if re.search(rf"\b{name}\b", device_name)), None)
+
+
 def keyed_generator(seed, *key, device="cpu"):
     """A generator seeded from (seed, *key): a random draw keyed by what it is for (an iteration, a micro-step, a
     batch) is the same in every process and on every resume. (The hash of a tuple of ints is the same in every
@@ -93,6 +106,18 @@ def writable_dir(path, what="--out_dir"):
     except OSError as err:
         fail(f"{what}={path} is not writable ({err.strerror}); choose another {what}")
     return path
+
+
+def restart_log(path, iter_num):
+    """A run's log.jsonl as it starts at iteration iter_num: a new run's (0) empty; a resumed run's holds what was
+    logged before its checkpoint's iteration and nothing after (a run cut short logged past its last save, and the
+    resumed run runs those iterations again), so it reads as one run that never stopped."""
+    kept = []
+    if iter_num and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["iter"] < iter_num]
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def format_seconds(seconds):

@@ -54,8 +54,8 @@ class RecurrentConfig:
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError(f"n_embd ({self.n_embd}) must be n_head ({self.n_head}) times an even head size "
                              "(RoPE rotates pairs)")
-        if not (self.sigma >= 0 and self.rope_base > 0 and self.norm_eps > 0):
-            raise ValueError("sigma must be >= 0, rope_base and norm_eps > 0")
+        if not (0 <= self.sigma < math.inf and 0 < self.rope_base < math.inf and 0 < self.norm_eps < math.inf):
+            raise ValueError("sigma must be >= 0, rope_base and norm_eps > 0, all finite")
 
 
 # A tiny model for tests, a ~96M model for one GPU, and the released 3.5B model (the defaults above).
@@ -353,7 +353,8 @@ class RecurrentGPT(nn.Module):
         cfg = self.config
         r = cfg.mean_recurrence if num_steps is None else num_steps
         T, h = cfg.block_size if seq_len is None else seq_len, cfg.n_embd
-        weights, attention = 2 * (4 * h * h + 3 * h * cfg.intermediate_size), 4 * T * h  # per block: Wqkv+proj, fc+proj; QK^T, AV
+        # per block: Wqkv + proj and fc + proj (weights); QK^T and AV (attention)
+        weights, attention = 2 * (4 * h * h + 3 * h * cfg.intermediate_size), 4 * T * h
         once = (cfg.n_layers_prelude + cfg.n_layers_coda) * (weights + attention) + 2 * h * cfg.vocab_size
         step = cfg.n_layers_core * (weights + attention) + 2 * (2 * h * h)  # core blocks + adapter
         forward = once + r * step

@@ -137,6 +137,10 @@ CASES = [
     ("train.py", ["--eval_r=[0]"], "--eval_r must list whole numbers of steps >= 1"),
     ("train.py", ["--eval_r=[1.5]"], "--eval_r must list whole numbers of steps >= 1"),
     ("train.py", ["--lr_schedule=linear"], "--lr_schedule must be one of 'cosine', 'wsd', 'constant'"),
+    # schedules that never run at learning_rate (the default cooldown of 1,000 in a 100-iteration wsd run)
+    ("train.py", ["--lr_schedule=wsd", "--max_iters=100"], "wsd's --cooldown_iters at most max_iters - warmup_iters (95)"),
+    ("train.py", ["--warmup_iters=6", "--lr_decay_iters=3"], "cosine's --lr_decay_iters above --warmup_iters (6) or 0"),
+    ("train.py", ["--sigma=1e999"], "sigma must be >= 0, rope_base and norm_eps > 0, all finite"),
     ("train.py", ["--init_from=gpt2"], "--init_from is scratch, resume, huginn-0125 or a folder"),
     ("train.py", ["--init_from={tmp}/text"], "--init_from is scratch, resume, huginn-0125 or a folder"),  # a run folder
     ("train.py", ["--gradient_accumulation_steps=0"], "--gradient_accumulation_steps must be a whole number >= 1"),

@@ -71,6 +71,9 @@ def test_resume_is_exact(data_dir, tmp_path):
     a, b = train_losses(straight), train_losses(split)
     assert sorted(a) == sorted(b) == list(range(20))
     assert [a[i] for i in range(20)] == [b[i] for i in range(20)]  # bit for bit, not approximately
+    # and one log, as if it had never stopped (the evaluation at iteration 10 was logged twice)
+    kinds = lambda out: [(r["iter"], "loss" in r) for r in records(out)]
+    assert kinds(split) == kinds(straight)
     assert len({r["r"] for r in records(straight) if "r" in r}) > 1  # r really varied
     final = [r["val_loss"] for r in records(straight) + records(split) if r.get("iter") == 20 and "val_loss" in r]
     assert len(final) == 2 and final[0] == final[1]

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -30,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (load_released, lock_run_folder, read_checkpoint, released_config, released_layout,
                          save_checkpoint)
-from common import format_seconds, keyed_generator, pick_device, pick_dtype, set_threads, writable_dir
+from common import (format_seconds, keyed_generator, peak_bf16_flops, pick_device, pick_dtype, restart_log,
+                    set_threads, writable_dir)
 from configurator import configure, fail, number, one_of, steps, whole
 from dataloader import TokenData, vocabulary_differs
 from finetune import add_lora, describe, load_lora_state, lora_pattern, lora_state, memory_plan, peak_memory, shard
@@ -123,6 +123,10 @@ if lora_rank and init_from == "scratch":
 if fsdp and "RANK" not in os.environ:
     fail("--fsdp shards the model over processes: start with torchrun --nproc_per_node=N train.py ... --fsdp")
 one_of(config, "lr_schedule", ("cosine", "wsd", "constant"))
+if (lr_schedule == "wsd" and cooldown_iters > max_iters - warmup_iters or  # else no iteration at learning_rate
+        lr_schedule == "cosine" and 0 < lr_decay_iters <= warmup_iters):
+    fail(f"the schedule does not fit: wsd's --cooldown_iters at most max_iters - warmup_iters "
+         f"({max_iters - warmup_iters}), cosine's --lr_decay_iters above --warmup_iters ({warmup_iters}) or 0")
 steps(config, "eval_r")
 MODEL_KEYS = [k for k in asdict(RecurrentConfig()) if k != "vocab_size"]
 try:  # the model's own checks (RecurrentConfig.__post_init__: widths, heads, layers, r_bar, k), and LoRA's modules
@@ -388,12 +392,8 @@ def log(record):
             f.write(json.dumps(record) + "\n")
 
 
-# dense bf16 tensor-core peaks from the vendors' datasheets, matched as whole words of the device name
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device_type
-peak_flops = next((p for name, p in PEAK_BF16_FLOPS.items() if re.search(rf"\b{name}\b", device_name)
-                   and dtype == "bfloat16"), None)
+peak_flops = peak_bf16_flops(device_name) if dtype == "bfloat16" else None  # MFU: of a GPU's bf16 peak
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -411,8 +411,7 @@ if master:
         what = f"LoRA rank {lora_rank} on {lora_modules}" if lora_rank else "every weight"
         print(f"fine-tuning {base}: {what}, {trained:.2f}M parameters train")
     print(f"memory plan per process: {describe(plan)}")
-    if init_from != "resume":
-        open(os.path.join(out_dir, "log.jsonl" + replacing), "w").close()  # a new run starts a new log
+    restart_log(os.path.join(out_dir, "log.jsonl" + replacing), iter_num)  # a new run's empty, a resumed run's cut
     with open(os.path.join(out_dir, "config.json" + replacing), "w") as f:
         json.dump(config, f, indent=1)
     if replacing:
