@@ -194,9 +194,9 @@ replacing = ".new" if init_from != "resume" and os.path.exists(ckpt_path) else "
 if master:
     writable_dir(out_dir)
     lock = lock_run_folder(out_dir)  # held until this process ends
-    if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
-        fail(f"{ckpt_path} holds a trained model; continue it with --init_from=resume, choose another --out_dir, or "
-             "replace it with --overwrite")
+if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:  # every process stops, not the first alone
+    fail(f"{ckpt_path} holds a trained model; continue it with --init_from=resume, choose another --out_dir, or "
+         "replace it with --overwrite")
 if init_from == "resume":
     checkpoint = read_checkpoint(ckpt_path, device, flag="--out_dir")
     if "optimizer" not in checkpoint:
