@@ -48,7 +48,7 @@ class TokenData:
         vocabulary, targets, and block_size against the data (block_size_flag: the setting that fixes it; None
         when it comes from a checkpoint)."""
         self.data_dir, self.block_size = data_dir, block_size
-        hint = self.prepare_hint(dataset)
+        hint = self.prepare_hint(dataset, data_dir)
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.isfile(meta_path):
             fail(f"no meta.json in {data_dir}; {hint}")
@@ -106,11 +106,13 @@ class TokenData:
             self.first_block[split] = np.cumsum([0] + blocks)  # shard i holds blocks first_block[i] ..
 
     @staticmethod
-    def prepare_hint(dataset):
-        """What to run when a dataset's files are missing or broken."""
+    def prepare_hint(dataset, data_dir):
+        """What to run when a dataset's files are missing or broken (into data_dir, where it is not data/<dataset>)."""
         from prepare_data import DATASETS  # its settings and dispatch run only as a script
+        default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
         if dataset in DATASETS:
-            return f"run: python prepare_data.py {dataset}"
+            return f"run: python prepare_data.py {dataset}" + \
+                ("" if os.path.abspath(data_dir) == default else f" --out_dir={data_dir}")
         return f"make it with prepare_data.py (--dataset names a folder under data/ it made: {', '.join(DATASETS)})"
 
     def check_file(self, name, split, hint):

@@ -150,7 +150,8 @@ CASES = [
     ("train.py", ["--dtype=float16"], "--dtype must be one of bfloat16, float32"),
     ("train.py", ["--num_threads=-2"], "--num_threads must be >= 0"),
     # train.py: data
-    ("train.py", ["--data_dir={tmp}/missing"], "no meta.json"),
+    ("train.py", ["--data_dir={tmp}/missing"], "no meta.json in {tmp}/missing; run: python prepare_data.py "
+                                               "fineweb_edu --out_dir={tmp}/missing"),  # there, not in data/
     ("train.py", ["--data_dir=", "--dataset=nonexistent"], "--dataset names a folder under data/"),
     ("train.py", ["--data_dir={tmp}/char-odd"], "cut short (an odd number of bytes)"),
     ("train.py", ["--data_dir={tmp}/char-empty-val"], "val.bin is empty"),
