@@ -1,6 +1,7 @@
 """exits.py and decode.py's exit rules: one rule object decides alike in decoding and in the offline study, and a
 gate fit by cached decoding decodes as it scored. On conftest.cups, a three-cups checkpoint. CPU only."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import load_checkpoint
+from conftest import play_text
 from decode import KL, ConfidentRun, Gate, KVCache, LatentDiff, forward_cached, generate
+from model import RecurrentGPT, config_from_preset
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,3 +88,25 @@ def test_generate_uses_the_gate_beside_the_checkpoint(gated):
         assert not hasattr(load_checkpoint(str(out))[0], "exit_gate")
     finally:
         torch.save(checkpoint, out / "ckpt.pt")
+
+
+def test_a_small_val_split_is_not_fit_and_scored_on_the_same_rows(tmp_path):
+    """Text data: exits.py reads train.py's evaluation blocks, each once. A val split with fewer blocks than
+    eval_iters x batch_size gave repeated blocks side by side, so the gate was scored on the rows it was fit on."""
+    (tmp_path / "play.txt").write_text(play_text(5_000))
+    subprocess.run([sys.executable, "prepare_data.py", "shakespeare_char", f"--input={tmp_path / 'play.txt'}",
+                    f"--out_dir={tmp_path / 'data'}"], cwd=REPO, env=ENV, check=True, capture_output=True)
+    val = tmp_path / "data" / "val.bin"
+    val.write_bytes(val.read_bytes()[:2 * 40])  # 40 tokens: 8 blocks of 32
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    model = RecurrentGPT(config_from_preset("tiny", vocab_size=meta["vocab_size"], block_size=32))
+    (tmp_path / "out").mkdir()
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "meta": meta,
+                "config": {"dataset": "shakespeare_char", "data_dir": str(tmp_path / "data"), "block_size": 32,
+                           "batch_size": 8, "eval_iters": 2, "seed": 0},  # 16 evaluation blocks asked for
+                "iter_num": 1, "best_val_loss": 1.0, "optimizer": {}}, tmp_path / "out" / "ckpt.pt")
+    result = subprocess.run([sys.executable, "exits.py", f"--out_dir={tmp_path / 'out'}", "--r=2", "--rounds=1",
+                             "--fixed_r=[2]", "--rules={}", "--epochs=1", "--num_threads=1"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the gate fit on 4, scored on 4" in result.stdout, result.stdout  # 8 and 8 of 8 distinct blocks
