@@ -262,6 +262,8 @@ class RecurrentGPT(nn.Module):
         # s_0 of shape (B, T, h): fresh noise for every position, std sqrt(2/(5h)) cut at 3 std, times sqrt(h) like
         # the embedding, so std sqrt(2/5) * init_scale (0: the zero state). Training from noise teaches the core to
         # reach the same answer from any start (path independence). On the model's device, in dtype (default: its own)
+        if not 0 <= init_scale < math.inf:  # a negative or nan one would be the zero state, silently
+            raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale}")
         std = math.sqrt(2 / (5 * self.config.n_embd)) * init_scale
         state = torch.zeros(shape, dtype=dtype or self.ln_f.weight.dtype, device=self.rope.device)
         if std > 0:
@@ -311,8 +313,8 @@ class RecurrentGPT(nn.Module):
             cfg = self.config
             num_steps = sample_num_steps(cfg.mean_recurrence, cfg.sigma, generator) if self.training \
                 else cfg.mean_recurrence
-        if num_steps < 1:
-            raise ValueError(f"num_steps (r) must be at least 1, got {num_steps}")
+        if num_steps != int(num_steps) or num_steps < 1:
+            raise ValueError(f"num_steps (r) must be a whole number >= 1, got {num_steps}")
         rope = self.rope[:T]
         e = self.embed(idx, rope)  # (B, T, h)
         if state is None:

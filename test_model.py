@@ -159,8 +159,14 @@ def test_eval_default_r_is_mean_recurrence():
     with torch.no_grad():
         model(batch(model))
     assert len(calls) == model.config.mean_recurrence
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="whole number >= 1"):
         model(batch(model), num_steps=0)
+    # a fractional r ran the prelude, then failed in range(); a negative or nan noise scale ran from the zero state
+    with pytest.raises(ValueError, match="whole number >= 1, got 2.5"):
+        model(batch(model), num_steps=2.5)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="init_scale must be a finite number >= 0"):
+            model(batch(model), num_steps=1, init_scale=bad)
 
 
 def test_truncated_backprop_matches_detached_reference():
