@@ -346,23 +346,28 @@ class RecurrentGPT(nn.Module):
             setattr(self, name, torch.compile(getattr(self, name), **compile_kwargs))
         return self
 
-    def estimate_flops_per_token(self, num_steps=None, seq_len=None, training=True, frozen=False):
+    def estimate_flops_per_token(self, num_steps=None, seq_len=None, training=True, frozen=False, prelude_trains=True):
         # 2 FLOPs per weight per token in every matmul, plus attention (QK^T and AV, 4*T*h per layer, unmasked
-        # as in PaLM appendix B). The core and adapter run r times forward; backward runs over the graph:
-        # everything but the core once, the core min(r, k) times. A backward product is 2x its forward (the
-        # input's gradient and the weight's); frozen=True (LoRA: the weights do not train) leaves the weight's
-        # out, so 1x, except in attention, which has no weights (the adapters' rank-sized products are left out)
+        # as in PaLM appendix B). The core and adapter run r times forward; backward runs over the graph: the
+        # coda once, the core min(r, k) times, the prelude once where something in it trains (LoRA on the core and
+        # adapter only: nothing before e needs a gradient). A backward product is 2x its forward (the input's
+        # gradient and the weight's); frozen=True (LoRA: the weights do not train) leaves the weight's out, so 1x,
+        # except in attention, which has no weights (the adapters' rank-sized products are left out)
         cfg = self.config
         r = cfg.mean_recurrence if num_steps is None else num_steps
         T, h = cfg.block_size if seq_len is None else seq_len, cfg.n_embd
         # per block: Wqkv + proj and fc + proj (weights); QK^T and AV (attention)
         weights, attention = 2 * (4 * h * h + 3 * h * cfg.intermediate_size), 4 * T * h
-        once = (cfg.n_layers_prelude + cfg.n_layers_coda) * (weights + attention) + 2 * h * cfg.vocab_size
+        prelude, coda = cfg.n_layers_prelude * (weights + attention), cfg.n_layers_coda * (weights + attention)
+        coda += 2 * h * cfg.vocab_size  # and the lm_head
         step = cfg.n_layers_core * (weights + attention) + 2 * (2 * h * h)  # core blocks + adapter
-        forward = once + r * step
+        forward = prelude + coda + r * step
         if not training:
             return forward
-        graph = once + min(r, cfg.backprop_depth) * step  # what the backward runs over ...
-        graph_attention = (cfg.n_layers_prelude + cfg.n_layers_coda + min(r, cfg.backprop_depth)
-                           * cfg.n_layers_core) * attention  # ... of it, attention
-        return forward + (graph + graph_attention if frozen else 2 * graph)
+        layers = cfg.n_layers_coda + min(r, cfg.backprop_depth) * cfg.n_layers_core  # what the backward runs over
+        graph = coda + min(r, cfg.backprop_depth) * step
+        if prelude_trains:
+            graph, layers = graph + prelude, layers + cfg.n_layers_prelude
+        else:  # nor the first step's adapter: neither of its inputs (s, from a step without graph; e) needs one
+            graph -= 2 * (2 * h * h)
+        return forward + (graph + layers * attention if frozen else 2 * graph)

@@ -297,6 +297,15 @@ def test_flops_estimate_matches_counted_matmuls(r):
         loss.backward()
     assert frozen.get_total_flops() in (model.estimate_flops_per_token(r, seq_len=0, frozen=True) * tokens,
                                         model.estimate_flops_per_token(r, seq_len=32, frozen=True) * tokens)
+    # and nothing before e trains (LoRA on the core and adapter only): the backward never reaches the prelude
+    for name, p in model.named_parameters():
+        p.requires_grad_(p.dim() == 1 and not name.startswith("prelude"))
+    after_e = FlopCounterMode(display=False)
+    with after_e:
+        _, loss = model(idx, idx, num_steps=r)
+        loss.backward()
+    assert after_e.get_total_flops() in [model.estimate_flops_per_token(r, seq_len=T, frozen=True, prelude_trains=False)
+                                         * tokens for T in (0, 32)]
 
 
 # --- it learns ------------------------------------------------------------------------------------------------

@@ -483,7 +483,8 @@ while True:
 
     if iter_num % log_interval == 0 and master:
         n_grad = min(r, backprop_depth)
-        flops = raw_model.estimate_flops_per_token(r, block_size, frozen=bool(lora_rank)) * tokens_per_iter
+        flops = raw_model.estimate_flops_per_token(r, block_size, frozen=bool(lora_rank), prelude_trains=not lora_rank
+                                                   or "prelude" in lora_modules.split(",")) * tokens_per_iter
         mfu = f"{100 * flops / dt / (peak_flops * world_size):.1f}%" if peak_flops else "n/a"
         eta = format_seconds((max_iters - iter_num - 1) * (dt_avg or dt))
         print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, r {r} ({r - n_grad}+{n_grad}), "
