@@ -150,12 +150,13 @@ def decoding_settings(config, criteria):
         fail("--exit_threshold is the exit criterion's: add --exit_criterion (kl, latent-diff, confident-run or gate)")
 
 
-def decoding_fits(model, config):
-    """The loaded model has what the exits and cache budget ask: a gate fit on it, whole steps of cache entries."""
-    if config["exit_criterion"] == "gate" and not hasattr(model, "exit_gate"):
+def decoding_fits(model_config, has_gate, config):
+    """The model has what the exits and cache budget ask: a gate fit on it, whole steps of cache entries. Its config
+    is enough: a release's is read before its weights (checkpoints.released_config), which take minutes."""
+    if config["exit_criterion"] == "gate" and not has_gate:
         fit = f"python exits.py --out_dir={config['out_dir']}" if config.get("init_from", "resume") == "resume" else \
             "the release has none (fine-tune it, or use kl, latent-diff or confident-run)"
         fail(f"--exit_criterion gate needs a gate exits.py fit on this checkpoint: {fit}")
-    n_layers_core = model.config.n_layers_core
+    n_layers_core = model_config.n_layers_core
     if config["cache_budget"] is not None and config["cache_budget"] % n_layers_core:
         fail(f"--cache_budget must be a multiple of n_layers_core ({n_layers_core}), got {config['cache_budget']!r}")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from checkpoints import get_tokenizer, load_checkpoint, load_released, trained_init_scale
+from checkpoints import get_tokenizer, load_checkpoint, load_released, released_config, trained_init_scale
 from common import chat_text, pick_device, pick_dtype, read_prompt, read_text, set_threads
 from configurator import configure, decoding_fits, decoding_settings, fail, number, one_of, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
@@ -83,15 +83,27 @@ torch.manual_seed(seed)
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 
-# the model and its tokenizer
+# the model and its tokenizer; a release's config.json first, so that what it cannot run stops before its weights
+# are read (minutes) or downloaded
 if init_from == "resume":
     model, checkpoint = load_checkpoint(out_dir, device)
-    meta = checkpoint["meta"]
+    meta, shape, has_gate = checkpoint["meta"], model.config, hasattr(model, "exit_gate")
     if quantize:
         quantize_int8(model)
     if "examples" in meta:  # prepare_data.py reasoning / problems (a chat fine-tune's rows are text)
         fail(f"{out_dir} answers reasoning problems rather than continuing text: python eval.py --out_dir={out_dir}")
-else:  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not float32 + autocast
+else:
+    shape, has_gate = released_config(init_from), False
+decoding_fits(shape, has_gate, config)
+num_steps = shape.mean_recurrence if r is None else r
+if draft_steps >= num_steps:
+    fail(f"--draft_steps ({draft_steps}) must be below r ({num_steps}): the drafts are the cheap guesses r checks")
+if draft_steps and lookahead + 1 > shape.block_size // 2:
+    fail(f"--lookahead ({lookahead}) must be below half of block_size ({shape.block_size})")
+if draft_steps and cache_budget is not None and cache_budget // shape.n_layers_core < num_steps:
+    fail(f"--draft_steps (speculative decoding) needs every step's cache entries: drop --cache_budget or raise it to "
+         f"r x n_layers_core = {num_steps * shape.n_layers_core}")
+if init_from != "resume":  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
 if init_scale is None:  # the noise the model trained with
     init_scale = trained_init_scale(checkpoint if init_from == "resume" else None, meta)
@@ -99,7 +111,6 @@ if chat and meta["tokenizer"] != "huginn":
     fail(f"--chat is for the released model and its fine-tunes: add --init_from=huginn-0125 (or a folder in its "
          f"layout); {out_dir} uses {meta['tokenizer']}")
 encode, decode = get_tokenizer(meta)
-decoding_fits(model, config)
 
 # the prompts, as token ids
 stop_ids = []
@@ -117,14 +128,6 @@ if max(map(len, start_ids)) > model.config.block_size:
     start_ids = [ids[-model.config.block_size:] for ids in start_ids]
 x, lengths = pad_prompts(start_ids)  # (B, T) padded on the left, and each prompt's length
 x = x.to(device)
-num_steps = model.config.mean_recurrence if r is None else r
-if draft_steps >= num_steps:
-    fail(f"--draft_steps ({draft_steps}) must be below r ({num_steps}): the drafts are the cheap guesses r checks")
-if draft_steps and lookahead + 1 > model.config.block_size // 2:
-    fail(f"--lookahead ({lookahead}) must be below half of block_size ({model.config.block_size})")
-if draft_steps and cache_budget is not None and cache_budget // model.config.n_layers_core < num_steps:
-    fail(f"--draft_steps (speculative decoding) needs every step's cache entries: drop --cache_budget or raise it to "
-         f"r x n_layers_core = {num_steps * model.config.n_layers_core}")
 if draft_steps and len(set(lengths.tolist())) > 1:
     fail("--draft_steps (speculative decoding) takes prompts of one length; decode --prompts without it")
 print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {model.get_num_params() / 1e6:.2f}M parameters, "

@@ -17,6 +17,7 @@ import torch
 
 from conftest import play_text
 from model import RecurrentGPT, config_from_preset
+from test_pretrained import tiny as tiny_release
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -74,6 +75,9 @@ def files(tmp_path_factory):
     (tmp / "latin1.txt").write_bytes("To be, or not to be: caf\xe9".encode("latin-1"))
     (tmp / "bom-latin1.txt").write_bytes(b"\xef\xbb\xbf" + "To be, or not to be: caf\xe9".encode("latin-1"))
     (tmp / "a-file").write_text("not a folder")
+    (tmp / "unread-release").mkdir()  # a release whose weights never read: what it cannot run stops before them
+    (tmp / "unread-release" / "config.json").write_text(json.dumps(tiny_release()))
+    (tmp / "unread-release" / "model.safetensors").write_bytes(b"not read")
     (tmp / "blank.txt").write_text("\n  \n")
     (tmp / "problems-latin1.txt").write_bytes("3\t012\t012\n2\t\xe9\xe9\t01\n".encode("latin-1"))
     broken_data(tmp)
@@ -184,6 +188,12 @@ CASES = [
     ("sample.py", ["--exit_criterion=kl", "--exit_threshold=-1"], "--exit_threshold must be a number >= 0"),
     ("sample.py", ["--exit_criterion=confident-run", "--exit_threshold=0.5"], "--exit_threshold must be a whole"),
     ("sample.py", ["--exit_criterion=entropy"], "--exit_criterion must be one of"),
+    ("sample.py", ["--init_from={tmp}/unread-release", "--exit_criterion=gate"], "the release has none"),
+    ("sample.py", ["--init_from={tmp}/unread-release", "--cache_budget=3"], "multiple of n_layers_core (2), got 3"),
+    ("sample.py", ["--init_from={tmp}/unread-release", "--temperature=0", "--r=2", "--draft_steps=2"],
+     "--draft_steps (2) must be below r (2)"),
+    ("sample.py", ["--init_from={tmp}/unread-release", "--temperature=0", "--draft_steps=1", "--lookahead=40"],
+     "--lookahead (40) must be below half of block_size (64)"),
     ("sample.py", ["--exit_criterion=gate", "--exit_threshold=5"], "--exit_threshold must be a number >= 0 and < 1"),
     ("sample.py", ["--exit_threshold=0.1", "--out_dir={tmp}/text"], "--exit_threshold is the exit criterion's"),
     ("sample.py", ["--start=To be", "--prompts={tmp}/play.txt", "--out_dir={tmp}/text"],
