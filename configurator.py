@@ -58,7 +58,7 @@ def configure(namespace, argv=None):
     while args:
         arg = args.pop(0)
         if not arg.startswith("--"):
-            config.update(read_config_file(arg, config))
+            config.update(read_config_file(arg, defaults))
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in config:
@@ -75,8 +75,9 @@ def configure(namespace, argv=None):
     return config
 
 
-def read_config_file(path, config):
-    """The settings a config file (Python) sets, checked against the script's."""
+def read_config_file(path, defaults):
+    """The settings a config file (Python) sets, checked against the script's defaults (not against what an earlier
+    file or flag set: r = None after --r 8 is the default's type)."""
     if not os.path.isfile(path):
         fail(f"config file {path!r} not found (settings are given as --key=value)")
     if not path.endswith(".py"):
@@ -91,9 +92,9 @@ def read_config_file(path, config):
     for key, value in file_settings.items():
         if key.startswith("_") or type(value).__name__ == "module" or callable(value):  # `import math`, `def f`
             continue
-        if key not in config:
+        if key not in defaults:
             fail(f"unknown setting {key!r} in {path}")
-        settings[key] = check_type(key, value, config[key])
+        settings[key] = check_type(key, value, defaults[key])
     return settings
 
 

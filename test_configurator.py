@@ -30,6 +30,9 @@ def test_config_file_then_flags(tmp_path):
                     "def half(x):\n    return x / 2\nlearning_rate = half(sqrt(4))\n")
     config = configure(dict(DEFAULTS), [str(path)])
     assert (config["eval_r"], config["learning_rate"]) == ([16, 8], 1.0)
+    # a file checked against the defaults, not against what came before it: budget = None after --budget=4
+    path.write_text("budget = None\n")
+    assert configure(dict(DEFAULTS), ["--budget=4", str(path)])["budget"] is None
 
 
 @pytest.mark.parametrize("argv,message", [
