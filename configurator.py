@@ -103,11 +103,11 @@ def read_config_file(path, defaults):
 
 
 def whole(config, low, *keys):
-    """Each setting in keys is a whole number >= low."""
+    """Each setting in keys is a whole number >= low, and below 2^63 (it fits the 64 bits torch's seeds take)."""
     for key in keys:
         value = config[key]
-        if type(value) is not int or value < low:
-            fail(f"--{key} must be a whole number >= {low}, got {value!r}")
+        if type(value) is not int or not low <= value < 2**63:
+            fail(f"--{key} must be a whole number >= {low} (below 2^63), got {value!r}")
 
 
 def number(config, key, low=None, high=None, above=None, below=None):

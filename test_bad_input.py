@@ -188,6 +188,7 @@ CASES = [
     ("sample.py", ["--exit_criterion=kl", "--exit_threshold=-1"], "--exit_threshold must be a number >= 0"),
     ("sample.py", ["--exit_criterion=confident-run", "--exit_threshold=0.5"], "--exit_threshold must be a whole"),
     ("sample.py", ["--exit_criterion=entropy"], "--exit_criterion must be one of"),
+    ("sample.py", ["--seed=18446744073709551616"], "--seed must be a whole number >= 0 (below 2^63)"),  # a traceback
     ("sample.py", ["--init_from={tmp}/unread-release", "--exit_criterion=gate"], "the release has none"),
     ("sample.py", ["--init_from={tmp}/unread-release", "--cache_budget=3"], "multiple of n_layers_core (2), got 3"),
     ("sample.py", ["--init_from={tmp}/unread-release", "--temperature=0", "--r=2", "--draft_steps=2"],
