@@ -202,7 +202,7 @@ def write_problems(train, val, meta_extra):
         targets.tofile(os.path.join(out_dir, f"{name}_targets.bin"))
         if name == "val":
             np.array([d for _, _, d in cells], dtype=np.uint16).tofile(os.path.join(out_dir, "val_difficulty.bin"))
-    # one val problem of each of the five hardest difficulties: what sample.py answers when given no prompt
+    # one val problem of each of the five hardest difficulties: eval.py answers them at each r, latents.py looks inside
     examples = sorted({d: [d, p, a] for d, p, a in val}.values())[-5:]
     difficulties = sorted({d for d, _, _ in val})
     print(f"{len(train):,} train and {len(val):,} val problems, rows of {length}; val difficulties {difficulties}")
