@@ -21,7 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoints import get_tokenizer, load_checkpoint, load_released, released_config, trained_init_scale
+from checkpoints import (get_tokenizer, load_checkpoint, load_released, read_checkpoint, released_config,
+                         trained_init_scale)
 from common import chat_text, keyed_generator, pick_device, pick_dtype, read_text, set_threads, writable_dir
 from configurator import configure, decoding_fits, decoding_settings, fail, number, one_of, steps, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
@@ -201,6 +202,12 @@ def check_settings(config):
         fail(f"no checkpoint at {checkpoint}; train one first (python train.py ...) or point --out_dir at one")
     if config["init_from"] == "resume" and config["dtype"]:
         fail("--dtype is the released model's (its weights in that dtype); a checkpoint runs in float32: drop it")
+    chat, resume = config["apply_chat_template"] or config["system_instruction"], config["init_from"] == "resume"
+    # a checkpoint's tokenizer (memory-mapped: no weight is read), or the release's
+    tokenizer = read_checkpoint(checkpoint, mmap=True)["meta"]["tokenizer"] if chat and resume else "huginn"
+    if tokenizer != "huginn":  # the template's strings would be plain text in other tokens
+        fail(f"--apply_chat_template and --system_instruction are the release's chat format; {config['out_dir']} "
+             f"reads {tokenizer} tokens, which have no chat tokens: drop them")
     if config["init_from"] != "resume":  # the exits and cache budget against its config.json, before its weights
         decoding_fits(released_config(config["init_from"]), False, config)
     # a table of int8 weights, or of --limit examples, beside the full float one, not over it
@@ -283,9 +290,6 @@ if __name__ == "__main__":
     lm = NanoHuginn(out_dir, init_from, None, exit_criterion, exit_threshold, cache_budget, batch_size, device,
                     dtype, quantize, init_scale, seed)
     decoding_fits(lm.model.config, hasattr(lm.model, "exit_gate"), config)
-    if (apply_chat_template or system_instruction) and lm.tokenizer_kind != "huginn":  # its strings would be text
-        fail(f"--apply_chat_template and --system_instruction are the release's chat format; {out_dir} reads "
-             f"{lm.tokenizer_kind} tokens, which have no chat tokens: drop them")
     rs = r or [lm.model.config.mean_recurrence]
     table = table_by_r(lm, names, task_manager, rs, config)
     rows = [(task, metric) for task in table for metric in shown_metrics(table[task][str(rs[0])])]
