@@ -197,23 +197,23 @@ def check_settings(config):
         for data in task.get("dataset_kwargs", {}).get("data_files", {}).values():  # their data by absolute path
             if not os.path.isfile(data):
                 fail(f"{path} reads {data}, which is not there (its data folder moved?); run prepare_data.py again")
-    checkpoint = os.path.join(config["out_dir"], "ckpt.pt")
-    if config["init_from"] == "resume" and not os.path.isfile(checkpoint):  # before lm-eval indexes its tasks
+    checkpoint, resume = os.path.join(config["out_dir"], "ckpt.pt"), config["init_from"] == "resume"
+    if resume and not os.path.isfile(checkpoint):  # before lm-eval indexes its tasks
         fail(f"no checkpoint at {checkpoint}; train one first (python train.py ...) or point --out_dir at one")
-    if config["init_from"] == "resume" and config["dtype"]:
+    if resume and config["dtype"]:
         fail("--dtype is the released model's (its weights in that dtype); a checkpoint runs in float32: drop it")
-    chat, resume = config["apply_chat_template"] or config["system_instruction"], config["init_from"] == "resume"
+    chat = config["apply_chat_template"] or config["system_instruction"]
     # a checkpoint's tokenizer (memory-mapped: no weight is read), or the release's
     tokenizer = read_checkpoint(checkpoint, mmap=True)["meta"]["tokenizer"] if chat and resume else "huginn"
     if tokenizer != "huginn":  # the template's strings would be plain text in other tokens
         fail(f"--apply_chat_template and --system_instruction are the release's chat format; {config['out_dir']} "
              f"reads {tokenizer} tokens, which have no chat tokens: drop them")
-    if config["init_from"] != "resume":  # the exits and cache budget against its config.json, before its weights
+    if not resume:  # a release's exits and cache budget against its config.json, before its weights
         decoding_fits(released_config(config["init_from"]), False, config)
     # a table of int8 weights, or of --limit examples, beside the full float one, not over it
-    suffix = (f"_{config['quantize']}" if config["quantize"] else "") + (f"_limit{config['limit']}" if config["limit"]
-                                                                          else "")
-    path = config["output"] or os.path.join(config["out_dir"], f"harness{suffix}.json")
+    quantized = f"_{config['quantize']}" if config["quantize"] else ""
+    limited = f"_limit{config['limit']}" if config["limit"] else ""
+    path = config["output"] or os.path.join(config["out_dir"], f"harness{quantized}{limited}.json")
     if not path.endswith(".json") or os.path.isdir(path):  # never over a checkpoint, nor a folder after the run
         fail(f"--output={path}: give the name of a .json file for the table by r")
     writable_dir(os.path.dirname(os.path.abspath(path)), "--output")
@@ -289,7 +289,8 @@ if __name__ == "__main__":
     set_threads(num_threads)
     lm = NanoHuginn(out_dir, init_from, None, exit_criterion, exit_threshold, cache_budget, batch_size, device,
                     dtype, quantize, init_scale, seed)
-    decoding_fits(lm.model.config, hasattr(lm.model, "exit_gate"), config)
+    if init_from == "resume":  # (a release's was checked against its config.json before it loaded)
+        decoding_fits(lm.model.config, hasattr(lm.model, "exit_gate"), config)
     rs = r or [lm.model.config.mean_recurrence]
     table = table_by_r(lm, names, task_manager, rs, config)
     rows = [(task, metric) for task in table for metric in shown_metrics(table[task][str(rs[0])])]
