@@ -54,6 +54,15 @@ def int8_rows(weight):
 GRID = 2 / 127  # the step of fbgemm's 7-bit input grid on [-1, 1]: zero point 64, so -1 and 1 are -64 and 64 steps
 
 
+def on_grid(unit):
+    """unit (entries in [-1, 1]) rounded to that grid by the routine fbgemm's dynamic linear rounds with. An entry
+    exactly halfway between two steps (an int8 embedding's are: k / 127 is k / 2 steps) goes the way that routine's
+    float arithmetic sends it, which torch.round's did not always match; the second piece then missed by a step."""
+    with warnings.catch_warnings():  # see Int8Linear.__init__
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_tensor(unit, GRID, 64, torch.quint8).dequantize()
+
+
 class Int8Linear(nn.Module):
 
     def __init__(self, linear):
@@ -85,7 +94,7 @@ class Int8Linear(nn.Module):
         rows = rows.float()
         row_max = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (N, 1)
         unit = rows / row_max
-        rest = unit - torch.round(unit / GRID) * GRID  # what fbgemm's rounding leaves of each entry
+        rest = unit - on_grid(unit)  # what fbgemm's rounding leaves of each entry
         rest_max = rest.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
         y = torch.ops.quantized.linear_dynamic(torch.cat([unit, rest / rest_max, self.pin]), self.packed,
                                                reduce_range=True)  # (2N + 1, out)

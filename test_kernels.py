@@ -71,6 +71,21 @@ def test_int8_rows_do_not_depend_on_the_batch():
         assert ((y - exact).norm(dim=1) / exact.norm(dim=1)).max() < 5e-4
 
 
+def test_int8_inputs_halfway_between_steps():
+    """A row of an int8 embedding (k / 127 of its max) puts half its entries exactly halfway between two steps of
+    fbgemm's input grid; the second piece must start from fbgemm's own rounding of them (torch.round went the other
+    way on some, an error of 5e-3 of the product where the rest is ~1e-5)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64, bias=False)
+    layer = Int8Linear(linear)
+    int8, scale = kernels.int8_rows(linear.weight)
+    x = torch.randint(-127, 128, (32, 128)).float()
+    x[:, 0] = 127  # each row's max: its entries are k / 127 of it
+    x = x * 0.0123
+    exact = F.linear(x, int8.float() * scale[:, None])
+    assert ((layer(x) - exact).norm(dim=1) / exact.norm(dim=1)).max() < 2e-4
+
+
 def test_int8_is_close_to_float(trained_model):
     model = copy.deepcopy(trained_model)
     quantize_int8(model)
