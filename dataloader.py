@@ -20,14 +20,17 @@ from configurator import fail
 NO_LOSS = 65535  # the target id that means "no loss here"; it becomes -1, cross_entropy's ignore_index
 
 
-def checkpoint_data(checkpoint, data_dir=""):
-    """The data a checkpoint was trained on (train.py's settings, saved in it), or the one in data_dir; it must have
-    the checkpoint's vocabulary."""
+def data_folder(checkpoint, data_dir=""):
+    """Where the data a checkpoint was trained on is (train.py's settings, saved in it), or data_dir."""
     train_config = checkpoint["config"]
-    dataset = train_config.get("dataset", "<dataset>")
-    folder = data_dir or train_config.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                       "data", dataset)
-    data = TokenData(folder, train_config["block_size"], dataset)
+    return data_dir or train_config.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                    "data", train_config.get("dataset", "<dataset>"))
+
+
+def checkpoint_data(checkpoint, data_dir=""):
+    """The data a checkpoint was trained on, or the one in data_dir; it must have the checkpoint's vocabulary."""
+    train_config, folder = checkpoint["config"], data_folder(checkpoint, data_dir)
+    data = TokenData(folder, train_config["block_size"], train_config.get("dataset", "<dataset>"))
     key = vocabulary_differs(data.meta, checkpoint["meta"])
     if key:
         fail(f"the data in {folder} has another vocabulary than the checkpoint ({key} differs); give the data "

@@ -365,11 +365,11 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
     would alone until the batch's context is full (block_size), when all rows go on from its last block_size / 2
     positions. exit_criterion: a token stops early by that rule (EXIT_RULES; EXIT_THRESHOLDS or exit_threshold).
     cache_budget=N keeps N core entries (a multiple of n_layers_core). warm_start: a token's state starts at the last
-    one's final state (continuous_compute). compile: compile_for_decoding; quantize="int8": int8 weights, in place.
-    draft_steps > 0: greedy self-speculation (speculative_round). A row ends at its first stop id (padded with it
-    after). Returns (idx (B, T + new), stats): "steps" (B, new) the core steps of each new token (the first from the
-    prompt's pass), "lengths" (B,) each row's new tokens up to its stop, "drafted"/"accepted", "first_step_seconds"
-    (the prompt's pass and the step after it; None when no step followed)."""
+    one's final state (continuous_compute). compile: compile_for_decoding; quantize="int8": int8 weights rounded to
+    nearest, in place. draft_steps > 0: greedy self-speculation (speculative_round). A row ends at its first stop id
+    (padded with it after). Returns (idx (B, T + new), stats): "steps" (B, new) the core steps of each new token (the
+    first from the prompt's pass), "lengths" (B,) each row's new tokens up to its stop, "drafted"/"accepted",
+    "first_step_seconds" (the prompt's pass and the step after it; None when no step followed)."""
     # 1. check the request, and prepare the model (int8 weights, compiled step) once
     num_steps = model.config.mean_recurrence if num_steps is None else num_steps
     B, T = idx.shape

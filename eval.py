@@ -23,11 +23,10 @@ import sys
 import numpy as np
 import torch
 
-from checkpoints import get_tokenizer, load_checkpoint, trained_init_scale
+from checkpoints import get_tokenizer, load_checkpoint, quantize_checkpoint, trained_init_scale
 from common import keyed_generator, pick_device, pyplot, set_threads, writable_dir
-from configurator import configure, fail, number, one_of, steps
+from configurator import configure, fail, number, one_of, steps, whole
 from dataloader import checkpoint_data
-from kernels import quantize_int8
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = "out"
@@ -37,6 +36,7 @@ problem = ""          # reasoning checkpoints: a problem of your own to answer a
 init_scale = None     # std of the noise start s_0 (0: the zero state); None: what the checkpoint trained with
 plot = True           # draw out_dir/accuracy.png (needs matplotlib)
 quantize = ""         # "int8": evaluate with int8 weights (kernels.py), and say how often they agree with float32
+calibration_tokens = 8192  # int8: GPTQ fits the weights on this many training tokens (0: rounded to nearest)
 device = "cpu"
 num_threads = 0       # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
 config = configure(globals())
@@ -46,6 +46,7 @@ steps(config, "r")
 if init_scale is not None:
     number(config, "init_scale", low=0)
 one_of(config, "quantize", ("", "int8"))
+whole(config, 0, "calibration_tokens")
 device = pick_device(device)
 set_threads(num_threads)
 model, checkpoint = load_checkpoint(out_dir, device)
@@ -59,7 +60,7 @@ encode, decode = get_tokenizer(meta)
 reasoning = data.aligned and "examples" in data.meta  # problems (reasoning, problems), not chat rows
 float_model = copy.deepcopy(model) if quantize else None  # kept to compare with, before quantizing in place
 if quantize:
-    quantize_int8(model)
+    quantize_checkpoint(model, checkpoint, calibration_tokens, data_dir)
 suffix = f"_{quantize}" if quantize else ""  # accuracy_int8.json beside the float results, not over them
 if problem and not reasoning:
     fail(f"--problem is for checkpoints that answer problems (prepare_data.py reasoning or problems); {out_dir} "
@@ -126,11 +127,13 @@ print("  " + " ".join(f"{val_loss[n]:8.4f}" for n in r))
 result = {"iter": checkpoint["iter_num"], "r": r, "r_bar": r_bar, "init_scale": init_scale, "data_dir": data.data_dir,
           "val_loss": {str(n): val_loss[n] for n in r}}
 if quantize:
-    print(f"  {quantize}: top-1 agreement with float32 on the targets of those blocks")
+    rounding = f"GPTQ on {calibration_tokens} training tokens" if calibration_tokens else "rounded to nearest"
+    print(f"  {quantize} ({rounding}): top-1 agreement with float32 on the targets of those blocks")
     print("  " + " ".join(f"{agreement[n]:8.4f}" for n in r))
     print("  float32 against itself from another draw of the noise start s_0 (below 1: the noise decides some)")
     print("  " + " ".join(f"{noise_agreement[n]:8.4f}" for n in r))
     result["quantize"], result["agreement"] = quantize, {str(n): agreement[n] for n in r}
+    result["calibration_tokens"] = calibration_tokens
     result["noise_agreement"] = {str(n): noise_agreement[n] for n in r}
 
 # -----------------------------------------------------------------------------------------------------------

@@ -21,12 +21,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoints import (get_tokenizer, load_checkpoint, load_released, read_checkpoint, released_config,
-                         trained_init_scale)
+from checkpoints import (get_tokenizer, load_checkpoint, load_released, quantize_checkpoint, read_checkpoint,
+                         released_config, trained_init_scale)
 from common import chat_text, keyed_generator, pick_device, pick_dtype, read_text, set_threads, writable_dir
 from configurator import configure, decoding_fits, decoding_settings, fail, number, one_of, steps, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
-from kernels import quantize_int8
 
 try:  # the harness is optional: only this file needs it
     from lm_eval import simple_evaluate
@@ -50,7 +49,8 @@ class NanoHuginn(TemplateLM):
     answer is the same in any batch until the batch's context fills block_size: its rows are cropped together)."""
 
     def __init__(self, out_dir="out", init_from="resume", num_steps=None, exit_criterion="none", exit_threshold=None,
-                 cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=None, seed=1337):
+                 cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=None, seed=1337,
+                 calibration_tokens=8192):
         super().__init__()
         self.device_name = pick_device(device)
         if init_from != "resume":  # the release, its weights in dtype (bfloat16 on GPUs, as the authors evaluate)
@@ -60,7 +60,7 @@ class NanoHuginn(TemplateLM):
             self.model, checkpoint = load_checkpoint(out_dir, self.device_name)
             meta = checkpoint["meta"]
             if quantize:
-                quantize_int8(self.model)
+                quantize_checkpoint(self.model, checkpoint, int(calibration_tokens))
         if init_scale is None:  # the noise the model trained with
             init_scale = trained_init_scale(checkpoint if init_from == "resume" else None, meta)
         self.tokenizer_kind = meta["tokenizer"]
@@ -178,7 +178,7 @@ class NanoHuginn(TemplateLM):
 def check_settings(config):
     """Every setting, the tasks and the output folder, before the model loads and the tasks download."""
     steps(config, "r")
-    whole(config, 0, "limit", "seed", "num_threads")
+    whole(config, 0, "limit", "seed", "num_threads", "calibration_tokens")
     whole(config, 1, "batch_size")
     whole(config, -1, "num_fewshot")
     if config["init_scale"] is not None:
@@ -275,6 +275,7 @@ exit_threshold = None
 cache_budget = None
 init_scale = None     # std of the noise start s_0 (0: the zero state); None: what the model trained with
 quantize = ""         # "int8": int8 weights (kernels.py)
+calibration_tokens = 8192  # int8, a checkpoint: GPTQ fits them on this many training tokens (0, or a release: nearest)
 apply_chat_template = False  # the release's chat template around each prompt (the paper's GSM8K setting) ...
 system_instruction = ""     # ... with this system turn
 output = ""           # where the JSON goes (a .json file); "" means out_dir/harness.json
@@ -288,7 +289,7 @@ if __name__ == "__main__":
     names, task_manager, output_path = check_settings(config)
     set_threads(num_threads)
     lm = NanoHuginn(out_dir, init_from, None, exit_criterion, exit_threshold, cache_budget, batch_size, device,
-                    dtype, quantize, init_scale, seed)
+                    dtype, quantize, init_scale, seed, calibration_tokens)
     if init_from == "resume":  # (a release's was checked against its config.json before it loaded)
         decoding_fits(lm.model.config, hasattr(lm.model, "exit_gate"), config)
     rs = r or [lm.model.config.mean_recurrence]

@@ -10,10 +10,11 @@ second (docs/released.md):
   released model's matrices on a 2-core CPU). compile_for_decoding uses it where inductor's weight
   freezing would keep a second copy of a large model.
 - quantize_int8: int8 weights are a quarter of float32's bytes. Each output channel (a row of the weight) gets its
-  own scale, max |w| / 127. On a CPU the fast int8 kernel is fbgemm's dynamic linear, which rounds the input to
-  7 bits too; each token is rounded on a grid of its own, in two pieces (see Int8Linear), so a token gives the
-  same result alone (decoding) as in a batch (a full forward pass), and the input keeps ~14 bits. Elsewhere (CUDA)
-  the int8 weights are expanded per call.
+  own scale, max |w| / 127. Each weight is rounded to the nearest step or, given calibration (calibration_hessians),
+  chosen by GPTQ so that the layer's outputs on real inputs stay closest to float32's. On a CPU the fast int8 kernel
+  is fbgemm's dynamic linear, which rounds the input to 7 bits too; each token is rounded on a grid of its own, in
+  two pieces (see Int8Linear), so a token gives the same result alone (decoding) as in a batch (a full forward
+  pass), and the input keeps ~14 bits. Elsewhere (CUDA) the int8 weights are expanded per call.
 """
 
 import os
@@ -51,6 +52,60 @@ def int8_rows(weight):
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+def gptq_rows(weight, hessian, block=128):
+    """int8_rows chosen by GPTQ (Frantar et al. 2023, Algorithm 1): the columns (inputs) are rounded one at a time,
+    and what rounding column c loses is made up by moving the columns not yet rounded, in the proportions that keep
+    the layer's outputs X W^T closest on the calibration inputs X. hessian: X^T X (in, in). The scales are
+    int8_rows' own; only which of the 255 steps each weight takes changes, so the kernels are the same."""
+    w = weight.detach().float().clone()  # (out, in): updated as columns are rounded
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0  # an input never seen (nonzero): its column is rounded to nearest
+    h[dead, dead] = 1
+    h.diagonal().add_(0.01 * h.diagonal().mean())  # damping, so that the inverse exists and stays tame
+    # the inputs of largest energy first ("act order"): their columns are rounded while the most columns remain to
+    # make up for them
+    order = torch.argsort(h.diagonal(), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    # the upper Cholesky factor of H^-1: row c holds how column c's rounding error spreads over the columns after it
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    int8 = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for i in range(0, w.shape[1], block):  # a block of columns at a time; the columns after it get one matmul
+        j = min(i + block, w.shape[1])
+        err = w.new_empty(w.shape[0], j - i)  # (out, block): each column's rounding error, scaled by 1 / u[c, c]
+        for c in range(i, j):
+            q = torch.round(w[:, c] / scale).clamp(-127, 127)
+            int8[:, c] = q.to(torch.int8)
+            err[:, c - i] = (w[:, c] - q * scale) / u[c, c]
+            w[:, c + 1:j] -= err[:, c - i, None] * u[c, c + 1:j]
+        w[:, j:] -= err @ u[i:j, j:]
+    return int8[:, torch.argsort(order)], scale  # the columns back in the layer's order
+
+
+@torch.no_grad()
+def calibration_hessians(model, tokens, init_scale=1.0, generator=None):
+    """GPTQ's calibration: X^T X (in, in) of the inputs each nn.Linear of model sees on tokens (B, T), by name. The
+    model runs at r = 1, 2, 4, ... up to its r_bar: r is chosen at test time, and the core's inputs in its first
+    steps (the state near its noise start) are not those of a settled state (fit to r_bar's alone, the int8 model
+    agreed with float32 less often at r = 1 than when rounded to nearest)."""
+    hessians = {}
+
+    def add(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, in)
+        hessians[name] = hessians.get(name, 0) + x.T @ x
+
+    hooks = [module.register_forward_pre_hook(lambda module, args, name=name: add(name, args[0]))
+             for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    try:  # the hooks go whatever happens: a model left with them would add to these sums forever
+        for num_steps in [2**i for i in range(int(model.config.mean_recurrence).bit_length())]:
+            for batch in tokens.split(16):
+                model(batch, num_steps=num_steps, init_scale=init_scale, generator=generator)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return hessians
+
+
 GRID = 2 / 127  # the step of fbgemm's 7-bit input grid on [-1, 1]: zero point 64, so -1 and 1 are -64 and 64 steps
 
 
@@ -65,18 +120,19 @@ def on_grid(unit):
 
 class Int8Linear(nn.Module):
 
-    def __init__(self, linear):
+    def __init__(self, linear, rows=None):
+        """rows: the (int8, scale) to hold (gptq_rows'); None: linear's weights rounded to nearest (int8_rows)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        int8, scale = int8_rows(linear.weight)
+        int8, scale = rows or int8_rows(linear.weight)
         self.register_buffer("scale", scale)  # (out,)
         self.packed = None
         self.register_buffer("int8", None if int8.device.type == "cpu" else int8)  # (out, in) where not packed
         if int8.device.type == "cpu":  # fbgemm's packed copy of the int8 weights is the only one kept
             with warnings.catch_warnings():  # torch 2.13 marks quantized tensors for removal; see docs/decoding.md
                 warnings.simplefilter("ignore", UserWarning)
-                quantized = torch.quantize_per_channel(linear.weight.detach().float(), scale.double(),
-                                                       torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8)
+                quantized = torch._make_per_channel_quantized_tensor(int8, scale.double(),
+                                                                     torch.zeros(len(scale), dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
             # one row with the values 1 and -1, appended to every input (see forward)
             self.register_buffer("pin", F.pad(torch.tensor([[1.0, -1.0]]), (0, self.in_features - 2)), False)
@@ -103,7 +159,8 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """A token embedding with int8 rows: row idx times its scale (the same rounding as the tied lm_head's)."""
+    """A token embedding with int8 rows: row idx times its scale, each entry rounded to nearest (a lookup's error is
+    its own entries': the tied lm_head's GPTQ rows, fit to its products, would be further from them)."""
 
     def __init__(self, embedding):
         super().__init__()
@@ -117,24 +174,27 @@ class Int8Embedding(nn.Module):
 
 
 def replace_linears(model, form, names=None):
-    """Every nn.Linear of model (or those whose names are given) -> form(linear), in place, one at a time: only
-    names are kept between layers, so each layer's float weight is freed once its new form exists."""
+    """Every nn.Linear of model (or those whose names are given) -> form(name, linear), in place, one at a time:
+    only names are kept between layers, so each layer's float weight is freed once its new form exists."""
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
              and (names is None or name in names)]
     for name in names:
         parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, form(model.get_submodule(name)))
+        setattr(model.get_submodule(parent), attribute, form(name, model.get_submodule(name)))
     return model
 
 
 def pack_linears(model):
-    return replace_linears(model, PackedLinear)
+    return replace_linears(model, lambda name, linear: PackedLinear(linear))
 
 
-def quantize_int8(model, names=None):
+def quantize_int8(model, names=None, hessians=None):
     """int8 weights for every Linear (the lm_head too); a tied embedding then gets int8 rows as well, so the float
-    matrix is freed. `names`: only these Linear layers (a loader quantizes each as it is read)."""
-    replace_linears(model, Int8Linear, names)
+    matrix is freed. `names`: only these Linear layers (a loader quantizes each as it is read). `hessians`:
+    calibration_hessians(model, ...): the layers it saw get GPTQ's weights, the rest (an exit gate) round to nearest."""
+    hessians = hessians or {}
+    replace_linears(model, lambda name, linear: Int8Linear(
+        linear, gptq_rows(linear.weight, hessians[name]) if name in hessians else None), names)
     if isinstance(model.lm_head, Int8Linear) and model.config.tie_embeddings and isinstance(model.wte, nn.Embedding):
         model.wte = Int8Embedding(model.wte)
     return model

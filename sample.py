@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from checkpoints import get_tokenizer, load_checkpoint, load_released, released_config, trained_init_scale
+from checkpoints import (get_tokenizer, load_checkpoint, load_released, quantize_checkpoint, released_config,
+                         trained_init_scale)
 from common import chat_text, pick_device, pick_dtype, read_prompt, read_text, set_threads
 from configurator import configure, decoding_fits, decoding_settings, fail, number, one_of, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
-from kernels import quantize_int8
 
 # -----------------------------------------------------------------------------------------------------------
 init_from = "resume"  # "resume": out_dir/ckpt.pt; "huginn-0125" or a folder in its layout: the released model
@@ -44,6 +44,7 @@ draft_steps = 0  # > 0: self-speculative greedy decoding, drafting at this r and
 lookahead = 4  # tokens drafted per check
 compile = None  # compile the one-token step (minutes of compiling, then several times faster); None: on CUDA
 quantize = ""  # "int8": int8 weights, a quarter of float32's bytes (kernels.py); made from the float weights at load
+calibration_tokens = 8192  # int8, a checkpoint: GPTQ fits them on this many training tokens (0, or a release: nearest)
 device = ""  # "" picks cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
 dtype = ""  # "" means bfloat16 on CUDA (if supported), float32 elsewhere; or float32, bfloat16, float16
 num_threads = 0  # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores (a busy core then slows, not stalls)
@@ -52,7 +53,7 @@ config = configure(globals())
 
 # every setting checked before the model is loaded (the released one takes minutes)
 whole(config, 1, "num_samples", "max_new_tokens", "lookahead")
-whole(config, 0, "top_k", "draft_steps", "seed")
+whole(config, 0, "top_k", "draft_steps", "seed", "calibration_tokens")
 number(config, "temperature", low=0)
 if init_scale is not None:
     number(config, "init_scale", low=0)
@@ -88,8 +89,6 @@ autocast = torch.autocast(device_type, dtype=ptdtype, enabled=ptdtype != torch.f
 if init_from == "resume":
     model, checkpoint = load_checkpoint(out_dir, device)
     meta, shape, has_gate = checkpoint["meta"], model.config, hasattr(model, "exit_gate")
-    if quantize:
-        quantize_int8(model)
     if "examples" in meta:  # prepare_data.py reasoning / problems (a chat fine-tune's rows are text)
         fail(f"{out_dir} answers reasoning problems rather than continuing text: python eval.py --out_dir={out_dir}")
 else:
@@ -105,6 +104,8 @@ if draft_steps and cache_budget is not None and cache_budget // shape.n_layers_c
          f"r x n_layers_core = {num_steps * shape.n_layers_core}")
 if init_from != "resume":  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
+elif quantize:  # once every setting is known to fit
+    quantize_checkpoint(model, checkpoint, calibration_tokens)
 if init_scale is None:  # the noise the model trained with
     init_scale = trained_init_scale(checkpoint if init_from == "resume" else None, meta)
 if chat and meta["tokenizer"] != "huginn":

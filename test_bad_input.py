@@ -69,6 +69,10 @@ def files(tmp_path_factory):
                           "zip": b"PK\x03\x04 not really a zip file"}.items():
         (tmp / f"ckpt-{name}").mkdir()
         (tmp / f"ckpt-{name}" / "ckpt.pt").write_bytes(content)
+    checkpoint = torch.load(tmp / "text" / "ckpt.pt", weights_only=False)  # whose data is gone
+    checkpoint["config"]["data_dir"] = str(tmp / "gone")
+    (tmp / "text-nodata").mkdir()
+    torch.save(checkpoint, tmp / "text-nodata" / "ckpt.pt")
     (tmp / "gate-broken").mkdir()  # a good checkpoint beside a damaged exit gate
     (tmp / "gate-broken" / "ckpt.pt").write_bytes((tmp / "text" / "ckpt.pt").read_bytes())
     (tmp / "gate-broken" / "exit_gate.pt").write_bytes(b"PK\x03\x04 not really a zip file")
@@ -224,6 +228,9 @@ CASES = [
     ("sample.py", ["--device=cuda"], "no CUDA GPU"),
     ("sample.py", ["--dtype=int8"], "--dtype must be one of"),
     ("sample.py", ["--compile=maybe"], "--compile must be True or False"),
+    ("sample.py", ["--calibration_tokens=-1"], "--calibration_tokens must be a whole number >= 0"),
+    ("sample.py", ["--quantize=int8", "--out_dir={tmp}/text-nodata"],
+     "{tmp}/gone has none: prepare it again (prepare_data.py), or add --calibration_tokens=0 to round"),
     ("sample.py", ["--out_dir={tmp}/nowhere"], "no checkpoint at {tmp}/nowhere/ckpt.pt"),
     ("sample.py", ["--out_dir={tmp}/ckpt-empty"], "is not a readable checkpoint (EOFError"),
     ("sample.py", ["--out_dir={tmp}/ckpt-random"], "is not a readable checkpoint"),
@@ -239,6 +246,8 @@ CASES = [
     ("eval.py", ["--out_dir={tmp}/cups", "--data_dir={tmp}/char"], "another vocabulary than the checkpoint"),
     ("eval.py", ["--out_dir={tmp}/text", "--data_dir={tmp}/rows"], "the checkpoint reads blocks of 32"),
     ("eval.py", ["--out_dir={tmp}/ckpt-zip"], "is not a readable checkpoint"),
+    ("eval.py", ["--out_dir={tmp}/cups", "--quantize=int8", "--calibration_tokens=-8"],
+     "--calibration_tokens must be a whole number >= 0"),
     # latents.py
     ("latents.py", ["--r=0"], "--r must be a whole number >= 1"),
     ("latents.py", ["--prefix=sub/x_"], "--prefix=sub/x_ is the start of the pictures' file names"),
@@ -418,6 +427,18 @@ def test_bench_memory_probe_cannot_multiply(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: children.append(args) or 1 / 0)
     code = run_script("bench.py", "--sections=memory", "--memory_r=[0]", f"--out_dir={tmp_path}")
     assert str(code).startswith("error: --memory_r must list") and children == []
+
+
+def test_gptq_that_would_not_fit_in_memory_is_refused_before_it_runs(files, monkeypatch):
+    """GPTQ holds every layer's X^T X at once (13 GB beside the 14 GB of a 3.5B fine-tune): where that and the model
+    exceed the machine's memory, int8 stops before the calibration runs, saying how to round to nearest instead."""
+    import checkpoints
+    monkeypatch.setattr(checkpoints, "memory_bytes", lambda: 10**6)  # a machine of 1 MB
+    calibrated = []
+    monkeypatch.setattr(checkpoints, "calibration_hessians", lambda *args: calibrated.append(args) or 1 / 0)
+    code = run_script("sample.py", "--device=cpu", "--quantize=int8", f"--out_dir={files / 'text'}")
+    assert str(code).startswith("error: --quantize int8: GPTQ's statistics (0.0 GB) and the model (") and \
+        str(code).endswith("add --calibration_tokens=0 to round to nearest") and calibrated == []
 
 
 def test_a_char_model_exports_without_a_tokenizer_and_says_so(files, tmp_path, capsys, monkeypatch):

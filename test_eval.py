@@ -121,7 +121,7 @@ def test_accuracy_by_difficulty_and_r(trained):
 
 def test_int8_beside_float(trained):
     """--quantize=int8 writes its own accuracy_int8.json (the float results stay), says how often int8's top-1 is
-    float32's, and counts the model's parameters as the float one has them."""
+    float32's and how its weights were chosen, and counts the model's parameters as the float one has them."""
     data, out_dir = trained
     assert run("eval.py", f"--out_dir={out_dir}", "--r=[1,4]", "--plot=False").returncode == 0
     before = (out_dir / "accuracy.json").read_text()
@@ -130,7 +130,8 @@ def test_int8_beside_float(trained):
     float_params = load_checkpoint(str(out_dir))[0].get_num_params()
     assert f"{float_params / 1e6:.2f}M parameters" in proc.stdout and float_params > 0
     result = json.loads((out_dir / "accuracy_int8.json").read_text())
-    assert result["quantize"] == "int8"
+    assert result["quantize"] == "int8" and result["calibration_tokens"] == 8192  # GPTQ, on the train split
+    assert "int8 (GPTQ on 8192 training tokens): top-1 agreement" in proc.stdout
     float_result = json.loads(before)
     for r in ("1", "4"):  # a tiny model with int8 weights: mostly the same answers, and really other weights
         assert 0.8 <= result["agreement"][r] <= 1.0 and result["val_loss"][r] != float_result["val_loss"][r]
