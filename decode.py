@@ -348,7 +348,7 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """One token id per row (B, 1) from next-token logits (B, vocab); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # the best at 0: no tiny T overflows to inf
     if top_k:  # None or 0: every token (sample.py's --top_k=0)
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, -float("inf"))

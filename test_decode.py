@@ -440,6 +440,15 @@ def test_top_k_zero_samples_from_every_token():
     assert torch.equal(draw(0), draw(None)) and not torch.equal(draw(1), draw(None))
 
 
+def test_a_tiny_temperature_is_nearly_greedy():
+    """A positive temperature too small for the logits divided by it (1e-40: float32's inf) samples the argmax, as
+    the limit of sampling does; it was a RuntimeError from torch.multinomial on softmax's nan."""
+    from decode import sample_next
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
+    for top_k in (None, 2):
+        assert sample_next(logits, 1e-40, top_k, torch.Generator().manual_seed(0)).flatten().tolist() == [1, 0]
+
+
 def test_first_step_seconds_include_the_prompts_pass(monkeypatch):
     """sample.py --compile reports first_step_seconds as the compile time: a 1-token prompt compiles in the prompt's
     pass (the one-token step's length), so the figure starts before it (it started after, and said 2 s of 60). None
