@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from checkpoints import CONFIG_KEYS, load_checkpoint, released_name, trained_init_scale
+from checkpoints import CONFIG_KEYS, load_checkpoint, read_json, released_name, trained_init_scale
 from common import writable_dir
 from configurator import configure, fail, number
 
@@ -50,8 +50,10 @@ model, checkpoint = load_checkpoint(out_dir)  # LoRA adapters are folded into th
 # config.json: the release's own (keys our config does not know stay as released), with our values on top
 released, base_config = {}, os.path.join(checkpoint["base"], "config.json") if checkpoint.get("base") else ""
 if os.path.isfile(base_config):
-    with open(base_config) as f:
-        released = json.load(f)
+    try:
+        released = read_json(base_config)
+    except ValueError as err:  # cut short (a download stopped): one line that names it, not a JSON traceback
+        fail(str(err))
 elif base_config:  # a full fine-tune holds every weight, so only the keys our config does not know are missing
     print(f"warning: {base_config} is gone; config.json holds this model's settings only", file=sys.stderr)
 ours = {theirs: getattr(model.config, key) for key, theirs in CONFIG_KEYS.items()}

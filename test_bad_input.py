@@ -444,7 +444,7 @@ def test_gptq_that_would_not_fit_in_memory_is_refused_before_it_runs(files, monk
 def test_a_char_model_exports_without_a_tokenizer_and_says_so(files, tmp_path, capsys, monkeypatch):
     """export.py writes the weights of a model trained here on characters, and says that no tokenizer.json comes with
     them (the released layout holds the release's tokenizer only); reading the folder back says why it cannot. It
-    never writes over an export cut short, and a failed write stops in one line."""
+    never writes over an export cut short, and a failed write or a base's cut config.json stops in one line."""
     pytest.importorskip("safetensors", reason="needs safetensors (pip install safetensors)")
     assert run_script("export.py", f"--out_dir={files / 'text'}", f"--to={tmp_path / 'exported'}") is None
     assert "warning: no tokenizer.json: this model reads char tokens" in capsys.readouterr().err
@@ -463,3 +463,12 @@ def test_a_char_model_exports_without_a_tokenizer_and_says_so(files, tmp_path, c
     code = run_script("export.py", f"--out_dir={files / 'text'}", f"--to={tmp_path / 'full'}")
     assert code.startswith(f"error: could not write {tmp_path / 'full' / 'model.safetensors'} (Error while") \
         and "\n" not in code and not (tmp_path / "full" / "config.json").exists()
+    # a fine-tune whose base's config.json (the keys ours does not know come from it) is cut short
+    checkpoint = torch.load(files / "text" / "ckpt.pt", weights_only=False)
+    checkpoint["base"] = str(tmp_path / "base")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"n_embd": 32, "vocab')
+    (tmp_path / "tuned").mkdir()
+    torch.save(checkpoint, tmp_path / "tuned" / "ckpt.pt")
+    code = run_script("export.py", f"--out_dir={tmp_path / 'tuned'}", f"--to={tmp_path / 'tuned-export'}")
+    assert code.startswith(f"error: {tmp_path / 'base' / 'config.json'} does not read as JSON") and "\n" not in code
