@@ -293,7 +293,7 @@ def memory_section():
 
 def print_memory(mem):
     probes, first, last = mem["probes"], mem["probes"][0], mem["probes"][-1]
-    print(f"\npeak training memory, k={memory_backprop_depth} ({mem['kind']})")
+    print(f"\npeak training memory, backprop through min(r, k={memory_backprop_depth}) steps ({mem['kind']})")
     print("  r              " + "".join(f"{m['r']:>9}" for m in probes) + f"   r={last['r']}/r={first['r']}")
     print("  peak MB        " + "".join(f"{m['peak_bytes'] / 2**20:9.1f}" for m in probes)
           + f"   {mem['ratio_peak']:.3f}")
