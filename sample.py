@@ -21,6 +21,7 @@ from checkpoints import (get_tokenizer, load_checkpoint, load_released, quantize
 from common import chat_text, pick_device, pick_dtype, read_prompt, read_text, set_threads
 from configurator import configure, decoding_fits, decoding_settings, fail, number, one_of, whole
 from decode import EXIT_THRESHOLDS, generate, pad_prompts
+from model import RecurrentGPT
 
 # -----------------------------------------------------------------------------------------------------------
 init_from = "resume"  # "resume": out_dir/ckpt.pt; "huginn-0125" or a folder in its layout: the released model
@@ -131,7 +132,9 @@ x, lengths = pad_prompts(start_ids)  # (B, T) padded on the left, and each promp
 x = x.to(device)
 if draft_steps and len(set(lengths.tolist())) > 1:
     fail("--draft_steps (speculative decoding) takes prompts of one length; decode --prompts without it")
-print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {model.get_num_params() / 1e6:.2f}M parameters, "
+with torch.device("meta"):  # the float model's count: an int8 model's weights are buffers, not parameters
+    num_params = RecurrentGPT(model.config).get_num_params()
+print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {num_params / 1e6:.2f}M parameters, "
       f"r_bar {model.config.mean_recurrence}; decoding {len(texts)} prompt(s) at r = {num_steps}, temperature "
       f"{temperature}, top_k {top_k}, exit {exit_criterion}, cache_budget {cache_budget}, warm_start {warm_start}, "
       f"draft_steps {draft_steps}, compile {compile}, quantize {quantize or None}, init_scale {init_scale}")

@@ -64,6 +64,14 @@ def test_sample_cli_inference_options(out_dir, tmp_path):
     assert "mean 32.00 steps" not in result.stdout  # the kl exit reached generate: tokens stopped early
 
 
+def test_sample_cli_int8_counts_the_float_parameters(out_dir):
+    """An int8 model's weights are buffers, not parameters: sample.py printed 0.00M for it."""
+    result = run_sample(f"--out_dir={out_dir}", "--quantize=int8", "--calibration_tokens=0", "--start=to be")
+    assert result.returncode == 0, result.stderr
+    float_params = tiny_model(vocab_size=len(CHARS), block_size=32).get_num_params()
+    assert f": {float_params / 1e6:.2f}M parameters" in result.stdout and float_params > 10**4
+
+
 def test_sample_cli_bpe_tokenizer(tmp_path):
     out = write_checkpoint(tmp_path, {"tokenizer": "r50k_base", "vocab_size": 50257}, 50304)
     result = run_sample(f"--out_dir={out}", "--start", "Hello world", "--r", "2")
