@@ -39,7 +39,7 @@ from bench_released import decode_child_run, print_released, released_section
 from checkpoints import load_checkpoint, read_checkpoint, released_layout, trained_init_scale
 from dataloader import checkpoint_data
 from decode import compile_for_decoding, generate, noise_table
-from kernels import quantize_int8
+from linear_kernels import quantize_int8
 from model import PRESETS, RMSNorm, RecurrentConfig, RecurrentGPT, SandwichBlock, config_from_preset, precompute_rope
 
 # -----------------------------------------------------------------------------------------------------------

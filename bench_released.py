@@ -18,7 +18,7 @@ import torch
 from checkpoints import from_pretrained, pretrained_config
 from configurator import fail
 from decode import generate
-from kernels import compile_for_decoding
+from linear_kernels import compile_for_decoding
 from model import RecurrentGPT, config_from_preset, precompute_rope
 
 
@@ -69,7 +69,7 @@ def decode_child_run(s, variant):
     else:
         model = random_released_model(s)
     load_seconds = time.perf_counter() - t0
-    if kwargs.get("compile"):  # at this size: the weights packed in place (kernels.compile_for_decoding)
+    if kwargs.get("compile"):  # at this size: the weights packed in place (linear_kernels.compile_for_decoding)
         compile_for_decoding(model, s.compile_backend, freeze=False)
     prompt = torch.randint(0, model.config.vocab_size, (1, s.prompt_len), generator=s.g).to(s.device)
     figures = {"variant": variant, "load_seconds": load_seconds, "rate": {}, "tokens": {}}

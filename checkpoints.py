@@ -25,7 +25,7 @@ from configurator import fail
 from dataloader import checkpoint_data, data_folder
 from decode import load_gate
 from finetune import merge_lora
-from kernels import calibration_hessians, memory_bytes, quantize_int8
+from linear_kernels import calibration_hessians, memory_bytes, quantize_int8
 from model import RecurrentConfig, RecurrentGPT, precompute_rope
 
 
@@ -105,10 +105,11 @@ def quantize_checkpoint(model, checkpoint, calibration_tokens, data_dir=""):
         if model.rope.device.type == "cpu" and weights + statistics > memory_bytes():
             fail(f"--quantize int8: GPTQ's statistics ({statistics / 1e9:.1f} GB) and the model ({weights / 1e9:.1f} "
                  "GB) do not fit in this machine's memory; add --calibration_tokens=0 to round to nearest")
-        print(f"int8: GPTQ fits {len(linears)} layers to {calibration_tokens} training tokens (a second for a small "
-              "model, 4 minutes for one 17920 wide on a CPU core; --calibration_tokens=0 rounds to nearest at once)")
         data = checkpoint_data(checkpoint, data_dir)
-        x, _ = data.batch("train", data.evenly_spaced("train", -(-calibration_tokens // data.block_size)))
+        blocks = min(-(-calibration_tokens // data.block_size), data.num_blocks("train"))  # each block once
+        print(f"int8: GPTQ fits {len(linears)} layers to {blocks * data.block_size} training tokens (a second for a "
+              "small model, 4 minutes for one 17920 wide on a CPU core; --calibration_tokens=0 rounds to nearest)")
+        x, _ = data.batch("train", data.evenly_spaced("train", blocks))
         device = model.rope.device
         hessians = calibration_hessians(model, x.to(device), trained_init_scale(checkpoint),
                                         keyed_generator(checkpoint["config"]["seed"], -6, device=device))
@@ -286,7 +287,7 @@ def read_safetensors(path):
     """(name, tensor) for every tensor of a .safetensors file, each read into memory of its own. The format is 8
     bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' bytes. Read here
     rather than memory-mapped by the safetensors package: no file stays mapped, so a tensor that is converted
-    (kernels.py: int8, packed) or dropped frees its memory at once, and the process holds one copy of the weights."""
+    (linear_kernels.py: int8, packed) or dropped frees its memory at once: the process holds one copy of the weights."""
     with open(path, "rb") as f:
         try:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -325,7 +326,7 @@ def stored_tensors(folder):
 
 def from_pretrained(name_or_path, device="cpu", dtype=torch.float32, quantize=None):
     """RecurrentGPT with the released weights, for inference: eval mode, no gradients. quantize="int8": int8 weights
-    (kernels.py), each Linear quantized as soon as it is read, so the float copy never exists all at once."""
+    (linear_kernels.py), each Linear quantized as soon as it is read, so the float copy never exists all at once."""
     folder = pretrained_folder(name_or_path)
     config = pretrained_config(folder)
     with torch.device("meta"):  # no memory and no random init: the checkpoint's tensors become the parameters

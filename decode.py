@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import Int8Linear, compile_for_decoding, decoding_context, quantize_int8
+from linear_kernels import Int8Linear, compile_for_decoding, decoding_context, quantize_int8
 
 
 class KVCache:
@@ -386,7 +386,7 @@ def generate(model, idx, max_new_tokens, num_steps=None, temperature=1.0, top_k=
         compile_for_decoding(model)
         model.compiled_lengths.add(lookahead + 1 if draft_steps else 1)
 
-    with decoding_context(model):  # on a CPU, compiled steps freeze the weights in (kernels.py)
+    with decoding_context(model):  # on a CPU, compiled steps freeze the weights in (linear_kernels.py)
         # 2. the cache, the noise starts, and the prompts' pass
         max_len = min(model.config.block_size, 64 * math.ceil((T + max_new_tokens + 1) / 64))  # few distinct shapes
         cache = KVCache(model, B, max_len, num_steps, cache_budget, first=T - lengths)

@@ -35,7 +35,7 @@ data_dir = ""         # "" means the data the checkpoint was trained on
 problem = ""          # reasoning checkpoints: a problem of your own to answer at each r, e.g. --problem 0123
 init_scale = None     # std of the noise start s_0 (0: the zero state); None: what the checkpoint trained with
 plot = True           # draw out_dir/accuracy.png (needs matplotlib)
-quantize = ""         # "int8": evaluate with int8 weights (kernels.py), and say how often they agree with float32
+quantize = ""         # "int8": evaluate with int8 weights (linear_kernels.py) and say how often they agree with float32
 calibration_tokens = 8192  # int8: GPTQ fits the weights on this many training tokens (0: rounded to nearest)
 device = "cpu"
 num_threads = 0       # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores
@@ -58,9 +58,6 @@ init_scale = trained_init_scale(checkpoint) if init_scale is None else init_scal
 data = checkpoint_data(checkpoint, data_dir)
 encode, decode = get_tokenizer(meta)
 reasoning = data.aligned and "examples" in data.meta  # problems (reasoning, problems), not chat rows
-float_model = copy.deepcopy(model) if quantize else None  # kept to compare with, before quantizing in place
-if quantize:
-    quantize_checkpoint(model, checkpoint, calibration_tokens, data_dir)
 suffix = f"_{quantize}" if quantize else ""  # accuracy_int8.json beside the float results, not over them
 if problem and not reasoning:
     fail(f"--problem is for checkpoints that answer problems (prepare_data.py reasoning or problems); {out_dir} "
@@ -68,6 +65,9 @@ if problem and not reasoning:
 if problem and len(encode("\n" + problem)) > block_size:
     fail(f"--problem has {len(problem)} characters; this checkpoint reads at most {block_size - 1} (block_size "
          f"{block_size}, with the leading newline)")
+float_model = copy.deepcopy(model) if quantize else None  # kept to compare with, before quantizing in place
+if quantize:
+    quantize_checkpoint(model, checkpoint, calibration_tokens, data_dir)
 
 
 def noise(*key):
@@ -127,7 +127,7 @@ print("  " + " ".join(f"{val_loss[n]:8.4f}" for n in r))
 result = {"iter": checkpoint["iter_num"], "r": r, "r_bar": r_bar, "init_scale": init_scale, "data_dir": data.data_dir,
           "val_loss": {str(n): val_loss[n] for n in r}}
 if quantize:
-    rounding = f"GPTQ on {calibration_tokens} training tokens" if calibration_tokens else "rounded to nearest"
+    rounding = f"GPTQ, calibration_tokens={calibration_tokens}" if calibration_tokens else "rounded to nearest"
     print(f"  {quantize} ({rounding}): top-1 agreement with float32 on the targets of those blocks")
     print("  " + " ".join(f"{agreement[n]:8.4f}" for n in r))
     print("  float32 against itself from another draw of the noise start s_0 (below 1: the noise decides some)")

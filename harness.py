@@ -50,7 +50,7 @@ class NanoHuginn(TemplateLM):
 
     def __init__(self, out_dir="out", init_from="resume", num_steps=None, exit_criterion="none", exit_threshold=None,
                  cache_budget=None, batch_size=16, device="", dtype="", quantize="", init_scale=None, seed=1337,
-                 calibration_tokens=8192):
+                 calibration_tokens=8192, data_dir=""):
         super().__init__()
         self.device_name = pick_device(device)
         if init_from != "resume":  # the release, its weights in dtype (bfloat16 on GPUs, as the authors evaluate)
@@ -59,8 +59,11 @@ class NanoHuginn(TemplateLM):
         else:
             self.model, checkpoint = load_checkpoint(out_dir, self.device_name)
             meta = checkpoint["meta"]
+            # what the exits and cache budget ask of it, before int8's calibration (a release's: its config.json)
+            decoding_fits(self.model.config, hasattr(self.model, "exit_gate"),
+                          dict(exit_criterion=exit_criterion, cache_budget=cache_budget, out_dir=out_dir))
             if quantize:
-                quantize_checkpoint(self.model, checkpoint, int(calibration_tokens))
+                quantize_checkpoint(self.model, checkpoint, int(calibration_tokens), data_dir)
         if init_scale is None:  # the noise the model trained with
             init_scale = trained_init_scale(checkpoint if init_from == "resume" else None, meta)
         self.tokenizer_kind = meta["tokenizer"]
@@ -274,8 +277,9 @@ exit_criterion = "none"  # the exits of generate_until (loglikelihood always run
 exit_threshold = None
 cache_budget = None
 init_scale = None     # std of the noise start s_0 (0: the zero state); None: what the model trained with
-quantize = ""         # "int8": int8 weights (kernels.py)
+quantize = ""         # "int8": int8 weights (linear_kernels.py)
 calibration_tokens = 8192  # int8, a checkpoint: GPTQ fits them on this many training tokens (0, or a release: nearest)
+data_dir = ""         # the data GPTQ calibrates on; "" means the data the checkpoint was trained on
 apply_chat_template = False  # the release's chat template around each prompt (the paper's GSM8K setting) ...
 system_instruction = ""     # ... with this system turn
 output = ""           # where the JSON goes (a .json file); "" means out_dir/harness.json
@@ -289,9 +293,7 @@ if __name__ == "__main__":
     names, task_manager, output_path = check_settings(config)
     set_threads(num_threads)
     lm = NanoHuginn(out_dir, init_from, None, exit_criterion, exit_threshold, cache_budget, batch_size, device,
-                    dtype, quantize, init_scale, seed, calibration_tokens)
-    if init_from == "resume":  # (a release's was checked against its config.json before it loaded)
-        decoding_fits(lm.model.config, hasattr(lm.model, "exit_gate"), config)
+                    dtype, quantize, init_scale, seed, calibration_tokens, data_dir)
     rs = r or [lm.model.config.mean_recurrence]
     table = table_by_r(lm, names, task_manager, rs, config)
     rows = [(task, metric) for task in table for metric in shown_metrics(table[task][str(rs[0])])]

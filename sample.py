@@ -44,8 +44,9 @@ init_scale = None  # std of the noise start s_0 (0: the zero state); None: what 
 draft_steps = 0  # > 0: self-speculative greedy decoding, drafting at this r and checking at --r
 lookahead = 4  # tokens drafted per check
 compile = None  # compile the one-token step (minutes of compiling, then several times faster); None: on CUDA
-quantize = ""  # "int8": int8 weights, a quarter of float32's bytes (kernels.py); made from the float weights at load
+quantize = ""  # "int8": int8 weights, a quarter of float32's bytes (linear_kernels.py), made from float ones at load
 calibration_tokens = 8192  # int8, a checkpoint: GPTQ fits them on this many training tokens (0, or a release: nearest)
+data_dir = ""  # the data GPTQ calibrates on; "" means the data the checkpoint was trained on
 device = ""  # "" picks cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
 dtype = ""  # "" means bfloat16 on CUDA (if supported), float32 elsewhere; or float32, bfloat16, float16
 num_threads = 0  # CPU threads; 0: OMP_NUM_THREADS if set, else half the cores (a busy core then slows, not stalls)
@@ -105,8 +106,6 @@ if draft_steps and cache_budget is not None and cache_budget // shape.n_layers_c
          f"r x n_layers_core = {num_steps * shape.n_layers_core}")
 if init_from != "resume":  # the weights themselves in dtype (the authors evaluate in pure bfloat16), not autocast
     model, meta = load_released(init_from, device, ptdtype, quantize or None)
-elif quantize:  # once every setting is known to fit
-    quantize_checkpoint(model, checkpoint, calibration_tokens)
 if init_scale is None:  # the noise the model trained with
     init_scale = trained_init_scale(checkpoint if init_from == "resume" else None, meta)
 if chat and meta["tokenizer"] != "huginn":
@@ -132,6 +131,8 @@ x, lengths = pad_prompts(start_ids)  # (B, T) padded on the left, and each promp
 x = x.to(device)
 if draft_steps and len(set(lengths.tolist())) > 1:
     fail("--draft_steps (speculative decoding) takes prompts of one length; decode --prompts without it")
+if quantize and init_from == "resume":  # once every setting and the prompts are known to fit (a release's: at load)
+    quantize_checkpoint(model, checkpoint, calibration_tokens, data_dir)
 with torch.device("meta"):  # the float model's count: an int8 model's weights are buffers, not parameters
     num_params = RecurrentGPT(model.config).get_num_params()
 print(f"{init_from} {out_dir if init_from == 'resume' else ''}: {num_params / 1e6:.2f}M parameters, "

@@ -441,6 +441,21 @@ def test_gptq_that_would_not_fit_in_memory_is_refused_before_it_runs(files, monk
         str(code).endswith("add --calibration_tokens=0 to round to nearest") and calibrated == []
 
 
+def test_settings_are_refused_before_gptq_runs(files, monkeypatch):
+    """int8's calibration costs minutes at the released size: every refusal comes before it (they came after)."""
+    import checkpoints
+
+    def calibration(*args):
+        raise AssertionError("GPTQ calibrated before the settings were refused")
+    monkeypatch.setattr(checkpoints, "calibration_hessians", calibration)
+    for script, args, expected in [
+            ("sample.py", ["--chat"], "--chat is for the released model"),
+            ("sample.py", ["--start=~~~"], "characters the model's vocabulary lacks"),
+            ("eval.py", ["--problem=012", "--plot=False"], "--problem is for checkpoints that answer problems")]:
+        code = run_script(script, "--quantize=int8", f"--out_dir={files / 'text'}", *args)
+        assert str(code).startswith("error: ") and expected in code, code
+
+
 def test_a_char_model_exports_without_a_tokenizer_and_says_so(files, tmp_path, capsys, monkeypatch):
     """export.py writes the weights of a model trained here on characters, and says that no tokenizer.json comes with
     them (the released layout holds the release's tokenizer only); reading the folder back says why it cannot. It

@@ -87,3 +87,14 @@ def test_latents_reuses_the_exit_rules():
         source = read(script)
         assert "from decode import" in source
         assert "CONFIDENT" not in source and ".exp() * (" not in source and "class KL" not in source
+
+
+def test_no_file_shadows_a_module():
+    """A top-level file named like a standard module or an installed package is imported in its place, by us and by
+    every library we load: kernels.py hid Hugging Face's `kernels` package, which transformers imports once it is
+    installed, and peft stopped loading. Our names against the standard library's and every installed distribution's."""
+    import importlib.metadata
+    import sys
+    ours = {name[:-3] for name in os.listdir(REPO) if name.endswith(".py")}
+    taken = set(sys.stdlib_module_names) | set(importlib.metadata.packages_distributions())
+    assert not ours & taken, f"rename {sorted(ours & taken)}: they shadow modules of the same name"

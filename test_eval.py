@@ -131,7 +131,7 @@ def test_int8_beside_float(trained):
     assert f"{float_params / 1e6:.2f}M parameters" in proc.stdout and float_params > 0
     result = json.loads((out_dir / "accuracy_int8.json").read_text())
     assert result["quantize"] == "int8" and result["calibration_tokens"] == 8192  # GPTQ, on the train split
-    assert "int8 (GPTQ on 8192 training tokens): top-1 agreement" in proc.stdout
+    assert "int8 (GPTQ, calibration_tokens=8192): top-1 agreement" in proc.stdout
     float_result = json.loads(before)
     for r in ("1", "4"):  # a tiny model with int8 weights: mostly the same answers, and really other weights
         assert 0.8 <= result["agreement"][r] <= 1.0 and result["val_loss"][r] != float_result["val_loss"][r]

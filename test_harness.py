@@ -153,6 +153,17 @@ def test_bad_input_is_one_line(harness_runs, args, message):
     assert message in result.stderr
 
 
+@needs_lm_eval
+def test_a_gate_the_checkpoint_lacks_is_refused_before_gptq(cups, monkeypatch):
+    """NanoHuginn checks the exits and cache budget against the checkpoint before int8's calibration (minutes at the
+    released size), not after it."""
+    import checkpoints
+    import harness
+    monkeypatch.setattr(checkpoints, "calibration_hessians", lambda *args: 1 / 0)
+    with pytest.raises(SystemExit, match="--exit_criterion gate needs a gate exits.py fit on this checkpoint"):
+        harness.NanoHuginn(out_dir=str(cups.out), exit_criterion="gate", quantize="int8", device="cpu")
+
+
 def test_without_lm_eval_one_line_says_how_to_install(tmp_path):
     (tmp_path / "lm_eval").mkdir()
     (tmp_path / "lm_eval" / "__init__.py").write_text("raise ImportError('not installed')\n")

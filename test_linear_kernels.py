@@ -1,4 +1,4 @@
-"""kernels.py and model.Linear: the forms of the Linear layers decoding uses (int8 weights, oneDNN-packed float
+"""linear_kernels.py and model.Linear: the forms of the Linear layers decoding uses (int8 weights, oneDNN-packed float
 weights, few-row products), each against the plain model. CPU only."""
 
 import copy
@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import linear_kernels
 from decode import KVCache, compile_for_decoding, forward_cached, generate
-from kernels import Int8Embedding, Int8Linear, PackedLinear, quantize_int8
+from linear_kernels import Int8Embedding, Int8Linear, PackedLinear, quantize_int8
 from model import Linear, RecurrentGPT, config_from_preset
 
 torch.set_num_threads(1)
@@ -65,7 +65,7 @@ def test_int8_rows_do_not_depend_on_the_batch():
     exact = F.linear(x, linear.weight)
     assert ((together - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.05
     # the input's rounding alone, against the int8 weights' exact product: ~14 bits (7 + 7), whatever the signs
-    int8, scale = kernels.int8_rows(linear.weight)
+    int8, scale = linear_kernels.int8_rows(linear.weight)
     for signs in (1, -1, torch.tensor([1, -1, 1, -1, 1, -1])[:, None]):
         y, exact = layer(x.abs() * signs), F.linear(x.abs() * signs, int8.float() * scale[:, None])
         assert ((y - exact).norm(dim=1) / exact.norm(dim=1)).max() < 5e-4
@@ -74,11 +74,11 @@ def test_int8_rows_do_not_depend_on_the_batch():
 def test_int8_inputs_halfway_between_steps():
     """A row of an int8 embedding (k / 127 of its max) puts half its entries exactly halfway between two steps of
     fbgemm's input grid; the second piece must start from fbgemm's own rounding of them (torch.round went the other
-    way on some, an error of 5e-3 of the product where the rest is ~1e-5)."""
+    way on some: an error of 0.013 of the product, where the rest is ~1e-4)."""
     torch.manual_seed(0)
     linear = nn.Linear(128, 64, bias=False)
     layer = Int8Linear(linear)
-    int8, scale = kernels.int8_rows(linear.weight)
+    int8, scale = linear_kernels.int8_rows(linear.weight)
     x = torch.randint(-127, 128, (32, 128)).float()
     x[:, 0] = 127  # each row's max: its entries are k / 127 of it
     x = x * 0.0123
@@ -92,12 +92,12 @@ def test_gptq_rows():
     outputs on them are much closer to float32's than rounding to nearest gives."""
     torch.manual_seed(0)
     weight = torch.randn(48, 64)
-    nearest, scale = kernels.int8_rows(weight)
-    int8, gptq_scale = kernels.gptq_rows(weight, torch.diag(torch.rand(64) + 0.5), block=16)
+    nearest, scale = linear_kernels.int8_rows(weight)
+    int8, gptq_scale = linear_kernels.gptq_rows(weight, torch.diag(torch.rand(64) + 0.5), block=16)
     assert torch.equal(int8, nearest) and torch.equal(gptq_scale, scale)
     x = torch.randn(2048, 8) @ torch.randn(8, 64) + 0.1 * torch.randn(2048, 64)  # (rows, in): 8 directions
-    int8, gptq_scale = kernels.gptq_rows(weight, x.T @ x, block=16)  # blocks of columns: the same as one block
-    assert torch.equal(int8, kernels.gptq_rows(weight, x.T @ x, block=64)[0]) and int8.abs().max() <= 127
+    int8, gptq_scale = linear_kernels.gptq_rows(weight, x.T @ x, block=16)  # blocks of columns: the same as one block
+    assert torch.equal(int8, linear_kernels.gptq_rows(weight, x.T @ x, block=64)[0]) and int8.abs().max() <= 127
     error = {name: (x @ (w.float() * scale[:, None] - weight).T).norm() for name, w in (("nearest", nearest),
                                                                                        ("gptq", int8))}
     assert error["gptq"] < 0.5 * error["nearest"], error
@@ -112,7 +112,7 @@ def test_calibrated_int8_is_closer_to_float(trained_model):
     calibration = torch.stack([stream[i:i + 32] for i in range(0, 48, 3)])  # (16, 32)
     seen = []
     hook = model.adapter.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    hessians = kernels.calibration_hessians(model, calibration, init_scale=0)
+    hessians = linear_kernels.calibration_hessians(model, calibration, init_scale=0)
     hook.remove()
     assert set(hessians) == {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert hessians["adapter"].shape == (2 * model.config.n_embd,) * 2
@@ -127,6 +127,16 @@ def test_calibrated_int8_is_closer_to_float(trained_model):
             full = model(idx, num_steps=r, init_scale=0)[0]
             errors = [(m(idx, num_steps=r, init_scale=0)[0] - full).norm() for m in (calibrated, nearest)]
             assert errors[0] < 0.8 * errors[1], (r, errors)
+
+
+def test_calibration_runs_r_bar_itself():
+    """r = 1, 2, 4, ... and r_bar: an r_bar of 3 (the release's fine-tunes here) ran at 1 and 2 only."""
+    model = tiny_model(mean_recurrence=3)
+    calls = []
+    hook = model.adapter.register_forward_pre_hook(lambda module, args: calls.append(1))
+    linear_kernels.calibration_hessians(model, torch.tensor([PATTERN]), init_scale=0)
+    hook.remove()
+    assert len(calls) == 1 + 2 + 3
 
 
 def test_int8_is_close_to_float(trained_model):
@@ -222,7 +232,7 @@ def test_packed_decoding_holds_one_copy_of_the_weights(monkeypatch):
     idx = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(1))
     eager, _ = generate(model, idx, 16, num_steps=4, temperature=0, init_scale=0)
     weights = {name: weakref.ref(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    monkeypatch.setattr(kernels, "memory_bytes", lambda: 0)
+    monkeypatch.setattr(linear_kernels, "memory_bytes", lambda: 0)
     packed, _ = generate(model, idx, 16, num_steps=4, temperature=0, init_scale=0, compile=True)
     assert torch.equal(eager, packed)
     assert all(isinstance(m, PackedLinear) for m in (model.lm_head, model.adapter, model.core[0].mlp.fc))
@@ -242,6 +252,6 @@ def test_packed_decoding_holds_one_copy_of_the_weights(monkeypatch):
 
 def test_small_models_are_frozen_by_inductor(monkeypatch):
     model = tiny_model()
-    monkeypatch.setattr(kernels, "memory_bytes", lambda: 10**15)
+    monkeypatch.setattr(linear_kernels, "memory_bytes", lambda: 10**15)
     compile_for_decoding(model, freeze=None)
     assert isinstance(model.lm_head, nn.Linear) and model.compiled_lengths == {1}

@@ -97,7 +97,8 @@ def calibration_hessians(model, tokens, init_scale=1.0, generator=None):
     hooks = [module.register_forward_pre_hook(lambda module, args, name=name: add(name, args[0]))
              for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     try:  # the hooks go whatever happens: a model left with them would add to these sums forever
-        for num_steps in [2**i for i in range(int(model.config.mean_recurrence).bit_length())]:
+        r_bar = int(model.config.mean_recurrence)
+        for num_steps in sorted({2**i for i in range(r_bar.bit_length())} | {r_bar}):
             for batch in tokens.split(16):
                 model(batch, num_steps=num_steps, init_scale=init_scale, generator=generator)
     finally:
@@ -191,7 +192,7 @@ def pack_linears(model):
 def quantize_int8(model, names=None, hessians=None):
     """int8 weights for every Linear (the lm_head too); a tied embedding then gets int8 rows as well, so the float
     matrix is freed. `names`: only these Linear layers (a loader quantizes each as it is read). `hessians`:
-    calibration_hessians(model, ...): the layers it saw get GPTQ's weights, the rest (an exit gate) round to nearest."""
+    calibration_hessians(model, ...): the layers it saw get GPTQ's weights, any other rounds to nearest."""
     hessians = hessians or {}
     replace_linears(model, lambda name, linear: Int8Linear(
         linear, gptq_rows(linear.weight, hessians[name]) if name in hessians else None), names)
@@ -212,7 +213,7 @@ def compile_for_decoding(model, backend="inductor", freeze=None):
     models across runs; compile a model once it is trained). Frozen constants are a second copy of the weights, so
     freeze=None freezes only a model whose weights fit three times in the machine's memory. A larger one (the
     released 3.5B) has its Linear weights packed in place for oneDNN instead, one copy and no compiling (inductor
-    cannot compile around packed weights): kernels.pack_linears."""
+    cannot compile around packed weights): linear_kernels.pack_linears."""
     if hasattr(model, "compiled_lengths"):
         return
     model.compiled_lengths = {1}
