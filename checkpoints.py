@@ -25,7 +25,7 @@ from configurator import fail
 from dataloader import checkpoint_data, data_folder
 from decode import load_gate
 from finetune import merge_lora
-from linear_kernels import calibration_hessians, memory_bytes, quantize_int8
+from linear_kernels import calibration_hessians, memory_bytes, quantize_int8, weight_bytes
 from model import RecurrentConfig, RecurrentGPT, precompute_rope
 
 
@@ -88,28 +88,30 @@ def trained_init_scale(checkpoint, meta=None):
     return checkpoint["config"].get("init_scale", 1.0) if checkpoint else (meta or {}).get("init_scale", 1.0)
 
 
-def quantize_checkpoint(model, checkpoint, calibration_tokens, data_dir=""):
+def quantize_checkpoint(model, checkpoint, calibration_tokens, data_dir="", data=None):
     """--quantize int8 for a checkpoint, in place: GPTQ fits the int8 weights to the float model's products on
     calibration_tokens tokens of its training data (the train split: what eval.py scores is val); 0: every weight
-    rounded to nearest. A release is quantized as its weights stream in (from_pretrained): rounded to nearest."""
+    rounded to nearest. A release is quantized as its weights stream in (from_pretrained): rounded to nearest.
+    data: that data, where the caller has read it already (its checks read every token)."""
     hessians = None
     if calibration_tokens:
         folder = data_folder(checkpoint, data_dir)
-        if not os.path.isfile(os.path.join(folder, "meta.json")):
+        if data is None and not os.path.isfile(os.path.join(folder, "meta.json")):
             fail(f"--quantize int8 fits its weights to {calibration_tokens} tokens of the data the checkpoint trained "
                  f"on (GPTQ), and {folder} has none: prepare it again (prepare_data.py), or add --calibration_tokens=0 "
                  "to round every weight to nearest instead")
         linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
         statistics = sum(4 * module.in_features ** 2 for module in linears)  # X^T X of each, float32, all at once
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = weight_bytes(model)
         if model.rope.device.type == "cpu" and weights + statistics > memory_bytes():
             fail(f"--quantize int8: GPTQ's statistics ({statistics / 1e9:.1f} GB) and the model ({weights / 1e9:.1f} "
                  "GB) do not fit in this machine's memory; add --calibration_tokens=0 to round to nearest")
-        data = checkpoint_data(checkpoint, data_dir)
-        blocks = min(-(-calibration_tokens // data.block_size), data.num_blocks("train"))  # each block once
-        print(f"int8: GPTQ fits {len(linears)} layers to {blocks * data.block_size} training tokens (a second for a "
-              "small model, 4 minutes for one 17920 wide on a CPU core; --calibration_tokens=0 rounds to nearest)")
-        x, _ = data.batch("train", data.evenly_spaced("train", blocks))
+        if data is None:
+            data = checkpoint_data(checkpoint, data_dir)
+        blocks = data.evenly_spaced("train", -(-calibration_tokens // data.block_size), once=True)
+        print(f"int8: GPTQ fits {len(linears)} layers to {len(blocks) * data.block_size} training tokens (a second for "
+              "a small model, 4 minutes for one 17920 wide on a CPU core; --calibration_tokens=0 rounds to nearest)")
+        x, _ = data.batch("train", blocks)
         device = model.rope.device
         hessians = calibration_hessians(model, x.to(device), trained_init_scale(checkpoint),
                                         keyed_generator(checkpoint["config"]["seed"], -6, device=device))

@@ -156,8 +156,10 @@ class TokenData:
     def num_blocks(self, split):
         return int(self.first_block[split][-1])
 
-    def evenly_spaced(self, split, n):
-        """n block numbers spread over the whole split: a fixed evaluation set."""
+    def evenly_spaced(self, split, n, once=False):
+        """n block numbers spread over the whole split: a fixed evaluation set. A split of fewer blocks repeats some
+        (train.py's evaluation keeps its eval_iters full batches); once: each at most once, fewer than n then."""
+        n = min(n, self.num_blocks(split)) if once else n
         # in integers: float32's linspace rounds its last value up past the end above 2^24 blocks
         return torch.arange(n) * (self.num_blocks(split) - 1) // max(n - 1, 1)
 

@@ -67,7 +67,7 @@ if problem and len(encode("\n" + problem)) > block_size:
          f"{block_size}, with the leading newline)")
 float_model = copy.deepcopy(model) if quantize else None  # kept to compare with, before quantizing in place
 if quantize:
-    quantize_checkpoint(model, checkpoint, calibration_tokens, data_dir)
+    quantize_checkpoint(model, checkpoint, calibration_tokens, data=data)
 
 
 def noise(*key):

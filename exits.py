@@ -108,9 +108,9 @@ def val_rows():
         counted = torch.from_numpy(labelled)
         group = torch.from_numpy(np.where(labelled, moves, 0))
     else:
-        train_config = checkpoint["config"]  # train.py's evaluation blocks, each once: a small split repeated blocks,
-        n = min(train_config["eval_iters"] * train_config["batch_size"], data.num_blocks("val"))  # fit and scored
-        blocks = data.evenly_spaced("val", n)
+        # train.py's evaluation blocks, each once (a small split repeated blocks: fit on and scored on both)
+        train_config = checkpoint["config"]
+        blocks = data.evenly_spaced("val", train_config["eval_iters"] * train_config["batch_size"], once=True)
         x, y = data.batch("val", blocks)
         counted, group = y >= 0, torch.zeros_like(x)  # chat rows: only the answers carry a target
     keep = slice(None, max_rows or None)

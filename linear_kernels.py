@@ -45,10 +45,15 @@ def output_dtype(x):
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
+def int8_scales(weight):
+    """Per-output-channel symmetric int8's step of each row of weight (out, in): max |w| / 127, (out,)."""
+    return weight.detach().float().abs().amax(dim=1).clamp(min=1e-12) / 127
+
+
 def int8_rows(weight):
-    """Per-output-channel symmetric int8: weight (out, in) -> int8 (out, in) and the scale (out,) of each row."""
-    weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    """weight (out, in) rounded to nearest: int8 (out, in), and the scale (out,) of each row."""
+    weight = weight.detach().float()  # once: int8_scales takes it as it is
+    scale = int8_scales(weight)
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
@@ -58,7 +63,7 @@ def gptq_rows(weight, hessian, block=128):
     the layer's outputs X W^T closest on the calibration inputs X. hessian: X^T X (in, in). The scales are
     int8_rows' own; only which of the 255 steps each weight takes changes, so the kernels are the same."""
     w = weight.detach().float().clone()  # (out, in): updated as columns are rounded
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+    scale = int8_scales(w)  # (out,)
     h = hessian.float().clone()
     dead = h.diagonal() == 0  # an input never seen (nonzero): its column is rounded to nearest
     h[dead, dead] = 1
@@ -220,8 +225,7 @@ def compile_for_decoding(model, backend="inductor", freeze=None):
     cuda = model.rope.device.type == "cuda"
     model.freeze_weights = backend == "inductor" and not cuda  # see decoding_context
     if not cuda:
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if not (3 * weight_bytes < memory_bytes() if freeze is None else freeze):
+        if not (3 * weight_bytes(model) < memory_bytes() if freeze is None else freeze):
             pack_linears(model)
             return
     options = None
@@ -243,6 +247,11 @@ def decoding_context(model):
     when it compiles (the first calls), from its global config: a compile's own options come too late for it. Set
     here around a whole generate call (around each compiled call it cost 10% of a small model's speed)."""
     return torch._inductor.config.patch(freezing=True) if getattr(model, "freeze_weights", False) else nullcontext()
+
+
+def weight_bytes(model):
+    """The bytes of model's parameters (a tied matrix once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def memory_bytes():
