@@ -20,11 +20,15 @@ from configurator import fail
 NO_LOSS = 65535  # the target id that means "no loss here"; it becomes -1, cross_entropy's ignore_index
 
 
+def default_folder(dataset):
+    """Where prepare_data.py writes a dataset unless told otherwise: data/<dataset> beside the scripts."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+
+
 def data_folder(checkpoint, data_dir=""):
     """Where the data a checkpoint was trained on is (train.py's settings, saved in it), or data_dir."""
     train_config = checkpoint["config"]
-    return data_dir or train_config.get("data_dir") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                    "data", train_config.get("dataset", "<dataset>"))
+    return data_dir or train_config.get("data_dir") or default_folder(train_config.get("dataset", "<dataset>"))
 
 
 def checkpoint_data(checkpoint, data_dir=""):
@@ -112,10 +116,9 @@ class TokenData:
     def prepare_hint(dataset, data_dir):
         """What to run when a dataset's files are missing or broken (into data_dir, where it is not data/<dataset>)."""
         from prepare_data import DATASETS  # its settings and dispatch run only as a script
-        default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
         if dataset in DATASETS:
             return f"run: python prepare_data.py {dataset}" + \
-                ("" if os.path.abspath(data_dir) == default else f" --out_dir={data_dir}")
+                ("" if os.path.abspath(data_dir) == default_folder(dataset) else f" --out_dir={data_dir}")
         return f"make it with prepare_data.py (--dataset names a folder under data/ it made: {', '.join(DATASETS)})"
 
     def check_file(self, name, split, hint):

@@ -32,7 +32,7 @@ from checkpoints import (load_released, lock_run_folder, read_checkpoint, releas
 from common import (format_seconds, keyed_generator, peak_bf16_flops, pick_device, pick_dtype, restart_log,
                     set_threads, writable_dir)
 from configurator import configure, fail, number, one_of, steps, whole
-from dataloader import TokenData, vocabulary_differs
+from dataloader import TokenData, default_folder, vocabulary_differs
 from finetune import add_lora, describe, load_lora_state, lora_pattern, lora_state, memory_plan, peak_memory, shard
 from model import RecurrentConfig, RecurrentGPT, sample_num_steps
 
@@ -233,8 +233,7 @@ if finetune and lora_rank and importlib.util.find_spec("peft") is None:  # befor
 # -----------------------------------------------------------------------------------------------------------
 # data: token files written by prepare_data.py, read as batches of numbered blocks (dataloader.py)
 
-data = TokenData(data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset), block_size,
-                 dataset, block_size_flag="--block_size")
+data = TokenData(data_dir or default_folder(dataset), block_size, dataset, block_size_flag="--block_size")
 meta = data.meta
 differs = vocabulary_differs(meta, checkpoint["meta"]) if init_from == "resume" else None
 if differs:  # ids must mean what they meant when the checkpoint was saved
